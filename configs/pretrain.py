@@ -1,0 +1,134 @@
+"""Pretraining presets: `python -m train.pretrain --config=configs/pretrain.py:<preset>`.
+
+Presets: tiny (default, minutes on a laptop CPU), small (~28M), 125m (GPT-2 small), 1b (the
+Llama-3.2-1B shape), llama3_8b (the Llama-3-8B shape). Override any field from the command
+line, e.g. `--config.optimizer.lr=3e-4 --config.train.steps=80`.
+"""
+
+from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
+
+PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b")
+
+# Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied head, no biases.
+_LLAMA = dict(norm="rmsnorm", norm_eps=1e-5, activation="silu", gated_mlp=True, position_embedding="rope",
+              rope_theta=10000.0, tie_embeddings=False, attention_bias=False, attention_out_bias=False,
+              mlp_bias=False)
+# GPT-2 family: LayerNorm with bias, GELU (tanh), learned positions, tied embeddings, biases everywhere.
+_GPT2 = dict(norm="layernorm", norm_eps=1e-5, activation="gelu_tanh", gated_mlp=False,
+             position_embedding="learned", rope_theta=10000.0, tie_embeddings=True, attention_bias=True, attention_out_bias=True,
+             mlp_bias=True)
+
+#            vocab    d     ffn    L   heads kv  head_dim ctx   family  extra
+_SHAPES = {
+    "tiny": (4096, 256, 704, 4, 4, 2, 64, 256, _LLAMA, {}),
+    "small": (4096, 512, 1408, 8, 8, 4, 64, 512, _LLAMA, {}),
+    "125m": (50257, 768, 3072, 12, 12, 12, 64, 1024, _GPT2, {}),
+    "1b": (128256, 2048, 8192, 16, 32, 8, 64, 2048, _LLAMA, dict(rope_theta=500000.0, tie_embeddings=True)),
+    "llama3_8b": (128256, 4096, 14336, 32, 32, 8, 128, 8192, _LLAMA, dict(rope_theta=500000.0)),
+}
+
+#            steps  batch  lr     seq   tokenizer vocab  dtype       remat
+_TRAINING = {
+    "tiny": (300, 16, 3e-3, 256, 4096, "bfloat16", "none"),
+    "small": (2000, 32, 1e-3, 512, 4096, "bfloat16", "none"),
+    "125m": (20000, 512, 6e-4, 1024, 32768, "bfloat16", "save_dots"),
+    "1b": (50000, 512, 3e-4, 2048, 32768, "bfloat16", "full"),
+    "llama3_8b": (100000, 512, 3e-4, 8192, 32768, "bfloat16", "full"),
+}
+
+
+def get_config(arg=None):
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown pretrain preset {preset!r}; valid presets: {PRESETS}")
+    vocab, d, ffn, layers, heads, kv, hd, ctx, family, extra = _SHAPES[preset]
+    steps, batch, lr, seq, tok_vocab, dtype, remat = _TRAINING[preset]
+
+    c = config_dict.ConfigDict()
+    c.name = preset  # the default workdir is runs/<name>
+
+    c.model = config_dict.ConfigDict(dict(
+        vocab_size=vocab,  # embedding rows (>= the tokenizer's vocabulary)
+        hidden_size=d,  # residual stream width D
+        intermediate_size=ffn,  # MLP hidden width F
+        num_layers=layers,  # decoder blocks, stacked and scanned
+        num_heads=heads,  # query heads N
+        num_kv_heads=kv,  # key/value heads K (grouped-query attention when K < N)
+        head_dim=hd,  # H
+        max_seq_len=ctx,  # context length (size of learned position tables)
+        dtype=dtype,  # compute dtype: "float32" or "bfloat16" (f32 softmax/norms/loss and accumulation)
+        param_dtype="float32",  # storage dtype of parameters and optimizer moments
+        remat=remat,  # "none" | "full" | "save_dots": what each layer keeps for the backward pass
+        attention_impl="xla",  # "xla" | "cudnn" | "pallas"
+        qk_norm=False,  # normalise q and k per head before RoPE
+        dropout_rate=0.0,  # embedding + residual dropout
+        logit_softcap=0.0,  # final logits -> c * tanh(logits / c); 0 = off
+        attn_logit_softcap=0.0,  # same on attention scores; 0 = off
+        sliding_window=0,  # W most recent keys per query; 0 = global attention
+        init_std=0.02,  # normal init std (output projections scaled by 1/sqrt(2 L))
+        **{**family, **extra},
+    ))
+
+    c.data = config_dict.ConfigDict(dict(
+        source="embedded",  # the running Python's standard library source (no download)
+        validation_fraction=0.02,  # share of files held out, by a hash of their path
+        seq_len=seq,  # tokens per packed row (<= model.max_seq_len)
+        tokenizer=config_dict.ConfigDict(dict(
+            path=placeholder(str),  # a sentencepiece .model; unset: train on the corpus once and cache
+            vocab_size=tok_vocab,  # when training one (<= model.vocab_size)
+            model_type="bpe",  # "bpe" | "unigram"
+        )),
+        shuffle_window=1024,  # rows shuffled in a window after packing (0 = off)
+        num_workers=0,  # grain worker processes for tokenisation and packing
+    ))
+
+    c.train = config_dict.ConfigDict(dict(
+        steps=steps,  # optimizer updates in the whole run
+        batch_size=batch,  # global batch, in sequences of data.seq_len tokens
+        microbatches=1,  # gradient accumulation: the batch is split into this many forward/backward passes
+        seed=0,  # parameter init, data order, dropout
+        z_loss=0.0,  # weight of the z-loss, mean(log Z ** 2)
+        log_every=10,  # steps between metrics.jsonl / TensorBoard / progress lines
+        eval_every=100,  # steps between held-out loss evaluations (and at the end)
+        eval_batches=8,  # held-out batches per evaluation (the same ones every time)
+        checkpoint_every=100,  # steps between checkpoints (and at the end)
+        keep_checkpoints=3,  # newest checkpoints kept
+        async_checkpoint=True,  # write checkpoints in the background
+        num_samples=4,  # prompts sampled into samples.txt at the end (0 = none)
+        sample_tokens=96,  # new tokens per sample
+    ))
+
+    c.optimizer = config_dict.ConfigDict(dict(
+        name="adamw",  # "adamw" | "adafactor" | "lion" | "sgd" | "lamb"
+        lr=lr,  # peak learning rate
+        schedule="cosine",  # "cosine" | "linear" | "constant" | "inverse_sqrt" | "wsd"
+        warmup_steps=placeholder(int),  # unset: warmup_fraction * train.steps
+        warmup_fraction=0.05,
+        min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+        decay_fraction=0.2,  # wsd: share of the run spent decaying
+        weight_decay=0.1,
+        b1=0.9,  # adam/lamb/lion beta1
+        b2=0.95,  # adam/lamb/lion beta2
+        eps=1e-8,
+        momentum=0.9,  # sgd
+        nesterov=False,  # sgd
+        clip_norm=1.0,  # global gradient-norm clip; 0 = off
+        decay_norms=False,  # apply weight decay to norm scales
+        decay_biases=False,  # ... to biases
+        decay_embeddings=False,  # ... to embeddings (and a tied head)
+    ))
+
+    c.mesh = config_dict.ConfigDict(dict(
+        # all six axes; at most one -1 (resolved from the device count)
+        shape=config_dict.ConfigDict(dict(data=-1, stage=1, fsdp=1, tensor=1, sequence=1, expert=1)),
+        strategy="",  # "" (use shape) | "dp" | "fsdp" | "fsdp_tp" | "tp": picks the shape for the devices present
+        rules=(),  # overrides of the logical-axis table, e.g. (("embed", None),)
+    ))
+
+    c.distributed = config_dict.ConfigDict(dict(
+        coordinator_address=placeholder(str),  # host:port of process 0 (multi-host without TPU/SLURM detection)
+        num_processes=placeholder(int),
+        process_id=placeholder(int),
+    ))
+    return c

@@ -1,0 +1,134 @@
+"""Tokenizers behind one small interface: encode / decode / bos_id / eos_id / pad_id / vocab_size.
+
+`SentencePieceTokenizer` wraps a sentencepiece model trained for an exact byte round trip
+(identity normalisation, no dummy prefix, whitespace kept, byte fallback): for any string s,
+`decode(encode(s)) == s`. `corpus_tokenizer` trains one on the embedded corpus on first use and
+caches it (keyed by the corpus's file list, vocabulary size and model type).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def cache_dir() -> pathlib.Path:
+    """Where trained tokenizers (and other derived artefacts) are cached: $LOOM_CACHE or ~/.cache/loom."""
+    return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model. Picklable (grain worker processes receive it by value)."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        self._proto = bytes(model_proto)
+        self.name = name
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sentencepiece model {path} does not exist")
+        return cls(path.read_bytes(), name=path.name)
+
+    def save(self, path: str | os.PathLike) -> None:
+        _atomic_write(pathlib.Path(path), self._proto)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def __getstate__(self):
+        return {"proto": self._proto, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["proto"], state["name"])
+
+    def __repr__(self):
+        return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _sentences(texts: Iterable[str]) -> Iterator[str]:
+    # sentencepiece trains on lines; "\n" is a user-defined piece so encoding keeps newlines.
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, model_type: str = "bpe",
+                        max_sentences: int = 1_000_000, num_threads: int | None = None) -> SentencePieceTokenizer:
+    """Trains an exact-round-trip sentencepiece model on `texts`."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer model_type={model_type!r} is not valid; expected one of {MODEL_TYPES}")
+    if vocab_size < 260:
+        raise ValueError(f"tokenizer vocab_size={vocab_size} is too small: byte fallback needs 256 "
+                         "byte pieces plus 4 specials")
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts), model_writer=out, vocab_size=vocab_size,
+        model_type=model_type, normalization_rule_name="identity", byte_fallback=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        split_digits=True, user_defined_symbols=["\n"], character_coverage=0.9995,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=1 << 14,
+        pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+        num_threads=num_threads or max(1, os.cpu_count() or 1), minloglevel=2, hard_vocab_limit=False)
+    return SentencePieceTokenizer(out.getvalue(), name=f"{model_type}{vocab_size}")
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)  # atomic: concurrent trainers never see half a file
+
+
+def corpus_tokenizer(texts: Sequence[str], *, fingerprint: str, vocab_size: int, model_type: str = "bpe",
+                     directory: str | os.PathLike | None = None) -> SentencePieceTokenizer:
+    """The tokenizer for a corpus: loaded from the cache, or trained on `texts` and cached."""
+    key = hashlib.sha256(f"{fingerprint}:{vocab_size}:{model_type}:v1".encode()).hexdigest()[:16]
+    path = pathlib.Path(directory or cache_dir() / "tokenizers") / f"{model_type}{vocab_size}-{key}.model"
+    if path.is_file():
+        try:
+            return SentencePieceTokenizer.from_file(path)
+        except Exception as e:  # a truncated or foreign file: retrain rather than fail
+            logging.warning("tokenizer cache %s is unreadable (%s); retraining", path, e)
+    logging.info("training a %s tokenizer (vocab %d) on %d documents -> %s", model_type, vocab_size,
+                 len(texts), path)
+    tok = train_sentencepiece(texts, vocab_size=vocab_size, model_type=model_type)
+    tok.save(path)
+    return SentencePieceTokenizer.from_file(path)

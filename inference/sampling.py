@@ -1,0 +1,44 @@
+"""Token sampling from logits: greedy, temperature, top-k, top-p (nucleus) and min-p filters.
+
+Filters compose in the order temperature -> top-k -> top-p -> min-p, each removing tokens from
+the support (their logits become -inf); the survivors keep their relative probabilities.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits_BV, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None):
+    """Logits of the sampling distribution (float32), with removed tokens at -inf."""
+    if temperature <= 0:
+        raise ValueError(f"filter_logits needs temperature > 0; got {temperature} (use greedy for 0)")
+    x = logits_BV.astype(jnp.float32) / temperature
+    neg = jnp.float32(-jnp.inf)
+    if top_k is not None and top_k > 0:
+        k = min(int(top_k), x.shape[-1])
+        kth = jax.lax.top_k(x, k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, neg)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        order = jnp.argsort(-x, axis=-1)
+        sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < p
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
+        x = jnp.where(keep, x, neg)
+    if min_p is not None and min_p > 0.0:
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs >= min_p * probs.max(-1, keepdims=True), x, neg)
+    return x
+
+
+def sample(logits_BV, key, *, temperature: float = 0.0, top_k=None, top_p=None, min_p=None):
+    """Token ids [B] (int32). temperature 0 is greedy (argmax; filters do not matter)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    x = filter_logits(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)

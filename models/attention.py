@@ -1,0 +1,266 @@
+"""The one attention function every model calls.
+
+`dot_product_attention(q_BTNH, k_BSKH, v_BSKH, ...)` with `impl` chosen by config:
+  "xla"    masked softmax attention in plain JAX (f32 scores and softmax, f32 accumulation),
+           the reference every other implementation is tested against;
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs;
+  "pallas" our own flash-attention kernels (`pallas_kernels.flash_attention`).
+
+Masking is expressed with positions and segment ids, so the same code serves training on
+packed rows, left-padded batches and decoding against a KV cache:
+  * query i may see key j iff seg_q[i] == seg_k[j]                      (packing, padding)
+  * and, when causal, pos_k[j] <= pos_q[i]
+  * and, with a window W > 0, pos_q[i] - pos_k[j] < W (W most recent keys, itself included;
+    Hugging Face's `sliding_window`); without causality the window is symmetric, |dpos| < W.
+A query whose keys are all masked gets a finite output (the mean of its values) and an lse of
+about -3.4e38 instead of NaN, so padded rows never poison a loss or a ring-attention merge.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("xla", "cudnn", "pallas")
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def _pair(x, name):
+    if x is None:
+        return None, None
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} must be one [B,T] array or a (q_BT, kv_BS) pair; got {len(x)} items")
+        return x[0], x[1]
+    return x, x
+
+
+def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, *, causal=True, window=None):
+    """Boolean [B, T, S] mask (True = may attend). `window` may be a traced int (0 = global)."""
+    mask = jnp.ones((), bool)
+    if q_seg_BT is not None:
+        mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    dpos = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
+    if causal:
+        mask = mask & (dpos >= 0)
+    if window is not None:
+        window = jnp.asarray(window)
+        in_window = (dpos < window) if causal else (jnp.abs(dpos) < window)
+        mask = mask & ((window <= 0) | in_window)
+    return jnp.broadcast_to(mask, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]))
+
+
+def default_positions(batch: int, q_len: int, kv_len: int):
+    """Queries are the last `q_len` of `kv_len` keys (equal lengths: the same tokens)."""
+    q = jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len)
+    k = jnp.arange(kv_len, dtype=jnp.int32)
+    return jnp.broadcast_to(q, (batch, q_len)), jnp.broadcast_to(k, (batch, kv_len))
+
+
+def _xla_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    q_BTKGH = q.reshape(b, t, kh, g, h)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32) * scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
+    mask_BTS = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)
+    s = jnp.where(mask_BTS[:, None, None], s, _MASK_VALUE)
+    lse_BKGT = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse_BKGT[..., None])
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
+    if return_lse:
+        return out_BTNH, lse_BKGT.reshape(b, n, t)
+    return out_BTNH
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise attention for training rows (flash-attention structure, in plain XLA).
+#
+# When queries and keys are the same sequence (T == S, one set of positions and segment ids),
+# causality by position within a segment implies causality by index, so query block i only
+# needs keys [0, (i+1) * block): the masked upper triangle of blocks is never computed. The
+# custom VJP saves q, k, v, the output and the log-sum-exp, and recomputes the probabilities
+# block by block in the backward pass, so no [T, S] array outlives its block. This is the
+# CPU/XLA fast path; it is tested against the same reference as every other implementation.
+
+
+def _scores(q_BTKGH, k_BSKH, q_pos, k_pos, q_seg, k_seg, *, causal, window, softcap, scale):
+    """Masked scores [B,K,G,T,S] (f32) and, with softcap, tanh(raw / softcap) for the backward."""
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    th = None
+    if softcap:
+        th = jnp.tanh(s / softcap)
+        s = softcap * th
+    mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
+    return jnp.where(mask, s, _MASK_VALUE), mask, th
+
+
+def _sl(x, lo, hi):
+    return None if x is None else x[:, lo:hi]
+
+
+def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qr = q.reshape(b, t, kh, n // kh, h)
+    outs, lses = [], []
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        end = hi if causal else t
+        s, _, _ = _scores(qr[:, lo:hi], k[:, :end], pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
+                          causal=causal, window=window, softcap=softcap, scale=scale)
+        m = s.max(-1, keepdims=True)
+        p = jnp.exp(s - m)
+        l_sum = p.sum(-1, keepdims=True)
+        o = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v[:, :end], preferred_element_type=jnp.float32)
+        outs.append(o / jnp.moveaxis(l_sum, 3, 1))
+        lses.append((m + jnp.log(l_sum))[..., 0])
+    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h).astype(q.dtype)
+    lse = jnp.concatenate(lses, axis=-1)  # [B, K, G, T]
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _blockwise(q, k, v, pos, seg, window, causal, softcap, scale, block):
+    return _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block)
+
+
+def _blockwise_vjp_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
+    out, lse = _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block)
+    return (out, lse), (q, k, v, pos, seg, window, out, lse)
+
+
+def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
+    q, k, v, pos, seg, window, out, lse = res
+    d_out, d_lse = cts
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    qr = q.reshape(b, t, kh, g, h)
+    do = d_out.reshape(b, t, kh, g, h)
+    # delta = rowsum(dO * O) - dlse: the softmax backward's per-row correction
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", do.astype(jnp.float32), out.reshape(b, t, kh, g, h).astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse.astype(jnp.float32)
+    dq_blocks = []
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        end = hi if causal else t
+        kb, vb, qb, dob = k[:, :end], v[:, :end], qr[:, lo:hi], do[:, lo:hi]
+        s, mask, th = _scores(qb, kb, pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
+                              causal=causal, window=window, softcap=softcap, scale=scale)
+        p = jnp.exp(s - lse[..., lo:hi, None])
+        dv = dv.at[:, :end].add(jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), dob,
+                                           preferred_element_type=jnp.float32))
+        dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+        ds = jnp.where(mask, p * (dp - delta[..., lo:hi, None]), 0.0)
+        if softcap:
+            ds = ds * (1.0 - th * th)
+        ds = (ds * scale).astype(q.dtype)
+        dq_blocks.append(jnp.einsum("BKGTS,BSKH->BTKGH", ds, kb, preferred_element_type=jnp.float32))
+        dk = dk.at[:, :end].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds, qb, preferred_element_type=jnp.float32))
+    dq = jnp.concatenate(dq_blocks, axis=1).reshape(b, t, n, h).astype(q.dtype)
+    zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), zero_int(pos), zero_int(seg), zero_int(window)
+
+
+_blockwise.defvjp(_blockwise_vjp_fwd, _blockwise_vjp_bwd)
+
+
+def _block_size(t: int) -> int | None:
+    """Query block for the blockwise path, or None when the plain path is as good."""
+    for block in (64, 128):
+        if t % block == 0 and t // block >= 4 and (block == 128 or t <= 1024):
+            return block
+    return None
+
+
+def _cudnn_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse,
+                     explicit_positions, explicit_segments):
+    unsupported = []
+    if explicit_segments:
+        unsupported.append("segment_ids")
+    if explicit_positions:
+        unsupported.append("positions")
+    if softcap:
+        unsupported.append(f"softcap={softcap}")
+    if return_lse:
+        unsupported.append("return_lse=True")
+    if window is not None and not isinstance(window, int):
+        unsupported.append("a traced per-layer window")
+    if unsupported:
+        raise ValueError(f"impl='cudnn' does not support {', '.join(unsupported)}; use impl='xla' or 'pallas'")
+    local = None
+    if window:
+        # jax.nn counts the query itself outside the window: W most recent keys = (W - 1, 0).
+        local = (window - 1, 0 if causal else window - 1)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local,
+                                        implementation="cudnn")
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causal=True,
+                          window=None, softcap=None, scale=None, return_lse=False, impl="xla"):
+    """Multi-head attention with grouped-query K/V, masks from positions and segment ids.
+
+    Args:
+      q_BTNH: queries [batch, q_len, heads, head_dim].
+      k_BSKH, v_BSKH: keys and values [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0
+        (query head n uses kv head n // (heads // kv_heads), as Hugging Face's `repeat_kv`).
+      segment_ids: int [B, T] shared by q and kv, or a (q_BT, kv_BS) pair; 0 marks padding.
+      positions: int [B, T] or a (q_BT, kv_BS) pair; default: queries are the last T of S keys.
+      causal: mask keys at later positions.
+      window: W > 0 restricts each query to the W most recent keys (itself included); None or 0 = global.
+      softcap: scores -> softcap * tanh(scores / softcap) before masking.
+      scale: score scale, default 1/sqrt(head_dim).
+      return_lse: also return the log-sum-exp of the scaled scores, [B, N, T] float32.
+      impl: "xla" | "cudnn" | "pallas".
+    Returns:
+      out_BTNH in q's dtype, and lse_BNT if `return_lse`.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl={impl!r} is not valid; expected one of {IMPLS}")
+    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
+        raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H] of equal shapes; got "
+                         f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
+    b, t, n, h = q_BTNH.shape
+    _, s, kh, hk = k_BSKH.shape
+    if k_BSKH.shape[0] != b or hk != h:
+        raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape} disagree on batch or head_dim")
+    if n % kh:
+        raise ValueError(f"q has {n} heads, not a multiple of k's {kh} kv heads")
+    scale = (1.0 / h ** 0.5) if scale is None else scale
+    q_seg, k_seg = _pair(segment_ids, "segment_ids")
+    q_pos, k_pos = _pair(positions, "positions")
+    if q_pos is None:
+        q_pos, k_pos = default_positions(b, t, s)
+    if window is not None and isinstance(window, int) and window <= 0:
+        window = None
+    kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal, window=window,
+              softcap=softcap, scale=scale, return_lse=return_lse)
+    if impl == "xla":
+        block = _block_size(t) if (t == s and not isinstance(segment_ids, (tuple, list))
+                                   and not isinstance(positions, (tuple, list))) else None
+        if block is not None:
+            window_arr = None if window is None else jnp.asarray(window, jnp.int32)
+            out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKH, q_pos, q_seg, window_arr, causal, softcap or None,
+                                  float(scale), block)
+            return (out, lse.reshape(b, n, t)) if return_lse else out
+        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, **kw)
+    if impl == "cudnn":
+        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **kw, explicit_positions=positions is not None,
+                                explicit_segments=segment_ids is not None)
+    try:
+        from pallas_kernels import flash_attention  # lower layer; lands with the Pallas issue
+    except ImportError as e:
+        raise ValueError("attention impl='pallas' needs pallas_kernels.flash_attention, which is not "
+                         f"available in this checkout ({e}); use impl='xla'") from e
+    return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids, positions=positions,
+                           causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)

@@ -1,0 +1,109 @@
+"""The on-disk layout of a run's parameters, readable without importing `train/`.
+
+A workdir holds `config.json` (the resolved config) and `checkpoints/<step>/` written by orbax's
+CheckpointManager with the items
+  params       the model parameters (nested dict of arrays)       <- this module reads it
+  train_state  step, optimizer state and RNG                      <- train/checkpoint.py
+  data_iter    the grain iterator state                           <- train/checkpoint.py
+so inference, evals and the Hugging Face converter load a run with `load(workdir)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from models.config import ModelConfig
+
+CHECKPOINTS = "checkpoints"
+PARAMS = "params"
+CONFIG_FILE = "config.json"
+
+
+def checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).resolve() / CHECKPOINTS
+
+
+def read_run_config(workdir: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a Loom workdir?")
+    return json.loads(path.read_text())
+
+
+def _steps(ckpt_dir: pathlib.Path) -> list[int]:
+    """Committed steps, newest first (orbax writes to a temporary name and renames on commit)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+
+
+def _restore_item(path: pathlib.Path, target):
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+
+
+def restore_params(workdir_or_path: str | pathlib.Path, *, step: int | None = None, target=None):
+    """Parameters from a workdir (latest good step, or `step`), a step directory or a params directory.
+
+    `target` is a pytree of `jax.ShapeDtypeStruct`s with shardings (arrays land on those devices);
+    None restores onto the default device. A step whose params fail to load (a truncated or
+    corrupted checkpoint) is reported and the previous one is used.
+    """
+    path = pathlib.Path(workdir_or_path).resolve()
+    if (path / CHECKPOINTS).is_dir():
+        path = path / CHECKPOINTS
+    steps = _steps(path)
+    if not steps and path.name == CHECKPOINTS:
+        raise FileNotFoundError(f"no committed checkpoints in {path}")
+    if steps or step is not None:
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {path}; found steps {sorted(steps)}")
+            steps = [step]
+        candidates = [path / str(s) / PARAMS for s in steps]
+    elif (path / PARAMS).is_dir():  # one step's directory
+        candidates = [path / PARAMS]
+    elif path.is_dir():  # a params item itself
+        candidates = [path]
+    else:
+        raise FileNotFoundError(f"{path} is neither a workdir, a checkpoints directory nor a params checkpoint")
+    errors = []
+    for c in candidates:
+        try:
+            return _restore_item(c, target)
+        except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
+            logging.warning("could not restore params from %s (%s: %s); trying an earlier checkpoint",
+                            c, type(e).__name__, e)
+            errors.append(f"{c}: {type(e).__name__}: {e}")
+    raise RuntimeError("no readable params checkpoint:\n  " + "\n  ".join(errors))
+
+
+def save_params(path: str | pathlib.Path, params) -> None:
+    """Writes params alone (e.g. an imported Hugging Face model) in the layout `restore_params` reads."""
+    path = pathlib.Path(path).resolve()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params, force=True)
+
+
+def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None):
+    """(model, model_config) of a run: its `config.json` model section and its params."""
+    from models.transformer import abstract_model, logical_axes, merge_params, split_params
+    from models.sharding import named_shardings
+
+    cfg = ModelConfig.from_dict(read_run_config(workdir)["model"])
+    abstract = abstract_model(cfg)
+    graphdef, abs_params = split_params(abstract)
+    if mesh is not None:
+        shardings = named_shardings(logical_axes(abstract), abs_params, mesh, rules)
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, abs_params)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
+    params = restore_params(workdir, step=step, target=target)
+    return merge_params(graphdef, params), cfg

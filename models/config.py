@@ -1,0 +1,134 @@
+"""The model's hyper-parameters as a frozen dataclass, built from a config's `model` section.
+
+Field names follow Hugging Face's words (`hidden_size`, `num_kv_heads`...). `models/` never
+imports `configs/`: programs pass `ModelConfig.from_dict(config.model.to_dict())`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    dtype: str = "float32"  # compute dtype of activations and matmul inputs
+    param_dtype: str = "float32"  # storage dtype of parameters (and of the optimizer's moments)
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    gated_mlp: bool = True  # SwiGLU/GeGLU (gate * up) vs a plain two-layer MLP
+    position_embedding: str = "rope"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # biases on the q, k, v projections
+    attention_out_bias: bool = False  # bias on the output projection
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMS/LayerNorm over head_dim of q and k before RoPE (Qwen3, OLMo 2)
+    dropout_rate: float = 0.0  # embedding and residual dropout (GPT-2 style); needs a dropout rng
+    logit_softcap: float = 0.0  # final logits -> c * tanh(logits / c); 0 = off
+    attn_logit_softcap: float = 0.0  # same on attention scores; 0 = off
+    sliding_window: int = 0  # every layer sees the W most recent keys; 0 = global
+    remat: str = "none"  # what the scanned layer keeps for the backward pass
+    attention_impl: str = "xla"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def check(name, value, valid):
+            if value not in valid:
+                raise ValueError(f"model.{name}={value!r} is not valid; expected one of {valid}")
+
+        check("norm", self.norm, NORMS)
+        check("activation", self.activation, ACTIVATIONS)
+        check("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        check("remat", self.remat, REMAT_POLICIES)
+        check("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        check("dtype", self.dtype, DTYPES)
+        check("param_dtype", self.param_dtype, DTYPES)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of "
+                f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"model.dropout_rate={self.dropout_rate} must be in [0, 1)")
+        if self.sliding_window < 0:
+            raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0 = global)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters, in closed form (tests check it against the built model)."""
+    d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.head_dim, cfg.vocab_size)
+    norm = d * (2 if cfg.norm == "layernorm" else 1)
+    attn = d * (n + 2 * k) * h + n * h * d
+    attn += (n + 2 * k) * h * cfg.attention_bias + d * cfg.attention_out_bias
+    if cfg.qk_norm:
+        attn += 2 * h * (2 if cfg.norm == "layernorm" else 1)
+    mlp = d * f * (3 if cfg.gated_mlp else 2) + (f * (2 if cfg.gated_mlp else 1) + d) * cfg.mlp_bias
+    per_layer = attn + mlp + 2 * norm
+    total = cfg.num_layers * per_layer + norm + v * d
+    total += cfg.max_seq_len * d * (cfg.position_embedding == "learned")
+    total += d * v * (not cfg.tie_embeddings)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Model FLOPs per token (PaLM appendix B convention; no discount for causal masking).
+
+    `forward` counts 2 FLOPs per multiply-add of every matmul: the projections and the head
+    (the input embedding is a lookup, not a matmul), plus QK^T and PV over `seq_len` keys.
+    `train` is 3x forward (the backward pass is twice the forward). Rematerialisation is not
+    model FLOPs and is not counted, so MFU stays comparable across remat policies.
+    """
+    t = seq_len or cfg.max_seq_len
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    matmul_params = cfg.num_layers * (d * (n + 2 * k) * h + n * h * d + d * f * (3 if cfg.gated_mlp else 2))
+    matmul_params += d * cfg.vocab_size
+    attention = cfg.num_layers * 2 * 2 * n * h * t
+    forward = 2 * matmul_params + attention
+    return {"forward": float(forward), "train": float(3 * forward)}

@@ -1,0 +1,420 @@
+"""One decoder-only Transformer, configurable to the Llama and GPT-2 families.
+
+Flax NNX modules, used functionally: `graphdef, params = split_params(model)` once, then
+`apply(graphdef, params, batch)` inside `jax.jit`. Layers are built stacked (every parameter of
+`Decoder.layers` has a leading `layers` axis) and run with `jax.lax.scan`, rematerialised per
+the config. Projections are einsums with named dimensions:
+  B batch, T query length, S key length, D hidden, N heads, K kv heads, H head_dim,
+  F mlp hidden, V vocabulary, L layers.
+Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
+norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import dot_product_attention
+from models.config import ModelConfig
+from models.sharding import constrain
+
+F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+
+
+def _normal(rngs: nnx.Rngs, shape, std, dtype):
+    return jax.random.normal(rngs.params(), shape, F32).astype(dtype) * jnp.asarray(std, dtype)
+
+
+def _transpose_specs(spec: str) -> tuple[str, str]:
+    """For 'x,w->y': the einsum specs of dx = f(dy, w) and dw = f(x, dy)."""
+    ins, out = spec.split("->")
+    x, w = ins.split(",")
+    return f"{out},{w}->{x}", f"{x},{out}->{w}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def mixed_einsum(spec: str, x, w, dtype, out_dtype):
+    """einsum(spec, x, w) with inputs cast to `dtype`, float32 accumulation, output in `out_dtype`.
+
+    The backward pass keeps the same contract: the incoming gradient is cast to `dtype` before
+    the two transposed matmuls (each accumulating in float32), as mixed-precision training
+    does; the weight gradient comes back in float32 without a detour through `dtype`. Plain
+    autodiff of a cast-then-dot would run the backward matmuls in float32 instead.
+    """
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=F32).astype(out_dtype)
+
+
+def _mixed_einsum_fwd(spec, x, w, dtype, out_dtype):
+    return mixed_einsum(spec, x, w, dtype, out_dtype), (x, w)
+
+
+def _mixed_einsum_bwd(spec, dtype, out_dtype, res, dy):
+    x, w = res
+    dx_spec, dw_spec = _transpose_specs(spec)
+    dy = dy.astype(dtype)
+    dx = jnp.einsum(dx_spec, dy, w.astype(dtype), preferred_element_type=F32).astype(x.dtype)
+    dw = jnp.einsum(dw_spec, x.astype(dtype), dy, preferred_element_type=F32).astype(w.dtype)
+    return dx, dw
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+class Einsum(nnx.Module):
+    """A projection `einsum(spec, x, kernel) (+ bias)`: inputs in the compute dtype, float32
+    accumulation, output in `out_dtype` (the compute dtype unless asked otherwise)."""
+
+    def __init__(self, spec: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 bias_shape=None, bias_axes=None, out_dtype=None):
+        self.spec = spec
+        self.dtype = dtype
+        self.out_dtype = out_dtype or dtype
+        self.kernel = nnx.Param(_normal(rngs, shape, std, param_dtype), axes=tuple(axes))
+        self.bias = nnx.data(None)
+        if bias_shape is not None:
+            self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=tuple(bias_axes))
+
+    def __call__(self, x):
+        y = mixed_einsum(self.spec, x, self.kernel[...], self.dtype, self.out_dtype)
+        if self.bias is not None:
+            y = (y.astype(F32) + self.bias[...].astype(F32)).astype(self.out_dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float, param_dtype, *, rngs: nnx.Rngs | None = None):
+        self.kind, self.eps = kind, eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(None,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=(None,)) if kind == "layernorm" else None
+
+    def __call__(self, x):
+        x32 = x.astype(F32)
+        if self.kind == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(F32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(F32)
+        return y.astype(x.dtype)
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+    """Rotary embedding, Hugging Face's rotate-half layout (first half / second half of head_dim)."""
+    h = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
+    angle_BTh = positions_BT.astype(F32)[..., None] * inv_freq
+    sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(F32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def _activation(name):
+    return {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+            "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[name]
+
+
+def dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots, filled left to right.
+
+    `segment_ids` is 0 for slots not written yet (and for padding tokens), so they are masked;
+    `positions` holds each written token's position (RoPE and causal/window masks use them).
+    """
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    segment_ids: jax.Array  # [B, S] int32
+    positions: jax.Array  # [B, S] int32
+    index: jax.Array  # [] int32: the next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   positions=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        bias = cfg.attention_bias
+        self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), std=cfg.init_std,
+                        bias_shape=(n, h) if bias else None, bias_axes=("heads", "head_dim"), **kw)
+        self.k = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), std=cfg.init_std,
+                        bias_shape=(k, h) if bias else None, bias_axes=("kv_heads", "head_dim"), **kw)
+        self.v = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), std=cfg.init_std,
+                        bias_shape=(k, h) if bias else None, bias_axes=("kv_heads", "head_dim"), **kw)
+        self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"),
+                        std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                        bias_shape=(d,) if cfg.attention_out_bias else None, bias_axes=(None,), **kw)
+        self.q_norm = self.k_norm = nnx.data(None)
+        if cfg.qk_norm:
+            self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+            self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+        self.rope_theta = cfg.rope_theta if cfg.position_embedding == "rope" else None
+        self.softcap = cfg.attn_logit_softcap or None
+        self.impl = cfg.attention_impl
+
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, window, kv_cache=None, cache_index=None,
+                 kv_positions_BS=None, kv_segment_ids_BS=None):
+        dt = x_BTD.dtype
+        q = constrain(self.q(x_BTD), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k(x_BTD), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v(x_BTD), ("batch", "length", "kv_heads", "head_dim"))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            q, k = rope(q, positions_BT, self.rope_theta), rope(k, positions_BT, self.rope_theta)
+        new_cache = None
+        if kv_cache is None:
+            seg, pos = segment_ids_BT, positions_BT
+        else:
+            k_cache, v_cache = kv_cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+            seg = (segment_ids_BT, kv_segment_ids_BS)
+            pos = (positions_BT, kv_positions_BS)
+        out = dot_product_attention(q, k, v, segment_ids=seg, positions=pos, causal=True, window=window,
+                                    softcap=self.softcap, impl=self.impl)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return self.o(out), new_cache
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        b = cfg.mlp_bias
+        self.gate = nnx.data(None)
+        if cfg.gated_mlp:
+            self.gate = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), std=cfg.init_std,
+                               bias_shape=(f,) if b else None, bias_axes=("mlp",), **kw)
+        self.up = Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), std=cfg.init_std,
+                         bias_shape=(f,) if b else None, bias_axes=("mlp",), **kw)
+        self.down = Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+                           bias_shape=(d,) if b else None, bias_axes=(None,), **kw)
+        self.act = cfg.activation
+
+    def __call__(self, x_BTD):
+        h = _activation(self.act)(self.up(x_BTD) if self.gate is None else self.gate(x_BTD))
+        if self.gate is not None:
+            h = h * self.up(x_BTD)
+        h = constrain(h, ("batch", "length", "mlp"))
+        return self.down(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        self.dropout_rate = cfg.dropout_rate
+
+    def __call__(self, x_BTD, *, dropout_rng=None, **attn_kw):
+        a, new_cache = self.attn(self.attn_norm(x_BTD), **attn_kw)
+        r1 = r2 = None
+        if dropout_rng is not None:
+            r1, r2 = jax.random.split(dropout_rng)
+        x_BTD = x_BTD + dropout(a, self.dropout_rate, r1)
+        x_BTD = x_BTD + dropout(self.mlp(self.mlp_norm(x_BTD)), self.dropout_rate, r2)
+        return constrain(x_BTD, ("batch", "length", None)), new_cache
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # keep the projections' outputs, recompute attention scores and elementwise work
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = cfg.params_dtype
+        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.init_std, pdt),
+                               axes=("vocab", "embed"))
+        self.pos_embed = nnx.data(None)
+        if cfg.position_embedding == "learned":
+            self.pos_embed = nnx.Param(_normal(rngs, (cfg.max_seq_len, cfg.hidden_size), cfg.init_std / 2, pdt),
+                                       axes=(None, "embed"))
+        self.layers = _stacked_blocks(cfg, rngs)
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt)
+        self.lm_head = nnx.data(None)
+        if not cfg.tie_embeddings:
+            self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
+                                  out_dtype=F32)
+
+    def __call__(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
+                 dropout_rng=None):
+        """Logits [B, T, V] in float32, or (logits, updated cache) when `cache` is given.
+
+        Without a cache, positions default to 0..T-1 and segment ids to one document per row.
+        With a cache, the T new tokens are written at `cache.index`; positions default to
+        index..index+T-1 and segment ids to 1 (left-padded prompts pass 0 for the padding).
+        `dropout_rng` turns dropout on (training); None is deterministic.
+        """
+        cfg = self.config
+        b, t = inputs_BT.shape
+        dt = cfg.compute_dtype
+        if positions_BT is None:
+            start = 0 if cache is None else cache.index
+            positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+
+        x = jnp.take(self.embed[...], inputs_BT, axis=0).astype(dt)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", None))
+        if dropout_rng is not None:
+            dropout_rng, embed_rng = jax.random.split(dropout_rng)
+            x = dropout(x, cfg.dropout_rate, embed_rng)
+
+        attn_kw: dict[str, Any] = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                       window=cfg.sliding_window or None)
+        caches = None
+        if cache is not None:
+            attn_kw["cache_index"] = cache.index
+            attn_kw["kv_segment_ids_BS"] = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BT,
+                                                                        (0, cache.index))
+            attn_kw["kv_positions_BS"] = jax.lax.dynamic_update_slice(cache.positions, positions_BT,
+                                                                      (0, cache.index))
+            caches = (cache.k, cache.v)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x, xs):
+            state_l, cache_l, index_l = xs
+            rng_l = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index_l)
+            return nnx.merge(graphdef, state_l)(x, dropout_rng=rng_l, kv_cache=cache_l, **attn_kw)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+        x, new_caches = jax.lax.scan(body, x, (layer_state, caches, jnp.arange(cfg.num_layers)))
+
+        x = self.final_norm(x)
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        else:
+            logits = mixed_einsum("BTD,VD->BTV", x, self.embed[...], dt, F32)
+        if cfg.logit_softcap:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        new_cache = KVCache(k=new_caches[0], v=new_caches[1], segment_ids=attn_kw["kv_segment_ids_BS"],
+                            positions=attn_kw["kv_positions_BS"], index=cache.index + t)
+        return logits, new_cache
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """A Block whose every parameter has a leading `layers` axis (one slice per layer)."""
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key))))(keys)
+    for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+    return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional interface
+
+
+def build(cfg: ModelConfig, *, seed: int = 0) -> Decoder:
+    """An eagerly initialised model on the default device (tests, small tools)."""
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def split_params(model: Decoder):
+    """(graphdef, params) with params a plain nested dict of arrays."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef, params) -> Decoder:
+    return nnx.merge(graphdef, params)
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    """The model with ShapeDtypeStruct leaves: no memory, any size."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def logical_axes(model: Decoder):
+    """Nested dict, like the params, of each parameter's logical axis names."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(var.get_metadata()["axes"])
+    return out
+
+
+def apply(graphdef, params, batch: dict, *, dropout_rng=None):
+    """Logits [B, T, V] float32 for a batch dict (`inputs_BT`, optional positions/segment ids)."""
+    model = nnx.merge(graphdef, params)
+    return model(batch["inputs_BT"], positions_BT=batch.get("positions_BT"),
+                 segment_ids_BT=batch.get("segment_ids_BT"), dropout_rng=dropout_rng)
+
+
+def init_params(cfg: ModelConfig, seed_or_key, *, mesh=None, rules=None):
+    """(graphdef, params) with params created directly on their devices per the mesh rules.
+
+    No device ever holds more than its shard, so this initialises models larger than one
+    device's memory. With `mesh=None` the params land on the default device.
+    """
+    from models.sharding import named_shardings
+
+    key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key
+    abstract = abstract_model(cfg)
+    graphdef, abstract_state = nnx.split(abstract)
+
+    def init(key):
+        return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key))))
+
+    out_shardings = None
+    if mesh is not None:
+        shapes = nnx.to_pure_dict(abstract_state)
+        out_shardings = named_shardings(logical_axes(abstract), shapes, mesh, rules)
+    params = jax.jit(init, out_shardings=out_shardings)(key)
+    return graphdef, params

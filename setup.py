@@ -1,0 +1,33 @@
+"""Loom: a JAX-native research codebase for the whole life of a language model."""
+
+from setuptools import find_packages, setup
+
+PACKAGES = ["configs", "models", "data", "train", "inference", "pallas_kernels", "evals", "rl"]
+
+setup(
+    name="loom",
+    version="0.1.0",
+    description="JAX-native LLM research codebase: pretraining, post-training, inference, evaluation.",
+    python_requires=">=3.12",
+    packages=find_packages(include=[p for pkg in PACKAGES for p in (pkg, f"{pkg}.*")]),
+    install_requires=[
+        "jax>=0.11.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # Reference implementations for tests only: never imported by the library.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50"],
+    },
+)

@@ -1,0 +1,58 @@
+"""Mesh shapes from config: -1 resolution, strategies, rules, errors."""
+
+import jax
+import pytest
+
+from tests.helpers import tiny_model_config
+from train import mesh as M
+
+
+def test_minus_one_is_resolved():
+    shape = M.resolve_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8)
+    assert shape == {"data": 2, "stage": 1, "fsdp": 2, "tensor": 2, "sequence": 1, "expert": 1}
+
+
+@pytest.mark.parametrize("shape,match", [
+    ({"data": 3, "fsdp": 4}, r"needs 12 devices; found 8"),
+    ({"data": -1, "fsdp": -1}, "at most one -1"),
+    ({"data": -1, "fsdp": 3}, "multiple of 3"),
+    ({"data": 8, "tensr": 1}, "unknown axes"),
+])
+def test_shape_errors(shape, match):
+    with pytest.raises(ValueError, match=match):
+        M.resolve_shape(shape, 8)
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("dp", {"data": 8}), ("fsdp", {"fsdp": 8}), ("fsdp_tp", {"fsdp": 4, "tensor": 2}), ("tp", {"data": 4, "tensor": 2}),
+])
+def test_strategies_on_8_devices(strategy, expected):
+    cfg = tiny_model_config()  # 4 heads, 2 kv heads: tensor parallelism is capped at 2
+    shape = M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": strategy}, 8, cfg)["shape"]
+    assert {k: v for k, v in shape.items() if v > 1} == expected
+
+
+def test_every_strategy_is_one_device_on_one_device():
+    for s in M.STRATEGIES:
+        shape = M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": s}, 1, tiny_model_config())["shape"]
+        assert set(shape.values()) == {1}
+
+
+def test_strategy_and_shape_conflict_and_unknown():
+    with pytest.raises(ValueError, match="not both"):
+        M.resolve({"shape": {**M.DEFAULT_SHAPE, "data": 4, "tensor": 2}, "strategy": "fsdp"}, 8)
+    with pytest.raises(ValueError, match="not valid"):
+        M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": "zero"}, 8)
+    with pytest.raises(ValueError, match="not available yet"):
+        M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": "pp_fsdp"}, 8)
+
+
+def test_rule_overrides_and_mesh():
+    rules = M.merge_rules((("embed", None), ("mlp", ("tensor",))))
+    assert dict(rules)["embed"] == () and dict(rules)["heads"] == ("tensor",)
+    with pytest.raises(ValueError, match="unknown mesh axis"):
+        M.merge_rules((("embed", "fsdpp"),))
+    mesh = M.make_mesh(M.resolve_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8))
+    assert mesh.axis_names == M.MESH_AXES and mesh.devices.size == 8
+    one = M.make_mesh(M.resolve_shape({}, 1), devices=jax.devices()[:1])
+    assert one.devices.size == 1

@@ -1,0 +1,86 @@
+"""`python -m train.pretrain` end to end, as a user runs it (fresh processes, one CPU device)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from models.checkpoint import restore_params
+from tests.helpers import run_program
+from train.metrics import read_metrics
+
+MICRO = ["--config=configs/pretrain.py:tiny", "--config.model.num_layers=2", "--config.model.hidden_size=64",
+         "--config.model.intermediate_size=128", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+         "--config.model.head_dim=32", "--config.model.dropout_rate=0.1", "--config.data.seq_len=64",
+         "--config.train.batch_size=4", "--config.train.steps=12", "--config.train.checkpoint_every=4",
+         "--config.train.async_checkpoint=False", "--config.train.eval_every=6", "--config.train.eval_batches=2",
+         "--config.train.num_samples=0", "--config.train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The default preset, shortened: 30 steps of `tiny` on the embedded corpus."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    run_program("train.pretrain", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+                "--config.train.steps=30", "--config.train.eval_every=15", "--config.train.num_samples=2",
+                "--config.train.sample_tokens=24")
+    return workdir
+
+
+def test_tiny_lowers_the_validation_loss_clearly(tiny_run):
+    evals = [m for m in read_metrics(tiny_run) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 15, 30]
+    first, last = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    assert abs(first - np.log(4096)) < 0.3  # an untrained model is near-uniform over the vocabulary
+    assert last < first - 1.5, (first, last)
+    assert abs(evals[-1]["eval_ppl"] - np.exp(last)) < 1e-6 * np.exp(last)
+
+
+def test_run_outputs(tiny_run):
+    train = [m for m in read_metrics(tiny_run) if "loss" in m]
+    assert [m["step"] for m in train] == [10, 20, 30]  # the tiny preset logs every 10 steps
+    for m in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(m)
+        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1.5
+    assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (tiny_run / "samples.txt").read_text()
+    assert samples.count("=== prompt ===") == 2 and "continuation" in samples
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["hidden_size"] == 256 and cfg["train"]["steps"] == 30
+    assert cfg["mesh"]["shape"] == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 1}
+    assert cfg["optimizer"]["warmup_steps"] == 2  # derived from train.steps at run time
+    assert (tiny_run / "tokenizer.model").is_file()
+    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tiny_run / "checkpoints" / "30" / "params").is_dir()
+
+
+def test_rerunning_a_complete_run_does_nothing(tiny_run):
+    before = (tiny_run / "metrics.jsonl").read_text()
+    proc = run_program("train.pretrain", "--config=configs/pretrain.py:tiny", f"--workdir={tiny_run}",
+                       "--config.train.steps=30")
+    assert "already complete" in proc.stderr
+    assert (tiny_run / "metrics.jsonl").read_text() == before
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_program("train.pretrain", *MICRO, f"--workdir={straight}")
+    killed = run_program("train.pretrain", *MICRO, f"--workdir={broken}",
+                         env={"LOOM_FAULT_KILL_AFTER_STEP": "10"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean shutdown
+    assert not (broken / "checkpoints" / "12").exists()
+    resumed = run_program("train.pretrain", *MICRO, f"--workdir={broken}")
+    assert "restored step 8" in resumed.stderr
+
+    a, b = read_metrics(straight), read_metrics(broken)
+    assert [m["step"] for m in b] == [m["step"] for m in a]  # no duplicated or missing lines
+    la = [m["loss"] for m in a if "loss" in m]
+    lb = [m["loss"] for m in b if "loss" in m]
+    np.testing.assert_allclose(lb, la, rtol=1e-6)
+    ea = [m["eval_loss"] for m in a if "eval_loss" in m]
+    eb = [m["eval_loss"] for m in b if "eval_loss" in m]
+    np.testing.assert_allclose(eb, ea, rtol=1e-6)
+    pa, pb = restore_params(straight), restore_params(broken)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)

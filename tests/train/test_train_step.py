@@ -1,0 +1,145 @@
+"""Train-step equivalences (accumulation, meshes) and checkpoint restore with fallback."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.sharding import use_rules
+from tests.helpers import random_tokens, tiny_model_config
+from train import mesh as M
+from train.checkpoint import Checkpointer
+from train.loss import lm_loss_fn
+from train.optimizer import make_optimizer
+from train.state import abstract_state, create_state, make_train_step, state_shardings
+
+OPT = dict(name="adamw", lr=1e-2, schedule="cosine", warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
+
+
+def _batch(seed, b=8, t=16, vocab=97, packed=True):
+    r = np.random.default_rng(seed)
+    inputs = random_tokens(r, (b, t), vocab)
+    seg = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    if packed:  # two documents in each row and some padding at the end of odd rows
+        cut = r.integers(3, t - 3, b)
+        for i, c in enumerate(cut):
+            seg[i, c:] = 2
+            pos[i, c:] = np.arange(t - c)
+            if i % 2:
+                seg[i, -2:] = 0
+    targets = (inputs * 7 + 3) % vocab  # learnable: the loss must fall within a few steps
+    return {"inputs_BT": inputs, "targets_BT": targets, "positions_BT": pos,
+            "segment_ids_BT": seg, "loss_mask_BT": (seg > 0).astype(np.float32)}
+
+
+def _train(shape, *, microbatches=1, steps=5, devices=None, cfg=None):
+    cfg = cfg or tiny_model_config()
+    mesh = M.make_mesh(M.resolve_shape(shape, len(devices or jax.devices())), devices=devices)
+    tx, _ = make_optimizer(OPT, steps)
+    with jax.set_mesh(mesh), use_rules(None):
+        graphdef, state = create_state(cfg, tx, seed=0, mesh=mesh)
+        shardings = state_shardings(cfg, tx, mesh)
+        step = jax.jit(make_train_step(lm_loss_fn(graphdef), tx, microbatches=microbatches),
+                       in_shardings=(shardings, None), out_shardings=(shardings, None))
+        losses, norms = [], []
+        for i in range(steps):
+            batch = {k: jax.device_put(v, M.batch_sharding(mesh, v.shape)) for k, v in _batch(i).items()}
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+            norms.append(float(m["grad_norm"]))
+        return np.array(losses), np.array(norms), jax.device_get(state.params), state
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    one = jax.devices()[:1]
+    l1, g1, p1, _ = _train({}, microbatches=1, devices=one, steps=3)
+    l4, g4, p4, _ = _train({}, microbatches=4, devices=one, steps=3)
+    np.testing.assert_allclose(l1, l4, rtol=1e-6)
+    np.testing.assert_allclose(g1, g4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_data_fsdp_tensor_mesh_equals_one_device():
+    """8 fake devices as data=2, fsdp=2, tensor=2: the same loss trajectory as 1 device."""
+    ref_l, ref_g, _, _ = _train({}, devices=jax.devices()[:1])
+    l, g, _, state = _train({"data": 2, "fsdp": 2, "tensor": 2})
+    q = state.params["layers"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)  # really sharded
+    mu = state.opt_state[1][0].mu["layers"]["attn"]["q"]["kernel"]  # adam moment follows its param
+    assert mu.sharding.spec == q.sharding.spec
+    np.testing.assert_allclose(l, ref_l, rtol=1e-4)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-4)
+    assert ref_l[-1] < ref_l[0]  # the runs are training, not just agreeing
+
+
+def _save_states(tmp_path, steps=(2, 4)):
+    cfg = tiny_model_config()
+    mesh = M.make_mesh(M.resolve_shape({}, 1), devices=jax.devices()[:1])
+    tx, _ = make_optimizer(OPT, 10)
+    with jax.set_mesh(mesh):
+        graphdef, state = create_state(cfg, tx, seed=0, mesh=mesh)
+        shardings = state_shardings(cfg, tx, mesh)
+        step = jax.jit(make_train_step(lm_loss_fn(graphdef), tx))
+        ckpt = Checkpointer(tmp_path, max_to_keep=5, async_save=True)
+        saved = {}
+        for i in range(max(steps)):
+            state, _ = step(state, _batch(i))
+            if i + 1 in steps:
+                ckpt.save(state)
+                saved[i + 1] = jax.device_get(state.params)
+        ckpt.close()
+        return cfg, tx, shardings, saved
+
+
+def test_checkpoint_round_trip_and_fallback_to_previous(tmp_path):
+    cfg, tx, shardings, saved = _save_states(tmp_path)
+    target = abstract_state(cfg, tx, shardings)
+    restored = Checkpointer(tmp_path).restore(target)
+    assert int(restored.step) == 4
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[4])):
+        np.testing.assert_array_equal(a, b)
+    # corrupt the newest checkpoint: its array data disappears -> step 2 is used
+    for p in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
+        if p.is_file() and "d" in p.parent.name:
+            p.write_bytes(b"\0" * 7)
+    shutil.rmtree(tmp_path / "checkpoints" / "4" / "train_state")
+    restored = Checkpointer(tmp_path).restore(target)
+    assert int(restored.step) == 2
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[2])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_models_checkpoint_reads_params_without_train(tmp_path):
+    from models.checkpoint import restore_params
+
+    _, _, _, saved = _save_states(tmp_path)
+    params = restore_params(tmp_path)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[4])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    params2 = restore_params(tmp_path, step=2)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(saved[2])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(FileNotFoundError, match="step 3"):
+        restore_params(tmp_path, step=3)
+
+
+@pytest.mark.parametrize("opt", ["adafactor", "lion", "sgd", "lamb"])
+def test_other_optimizers_shard_and_train_on_a_mesh(opt):
+    cfg = tiny_model_config()
+    mesh = M.make_mesh(M.resolve_shape({"fsdp": 4, "tensor": 2}, 8))
+    tx, _ = make_optimizer({**OPT, "name": opt, "lr": 3e-3}, 5)
+    with jax.set_mesh(mesh):
+        graphdef, state = create_state(cfg, tx, seed=0, mesh=mesh)
+        shardings = state_shardings(cfg, tx, mesh)
+        step = jax.jit(make_train_step(lm_loss_fn(graphdef), tx), in_shardings=(shardings, None),
+                       out_shardings=(shardings, None))
+        batch = _batch(0, packed=False)
+        losses = []
+        for _ in range(5):
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] and np.isfinite(losses).all()

@@ -1,0 +1,38 @@
+"""Command-line plumbing shared by the absl programs."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def _one_line(e: BaseException) -> str:
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    text = text.strip().strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run(main, flags_parser=parse_flags)`: a bad flag or a misspelled `--config.*` key ends
+    the program with one clear line (and exit status 2) instead of a long traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        text = str(e)
+        if "Traceback" in text:  # a config file that raised: keep the flag and the exception's last line
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            cause = lines[-1].split(": ", 1)[-1]
+            text = f"{lines[0].split(': Error whilst')[0]}: {cause}"
+        print(f"error: {text}", file=sys.stderr)
+    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        overrides = [a for a in argv[1:] if a.startswith("--config")]
+        bad = next((a for a in overrides if any(part and part in _one_line(e) for part in
+                                               a.split("=")[0].split(".")[1:])), None)
+        where = f"{bad.split('=')[0]}: " if bad else ""
+        text = _one_line(e)
+        if isinstance(e, (AttributeError, KeyError)):
+            hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
+            text = f"no such config field. {hint}".strip()
+        print(f"error: {where}{text}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,44 @@
+"""Loss functions: pure `loss_fn(params, batch, rng) -> (loss, metrics)`.
+
+A training loop differs from another mostly by its data and its loss; SFT, reward modelling
+and RL add theirs here. Every loss reports `num_tokens` (the weight of the batch), so gradient
+accumulation can weight micro-batches exactly (see train/state.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.transformer import apply
+
+
+def token_nll(logits_BTV, targets_BT):
+    """Negative log-likelihood per token and log Z (float32): nll = logsumexp(logits) - logit[target]."""
+    logits = logits_BTV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
+    """Next-token cross-entropy over `loss_mask_BT`, plus z-loss `z_loss * mean(log Z ** 2)`.
+
+    The returned loss (the one differentiated) is the masked mean of nll + z-loss; metrics carry
+    the cross-entropy alone (`loss`), the z-loss term, token accuracy and `num_tokens`.
+    `rng` (or None) drives dropout.
+    """
+
+    def loss_fn(params, batch, rng):
+        logits = apply(graphdef, params, batch, dropout_rng=rng)
+        nll, log_z = token_nll(logits, batch["targets_BT"])
+        mask = batch["loss_mask_BT"].astype(jnp.float32)
+        n = mask.sum()
+        denom = jnp.maximum(n, 1.0)
+        ce = (nll * mask).sum() / denom
+        z = z_loss * (jnp.square(log_z) * mask).sum() / denom if z_loss else jnp.zeros((), jnp.float32)
+        correct = (jnp.argmax(logits, -1) == batch["targets_BT"]).astype(jnp.float32)
+        metrics = {"loss": ce, "z_loss": z, "accuracy": (correct * mask).sum() / denom, "num_tokens": n}
+        return ce + z, metrics
+
+    return loss_fn

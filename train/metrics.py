@@ -1,0 +1,159 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, a progress line with rate and ETA, loss.png.
+
+Only process 0 writes. On resume, lines past the restored step are dropped from metrics.jsonl
+(they came from steps the run is about to redo), so the file reads as one clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.1f}"
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    path = pathlib.Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True,
+                 resume_step: int = 0, tensorboard: bool = True):
+        self.workdir = pathlib.Path(workdir)
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.path = self.workdir / METRICS_FILE
+        self._tb = None
+        self._last_time, self._last_step = time.perf_counter(), resume_step
+        self._rate = float("nan")
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        kept = [m for m in read_metrics(self.workdir) if m.get("step", 0) <= resume_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, self.path)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: (float(v) if v is not None else None) for k, v in metrics.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if v is not None and np.isfinite(v):
+                    self._tb.add_scalar(k, float(v), int(step))
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> str:
+        """One log line: step, loss, throughput, MFU, rate and ETA."""
+        now = time.perf_counter()
+        if step > self._last_step:  # steps/s over the latest interval (compilation shows only at first)
+            self._rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+            self._last_time, self._last_step = now, step
+        rate = self._rate
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        parts = [f"step {step}/{self.total_steps}"]
+        for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("eval_ppl", "eval_ppl {:.2f}"),
+                         ("grad_norm", "|g| {:.3f}"), ("lr", "lr {:.2e}")):
+            if metrics.get(key) is not None:
+                parts.append(fmt.format(metrics[key]))
+        if metrics.get("tokens_per_sec") is not None:
+            parts.append(f"{_si(metrics['tokens_per_sec'])} tok/s")
+        if metrics.get("mfu") is not None:
+            parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+        parts.append(f"{rate:.2f} step/s" if math.isfinite(rate) else "- step/s")
+        parts.append(f"ETA {_fmt_duration(eta)}")
+        line = " | ".join(parts)
+        if self.enabled:
+            logging.info("%s", line)
+        return line
+
+    def plot(self) -> pathlib.Path | None:
+        """loss.png: training loss and held-out loss against step."""
+        if not self.enabled:
+            return None
+        return plot_losses(self.workdir)
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_losses(workdir: str | pathlib.Path) -> pathlib.Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    train = [(m["step"], m["loss"]) for m in records if m.get("loss") is not None]
+    evals = [(m["step"], m["eval_loss"]) for m in records if m.get("eval_loss") is not None]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss", lw=1.5, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(pathlib.Path(workdir).resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = pathlib.Path(workdir) / LOSS_PLOT
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+class _LibraryFilter:
+    """Drops INFO chatter of the checkpointing and data libraries (their warnings still show)."""
+
+    NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/", "xla_bridge.py")
+
+    def filter(self, record) -> bool:
+        import logging as py_logging
+
+        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+    from absl import logging as absl_logging
+
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _LibraryFilter) for f in logger.filters):
+        logger.addFilter(_LibraryFilter())

@@ -1,0 +1,280 @@
+"""Pretrain a decoder-only language model.
+
+    python -m train.pretrain --config=configs/pretrain.py:tiny --workdir=runs/tiny
+
+The loop, top to bottom: resolve the config for the devices present, build the mesh, load
+the corpus and tokenizer, create (or restore) the train state and data iterator, then step;
+every `log_every` steps write metrics, every `eval_every` measure the held-out loss, every
+`checkpoint_every` save. Re-running the same command resumes from the newest good checkpoint
+exactly (parameters, optimizer, RNG and data position). At the end: a final evaluation and
+checkpoint, `loss.png`, and `samples.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from data import corpus as corpus_lib
+from data import pipeline
+from data.tokenizer import SentencePieceTokenizer, corpus_tokenizer
+from inference import generate
+from models.config import ModelConfig, flops_per_token, param_count
+from models.sharding import use_rules
+from models.transformer import merge_params
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.cli import parse_flags
+from train.flops import system_peak_flops
+from train.loss import lm_loss_fn
+from train.metrics import MetricsWriter, quiet_library_logs
+from train.optimizer import make_optimizer, warmup_steps
+from train.state import abstract_state, create_state, make_eval_step, make_train_step, state_shardings
+
+TOKENIZER_FILE = "tokenizer.model"
+SAMPLES_FILE = "samples.txt"
+# Test-only fault injection: SIGKILL this process right after the given step (see tests/train).
+KILL_ENV = "LOOM_FAULT_KILL_AFTER_STEP"
+
+
+def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(model config, mesh {'shape','rules'}, resolved config dict to write as config.json)."""
+    model_cfg = ModelConfig.from_dict(config.model.to_dict())
+    mesh = mesh_lib.resolve(config.mesh.to_dict(), num_devices, model_cfg)
+    if config.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if config.data.tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"data.tokenizer.vocab_size={config.data.tokenizer.vocab_size} exceeds "
+                         f"model.vocab_size={model_cfg.vocab_size}")
+    b, m = config.train.batch_size, config.train.microbatches
+    shards = mesh["shape"]["data"] * mesh["shape"]["fsdp"]
+    if b % m or (b // m) % shards:
+        raise ValueError(f"train.batch_size={b} must split into train.microbatches={m} micro-batches each "
+                         f"divisible by the {shards} batch shards (mesh data x fsdp)")
+    if b % jax.process_count():
+        raise ValueError(f"train.batch_size={b} is not divisible by the {jax.process_count()} processes")
+    if config.train.steps < 0:
+        raise ValueError(f"train.steps={config.train.steps} must be >= 0")
+    resolved = config.to_dict()
+    resolved["mesh"]["shape"] = mesh["shape"]
+    resolved["mesh"]["rules"] = [[name, list(axes)] for name, axes in mesh["rules"]]
+    resolved["optimizer"]["warmup_steps"] = warmup_steps(config.optimizer, config.train.steps)
+    return model_cfg, mesh, resolved
+
+
+def load_data(config, workdir: pathlib.Path):
+    """(tokenizer, train corpus, validation corpus) for the embedded corpus.
+
+    The run keeps its own copy of the tokenizer (`<workdir>/tokenizer.model`), so a resumed or
+    sampled run always uses the tokenizer it was trained with.
+    """
+    if config.data.source != "embedded":
+        raise ValueError(f"data.source={config.data.source!r} is not supported yet; valid: 'embedded'")
+    train = corpus_lib.load("train", validation_fraction=config.data.validation_fraction)
+    valid = corpus_lib.load("validation", validation_fraction=config.data.validation_fraction)
+    if train.skipped or valid.skipped:
+        logging.warning("skipped %d undecodable corpus files: %s", len(train.skipped) + len(valid.skipped),
+                        ", ".join((train.skipped + valid.skipped)[:5]))
+    own = workdir / TOKENIZER_FILE
+    tok_cfg = config.data.tokenizer
+    if own.is_file():
+        tokenizer = SentencePieceTokenizer.from_file(own)
+    elif tok_cfg.path:
+        tokenizer = SentencePieceTokenizer.from_file(tok_cfg.path)
+    else:
+        tokenizer = corpus_tokenizer(train.texts, fingerprint=train.fingerprint(), vocab_size=tok_cfg.vocab_size,
+                                     model_type=tok_cfg.model_type)
+    if jax.process_index() == 0 and not own.is_file():
+        tokenizer.save(own)
+    logging.info("corpus: %d train files (%.1f MB), %d validation files; tokenizer %s", len(train.texts),
+                 train.num_bytes / 1e6, len(valid.texts), tokenizer)
+    return tokenizer, train, valid
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding_for) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding_for(v.shape[1:]), v) for k, v in local.items()}
+
+
+def _prompt_of(text: str, min_chars: int = 40, max_chars: int = 200) -> str:
+    """The first lines of a document, at least `min_chars` long (a sampling prompt)."""
+    end = text.find("\n", min_chars)
+    return text[: end + 1 if 0 < end < max_chars else max_chars]
+
+
+def _write_samples(path: pathlib.Path, model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int):
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95,
+                    stop_tokens=(tokenizer.eos_id,), seed=seed)
+    blocks = []
+    for p, o in zip(prompts, outs):
+        blocks.append(f"=== prompt ===\n{p}\n=== continuation (T=0.8, top-p 0.95) ===\n{tokenizer.decode(o)}\n")
+    path.write_text("\n".join(blocks))
+    return blocks
+
+
+def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains per `config` in `workdir`; returns a summary (final losses, steps, throughput)."""
+    workdir = pathlib.Path(workdir)
+    if config.distributed.coordinator_address:
+        jax.distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
+                                   config.distributed.process_id)
+    is_main = jax.process_index() == 0
+    model_cfg, mesh_spec, resolved = resolve_config(config, jax.device_count())
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    mesh = mesh_lib.make_mesh(mesh_spec["shape"])
+    rules = mesh_spec["rules"]
+    tc, seq = config.train, config.data.seq_len
+    n_params = param_count(model_cfg)
+    flops_tok = flops_per_token(model_cfg, seq)["train"]
+    logging.info("model %s: %s parameters, %.3g train FLOPs/token; mesh %s", config.name, f"{n_params:,}",
+                 flops_tok, {k: v for k, v in mesh_spec["shape"].items() if v > 1} or "1 device")
+
+    tokenizer, train_corpus, valid_corpus = load_data(config, workdir)
+    tx, schedule = make_optimizer(config.optimizer, tc.steps)
+    loss_fn = lm_loss_fn(None, z_loss=tc.z_loss)  # graphdef bound below
+
+    with jax.set_mesh(mesh), use_rules(rules):
+        shardings = state_shardings(model_cfg, tx, mesh, rules)
+        graphdef, state = create_state(model_cfg, tx, seed=tc.seed, mesh=mesh, rules=rules)
+        loss_fn = lm_loss_fn(graphdef, z_loss=tc.z_loss)
+
+        local_batch = tc.batch_size // jax.process_count()
+        data_iter = iter(pipeline.batches(
+            train_corpus.texts, tokenizer, seq_len=seq, batch_size=local_batch, seed=tc.seed,
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+            shuffle_window=config.data.shuffle_window, num_workers=config.data.num_workers))
+
+        ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+        restored = ckpt.restore(abstract_state(model_cfg, tx, shardings), data_iter)
+        if restored is not None:
+            state = restored
+        start = int(jax.device_get(state.step))
+        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
+        if start >= tc.steps and restored is not None:
+            logging.info("run in %s is already complete (step %d of %d)", workdir, start, tc.steps)
+            writer.plot()
+            writer.close()
+            ckpt.close()
+            return {"step": start, "resumed_from": start, "complete": True}
+
+        batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
+        example = {k: jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.float32 if k == "loss_mask_BT" else jnp.int32)
+                   for k in pipeline.BATCH_KEYS}
+        batch_sh = {k: batch_sharding(v.shape[1:]) for k, v in example.items()}
+        train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches,
+                                             use_dropout=model_cfg.dropout_rate > 0),
+                             in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                             donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh))
+
+        eval_batches = []
+        eval_iter = iter(pipeline.batches(valid_corpus.texts, tokenizer, seq_len=seq, batch_size=local_batch,
+                                          shuffle=False, repeat=True, shard_index=jax.process_index(),
+                                          shard_count=jax.process_count()))
+        for _ in range(tc.eval_batches):
+            eval_batches.append(next(eval_iter))
+
+        def evaluate(params) -> dict[str, float]:
+            tot, n = 0.0, 0.0
+            for b in eval_batches:
+                m = jax.device_get(eval_step(params, _global_batch(b, batch_sharding)))
+                tot, n = tot + float(m["loss_sum"]), n + float(m["num_tokens"])
+            loss = tot / max(n, 1.0)
+            return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+        peak = system_peak_flops(model_cfg.dtype)
+        tokens_per_step = tc.batch_size * seq
+        kill_after = int(os.environ.get(KILL_ENV, "-1"))
+        summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
+
+        if start == 0 and tc.eval_every > 0 and eval_batches:
+            ev = evaluate(state.params)
+            writer.write(0, ev)
+            writer.progress(0, ev)
+            summary["initial_eval_loss"] = ev["eval_loss"]
+
+        last_t, last_step = time.perf_counter(), start
+        metrics, running = None, None
+        for step in range(start, tc.steps):
+            batch = _global_batch(next(data_iter), batch_sharding)
+            state, metrics = train_step(state, batch)
+            # sums stay on the device: no host sync between log lines
+            running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                m = {k: float(v) / (done - last_step) for k, v in jax.device_get(running).items()}
+                running = None
+                now = time.perf_counter()
+                tps = (done - last_step) * tokens_per_step / (now - last_t)
+                last_t, last_step = now, done
+                # loss, accuracy and grad norm are means over the steps since the previous line
+                line = {"loss": m["loss"], "lr": float(schedule(step)), "grad_norm": m["grad_norm"],
+                        "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "accuracy": m["accuracy"]}
+                if tc.z_loss:
+                    line["z_loss"] = m["z_loss"]
+                if not math.isfinite(line["loss"]):
+                    raise FloatingPointError(f"loss is {line['loss']} at step {done}; lower optimizer.lr "
+                                             f"(={config.optimizer.lr}) or check the data")
+                writer.write(done, line)
+                writer.progress(done, line)
+            if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
+                ev = evaluate(state.params)
+                writer.write(done, ev)
+                writer.progress(done, ev)
+                last_t = time.perf_counter()  # evaluation time is not training throughput
+                writer.plot()
+            if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
+                ckpt.save(state, data_iter)
+            if done == kill_after:
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        if eval_batches:
+            ev = evaluate(state.params)
+            writer.write(tc.steps, ev)
+            writer.progress(tc.steps, ev)
+            summary.update(final_eval_loss=ev["eval_loss"], final_eval_ppl=ev["eval_ppl"])
+        ckpt.save(state, data_iter, force=True)
+        ckpt.close()
+        writer.plot()
+        if is_main and tc.num_samples > 0 and jax.process_count() == 1:
+            prompts = [_prompt_of(t) for t in valid_corpus.texts[: tc.num_samples]]
+            model = merge_params(graphdef, state.params)
+            _write_samples(workdir / SAMPLES_FILE, model, tokenizer, prompts,
+                           max_new_tokens=tc.sample_tokens, seed=tc.seed)
+        writer.close()
+        summary.update(step=tc.steps, complete=True)
+        if metrics is not None:
+            summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+        logging.info("done: %s", summary)
+        return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
+    quiet_library_logs()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    run(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,131 @@
+"""Train state (a pytree), its shardings, and the jitted train / eval steps.
+
+TrainState = (step, params, opt_state, rng), checkpointed whole. `params` is a plain nested
+dict of arrays (`models.transformer.split_params`); its shardings come from each parameter's
+logical axes, and the optimizer state takes the sharding of the parameter it mirrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models.config import ModelConfig
+from models.sharding import constrain, named_shardings
+from models.transformer import abstract_model, init_params, logical_axes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: updates applied so far
+    params: Any  # nested dict of arrays
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 raw key for dropout; split every step
+
+
+def abstract_params(model_cfg: ModelConfig):
+    return nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
+
+
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=None) -> TrainState:
+    abstract = abstract_model(model_cfg)
+    abs_params = nnx.to_pure_dict(nnx.state(abstract))
+    param_sh = named_shardings(logical_axes(abstract), abs_params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda leaf, sh, p: sh if getattr(leaf, "shape", None) == p.shape else replicated,
+        abs_opt, param_sh, abs_params, transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def abstract_state(model_cfg: ModelConfig, tx, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+    abs_params = abstract_params(model_cfg)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, opt_state=abs_opt,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=None):
+    """(graphdef, TrainState) initialised directly into its shardings."""
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
+    graphdef, params = init_params(model_cfg, seed, mesh=mesh, rules=rules)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)), shardings.rng)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return graphdef, TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def split_microbatches(x, n: int):
+    """[B, ...] -> [n, B/n, ...], micro-batch m taking rows m, m+n, m+2n, ... so that each
+    micro-batch is spread over every data shard rather than living on a few devices."""
+    b = x.shape[0]
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by {n} micro-batches")
+    return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, microbatches: int = 1,
+                    use_dropout: bool = False):
+    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
+
+    With k micro-batches the gradient is accumulated in float32 with each micro-batch weighted by
+    its token count, which equals the gradient of one batch of k times the size exactly (up to
+    float summation order).
+    """
+    if microbatches < 1:
+        raise ValueError(f"train.microbatches={microbatches} must be >= 1")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        if not use_dropout:
+            step_rng = None
+        if microbatches == 1:
+            (_, m), grads = grad_fn(state.params, batch, step_rng)
+            n = m["num_tokens"]
+            loss_sum, aux = m["loss"] * n, m
+        else:
+            mbs = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+
+            def body(carry, xs):
+                g_acc, loss_acc, n_acc = carry
+                mb, i = xs
+                mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
+                r = None if step_rng is None else jax.random.fold_in(step_rng, i)
+                (_, mm), g = grad_fn(state.params, mb, r)
+                w = mm["num_tokens"]
+                g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * w, g_acc, g)
+                return (g_acc, loss_acc + mm["loss"] * w, n_acc + w), mm
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (g, loss_sum, n), ms = jax.lax.scan(body, (zeros, 0.0, 0.0), (mbs, jnp.arange(microbatches)))
+            grads = jax.tree.map(lambda x, p: (x / jnp.maximum(n, 1.0)).astype(p.dtype), g, state.params)
+            aux = jax.tree.map(lambda x: x.mean(), ms)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": grad_norm, "num_tokens": n,
+                   "accuracy": aux["accuracy"], "z_loss": aux["z_loss"]}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: Callable):
+    """eval_step(params, batch) -> {'loss_sum', 'num_tokens'} (no dropout)."""
+
+    def eval_step(params, batch):
+        _, m = loss_fn(params, batch, None)
+        return {"loss_sum": m["loss"] * m["num_tokens"], "num_tokens": m["num_tokens"]}
+
+    return eval_step
