@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
@@ -89,7 +90,7 @@ class Einsum(nnx.Module):
         y = mixed_einsum(self.spec, x, self.kernel[...], self.dtype, self.out_dtype)
         if self.bias is not None:
             y = (y.astype(F32) + self.bias[...].astype(F32)).astype(self.out_dtype)
-        return y
+        return checkpoint_name(y, "proj")
 
 
 class Norm(nnx.Module):
@@ -206,7 +207,7 @@ class Attention(nnx.Module):
             pos = (positions_BT, kv_positions_BS)
         out = dot_product_attention(q, k, v, segment_ids=seg, positions=pos, causal=True, window=window,
                                     softcap=self.softcap, impl=self.impl)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = checkpoint_name(constrain(out, ("batch", "length", "heads", "head_dim")), "attention")
         return self.o(out), new_cache
 
 
@@ -255,8 +256,8 @@ class Block(nnx.Module):
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # keep the projections' outputs, recompute attention scores and elementwise work
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep the projections' and attention's outputs; recompute norms, activations, residual adds
+    "save_dots": jax.checkpoint_policies.save_only_these_names("proj", "attention"),
 }
 
 

@@ -56,7 +56,8 @@ class MetricsWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        kept = [m for m in read_metrics(self.workdir) if m.get("step", 0) <= resume_step]
+        # a fresh start (resume_step 0) keeps nothing: an earlier attempt may have logged step 0
+        kept = [m for m in read_metrics(self.workdir) if m.get("step", 0) <= resume_step] if resume_step else []
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         os.replace(tmp, self.path)

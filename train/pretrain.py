@@ -144,7 +144,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     tokenizer, train_corpus, valid_corpus = load_data(config, workdir)
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
-    loss_fn = lm_loss_fn(None, z_loss=tc.z_loss)  # graphdef bound below
 
     with jax.set_mesh(mesh), use_rules(rules):
         shardings = state_shardings(model_cfg, tx, mesh, rules)
@@ -200,11 +199,13 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
         summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
 
+        last_eval = -1
         if start == 0 and tc.eval_every > 0 and eval_batches:
             ev = evaluate(state.params)
             writer.write(0, ev)
             writer.progress(0, ev)
             summary["initial_eval_loss"] = ev["eval_loss"]
+            last_eval = 0
 
         last_t, last_step = time.perf_counter(), start
         metrics, running = None, None
@@ -234,6 +235,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 ev = evaluate(state.params)
                 writer.write(done, ev)
                 writer.progress(done, ev)
+                last_eval = done
                 last_t = time.perf_counter()  # evaluation time is not training throughput
                 writer.plot()
             if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
@@ -242,7 +244,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        if eval_batches:
+        if eval_batches and last_eval != tc.steps:
             ev = evaluate(state.params)
             writer.write(tc.steps, ev)
             writer.progress(tc.steps, ev)
