@@ -1,19 +1,15 @@
 """The one attention function every model calls.
 
 `dot_product_attention(q_BTNH, k_BSKH, v_BSKH, ...)` with `impl` chosen by config:
-  "xla"    masked softmax attention in plain JAX (f32 scores and softmax, f32 accumulation),
-           the reference every other implementation is tested against;
+  "xla"    plain JAX: blockwise causal attention with a recomputing backward for training rows
+           (T == S), the masked-softmax definition (`pallas_kernels.reference`) otherwise;
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs;
   "pallas" our own flash-attention kernels (`pallas_kernels.flash_attention`).
 
-Masking is expressed with positions and segment ids, so the same code serves training on
-packed rows, left-padded batches and decoding against a KV cache:
-  * query i may see key j iff seg_q[i] == seg_k[j]                      (packing, padding)
-  * and, when causal, pos_k[j] <= pos_q[i]
-  * and, with a window W > 0, pos_q[i] - pos_k[j] < W (W most recent keys, itself included;
-    Hugging Face's `sliding_window`); without causality the window is symmetric, |dpos| < W.
-A query whose keys are all masked gets a finite output (the mean of its values) and an lse of
-about -3.4e38 instead of NaN, so padded rows never poison a loss or a ring-attention merge.
+Masking is expressed with positions and segment ids (defined in `pallas_kernels.reference`), so
+the same code serves training on packed rows, left-padded batches and decoding against a KV
+cache. A query whose keys are all masked gets a finite output and an lse of about -3.4e38
+instead of NaN, so padded rows never poison a loss or a ring-attention merge.
 """
 
 from __future__ import annotations
@@ -24,59 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.reference import (MASK_VALUE, attention_mask, default_positions, masked_attention,
+                                      split_pair)
+
 IMPLS = ("xla", "cudnn", "pallas")
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
-
-
-def _pair(x, name):
-    if x is None:
-        return None, None
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"{name} must be one [B,T] array or a (q_BT, kv_BS) pair; got {len(x)} items")
-        return x[0], x[1]
-    return x, x
-
-
-def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, *, causal=True, window=None):
-    """Boolean [B, T, S] mask (True = may attend). `window` may be a traced int (0 = global)."""
-    mask = jnp.ones((), bool)
-    if q_seg_BT is not None:
-        mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-    dpos = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
-    if causal:
-        mask = mask & (dpos >= 0)
-    if window is not None:
-        window = jnp.asarray(window)
-        in_window = (dpos < window) if causal else (jnp.abs(dpos) < window)
-        mask = mask & ((window <= 0) | in_window)
-    return jnp.broadcast_to(mask, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]))
-
-
-def default_positions(batch: int, q_len: int, kv_len: int):
-    """Queries are the last `q_len` of `kv_len` keys (equal lengths: the same tokens)."""
-    q = jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len)
-    k = jnp.arange(kv_len, dtype=jnp.int32)
-    return jnp.broadcast_to(q, (batch, q_len)), jnp.broadcast_to(k, (batch, kv_len))
-
-
-def _xla_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    q_BTKGH = q.reshape(b, t, kh, g, h)
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=jnp.float32) * scale
-    if softcap:
-        s = softcap * jnp.tanh(s / softcap)
-    mask_BTS = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)
-    s = jnp.where(mask_BTS[:, None, None], s, _MASK_VALUE)
-    lse_BKGT = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse_BKGT[..., None])
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
-    if return_lse:
-        return out_BTNH, lse_BKGT.reshape(b, n, t)
-    return out_BTNH
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +45,7 @@ def _scores(q_BTKGH, k_BSKH, q_pos, k_pos, q_seg, k_seg, *, causal, window, soft
         th = jnp.tanh(s / softcap)
         s = softcap * th
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
-    return jnp.where(mask, s, _MASK_VALUE), mask, th
+    return jnp.where(mask, s, MASK_VALUE), mask, th
 
 
 def _sl(x, lo, hi):
@@ -237,8 +184,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
     if n % kh:
         raise ValueError(f"q has {n} heads, not a multiple of k's {kh} kv heads")
     scale = (1.0 / h ** 0.5) if scale is None else scale
-    q_seg, k_seg = _pair(segment_ids, "segment_ids")
-    q_pos, k_pos = _pair(positions, "positions")
+    q_seg, k_seg = split_pair(segment_ids, "segment_ids")
+    q_pos, k_pos = split_pair(positions, "positions")
     if q_pos is None:
         q_pos, k_pos = default_positions(b, t, s)
     if window is not None and isinstance(window, int) and window <= 0:
@@ -253,7 +200,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
             out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKH, q_pos, q_seg, window_arr, causal, softcap or None,
                                   float(scale), block)
             return (out, lse.reshape(b, n, t)) if return_lse else out
-        return _xla_attention(q_BTNH, k_BSKH, v_BSKH, **kw)
+        return masked_attention(q_BTNH, k_BSKH, v_BSKH, **kw)
     if impl == "cudnn":
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **kw, explicit_positions=positions is not None,
                                 explicit_segments=segment_ids is not None)

@@ -1,0 +1,86 @@
+"""Pure-JAX attention reference: the definition every attention implementation is tested against.
+
+Lives at the bottom of the import graph (`pallas_kernels` imports nothing from the project), so
+the kernels, their tests and `models.attention` share one definition of the masks:
+  * query i may see key j iff seg_q[i] == seg_k[j]                      (packing, padding)
+  * and, when causal, pos_k[j] <= pos_q[i]
+  * and, with a window W > 0, pos_q[i] - pos_k[j] < W (W most recent keys, itself included;
+    Hugging Face's `sliding_window`); without causality the window is symmetric, |dpos| < W.
+A query whose keys are all masked gets a finite output (the mean of its values) and an lse of
+about -3.4e38 instead of NaN. Scores, softmax and accumulation are float32 (float64 when the
+inputs are float64 and x64 is on).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def split_pair(x, name):
+    """One [B, T] array shared by q and kv, or a (q_BT, kv_BS) pair -> (q, kv)."""
+    if x is None:
+        return None, None
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} must be one [B,T] array or a (q_BT, kv_BS) pair; got {len(x)} items")
+        return x[0], x[1]
+    return x, x
+
+
+def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, *, causal=True, window=None):
+    """Boolean [B, T, S] mask (True = may attend). `window` may be a traced int (0 = global)."""
+    mask = jnp.ones((), bool)
+    if q_seg_BT is not None:
+        mask = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    dpos = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
+    if causal:
+        mask = mask & (dpos >= 0)
+    if window is not None:
+        window = jnp.asarray(window)
+        in_window = (dpos < window) if causal else (jnp.abs(dpos) < window)
+        mask = mask & ((window <= 0) | in_window)
+    return jnp.broadcast_to(mask, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]))
+
+
+def default_positions(batch: int, q_len: int, kv_len: int):
+    """Queries are the last `q_len` of `kv_len` keys (equal lengths: the same tokens)."""
+    q = jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len)
+    k = jnp.arange(kv_len, dtype=jnp.int32)
+    return jnp.broadcast_to(q, (batch, q_len)), jnp.broadcast_to(k, (batch, kv_len))
+
+
+def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
+    """The definition, on explicit q/kv positions and segment ids. out [B,T,N,H], lse [B,N,T]."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q_BTKGH = q.reshape(b, t, kh, g, h)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=acc) * scale
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
+    mask_BTS = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)
+    s = jnp.where(mask_BTS[:, None, None], s, MASK_VALUE)
+    lse_BKGT = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse_BKGT[..., None])
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=acc)
+    out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
+    if return_lse:
+        return out_BTNH, lse_BKGT.reshape(b, n, t)
+    return out_BTNH
+
+
+def attention_reference(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causal=True, window=None,
+                        softcap=None, scale=None, return_lse=False):
+    """`dot_product_attention`'s keywords and meanings, computed by the plain definition."""
+    b, t, _, h = q_BTNH.shape
+    q_seg, k_seg = split_pair(segment_ids, "segment_ids")
+    q_pos, k_pos = split_pair(positions, "positions")
+    if q_pos is None:
+        q_pos, k_pos = default_positions(b, t, k_BSKH.shape[1])
+    return masked_attention(q_BTNH, k_BSKH, v_BSKH, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg,
+                            causal=causal, window=window or None, softcap=softcap,
+                            scale=(1.0 / h ** 0.5) if scale is None else scale, return_lse=return_lse)
