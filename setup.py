@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # needed by tensorflow-datasets (etils.epath) without TensorFlow, undeclared
         "sentencepiece>=0.2",
         "ml-collections>=1.0",
         "absl-py>=2.0",
@@ -25,9 +26,16 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "numpy>=1.26",
+        "pyarrow>=14",
+        "array-record>=0.5",
+        "zstandard>=0.22",
+        "datasketch>=1.6",
+        "rbloom>=1.5",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
     ],
     extras_require={
         # Reference implementations for tests only: never imported by the library.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "datasets>=3"],
     },
 )

@@ -10,6 +10,14 @@ from ml_collections.config_dict import placeholder
 
 PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b")
 
+
+def source(**overrides):
+    """One data source; every key present so each can be overridden from the command line."""
+    d = dict(format="embedded", path="", split="train", text_field="text", text_unit="file", weight=1.0,
+             data_dir="", validation_fraction=0.02, strict=False)
+    d.update(overrides)
+    return config_dict.ConfigDict(d)
+
 # Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied head, no biases.
 _LLAMA = dict(norm="rmsnorm", norm_eps=1e-5, activation="silu", gated_mlp=True, position_embedding="rope",
               rope_theta=10000.0, tie_embeddings=False, attention_bias=False, attention_out_bias=False,
@@ -71,16 +79,24 @@ def get_config(arg=None):
     ))
 
     c.data = config_dict.ConfigDict(dict(
-        source="embedded",  # the running Python's standard library source (no download)
-        validation_fraction=0.02,  # share of files held out, by a hash of their path
+        # Named sources, mixed by weight. Each: format (text | jsonl | parquet | hf | array_record |
+        # tfds | embedded), path (globs, comma-separated; tfds: the dataset name), split, text_field
+        # (dots reach nested keys), text_unit (text: file | line | paragraph), weight, data_dir
+        # (tfds), validation_fraction (embedded), strict (raise on the first bad record).
+        sources=config_dict.ConfigDict({"stdlib": source(split="train")}),
+        eval_sources=config_dict.ConfigDict({"stdlib": source(split="validation")}),  # held out
         seq_len=seq,  # tokens per packed row (<= model.max_seq_len)
         tokenizer=config_dict.ConfigDict(dict(
-            path=placeholder(str),  # a sentencepiece .model; unset: train on the corpus once and cache
+            kind="sentencepiece",  # "sentencepiece" (.model file) | "hf" (tokenizer.json or its directory)
+            path=placeholder(str),  # unset: train a sentencepiece model on the training sources once, cached
             vocab_size=tok_vocab,  # when training one (<= model.vocab_size)
-            model_type="bpe",  # "bpe" | "unigram"
+            model_type="bpe",  # "bpe" | "unigram", when training one
+            train_documents=200_000,  # documents read from the sources to train one
         )),
+        packing="concat",  # "concat" (split, no padding) | "best_fit" (documents kept whole) | "first_fit"
+        num_packing_bins=64,  # best_fit: rows filled at once
         shuffle_window=1024,  # rows shuffled in a window after packing (0 = off)
-        num_workers=0,  # grain worker processes for tokenisation and packing
+        num_workers=0,  # grain worker processes for reading, tokenisation and packing
     ))
 
     c.train = config_dict.ConfigDict(dict(

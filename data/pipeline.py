@@ -1,17 +1,28 @@
 """grain pipelines from documents to packed, batched language-modelling rows.
 
-document text -> [bos] + tokens + [eos] -> (inputs = ids[:-1], targets = ids[1:]) per document
--> concatenate and split into rows of `seq_len` (a document longer than a row continues in the
-next row as a new segment; nothing is dropped) -> optional window shuffle of rows -> batches.
+    records of each source (data/sources.py), this process's shard
+    -> tokenize: [bos] + tokens + [eos]; inputs = ids[:-1], targets = ids[1:] per document,
+       so no target ever crosses a document boundary
+    -> mix the sources by weight (deterministic interleave in exact proportions)
+    -> pack into rows of `seq_len`:
+         "concat"    concatenate and split: no padding; a long document continues in the next
+                     row as a new segment
+         "best_fit"  documents cut into pieces of at most `seq_len`, each piece placed in the
+                     open row it fills most tightly (grain's best-fit over `num_packing_bins`
+                     rows): documents stay whole where they fit, at the price of some padding
+         "first_fit" the same with the first open row that fits (more padding; a baseline)
+       either way nothing is dropped
+    -> window shuffle of rows -> batches -> optional worker processes (grain `mp_prefetch`).
 
-Every row carries the batch format of DESIGN.md: `inputs_BT`, `targets_BT`, `positions_BT`
+Rows carry the batch format of DESIGN.md: `inputs_BT`, `targets_BT`, `positions_BT`
 (restarting at 0 for each segment), `segment_ids_BT` (1, 2, ... per segment; 0 = padding) and
-`loss_mask_BT` (1.0 on real targets). Targets never cross a document boundary, because the
-shift happens per document before packing.
+`loss_mask_BT` (1.0 on real targets), plus `source_BT` (the mixture index of each token's
+source, -1 on padding) for per-source token counts; only the `*_BT` keys of BATCH_KEYS go to
+the device.
 
-Each JAX process reads only its slice of the documents (`shard_index::shard_count`) and yields
-its local part of the global batch; iterators are grain `DatasetIterator`s whose state is
-checkpointed with the train state, so a resumed run repeats and skips nothing.
+Each JAX process reads only its shard of every source and yields its local part of the global
+batch; the iterators are grain `DatasetIterator`s whose state is checkpointed with the train
+state, so a resumed run repeats and skips nothing, with or without worker processes.
 """
 
 from __future__ import annotations
@@ -21,33 +32,54 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from data.sources import SourceSpec, source_dataset
 from data.tokenizer import Tokenizer
 
 BATCH_KEYS = ("inputs_BT", "targets_BT", "positions_BT", "segment_ids_BT", "loss_mask_BT")
+PACKINGS = ("concat", "best_fit", "first_fit")
+_FEATURES = ("inputs", "targets", "source")
 
 
 class TokenizeDocument:
-    """text -> {"inputs": ids[:-1], "targets": ids[1:]} with bos/eos added. Picklable."""
+    """text (or a record with "text") -> {"inputs", "targets", "source"} with bos/eos added. Picklable."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, source_id: int = 0):
         self.tokenizer = tokenizer
+        self.source_id = source_id
 
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = np.asarray([self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id],
+    def __call__(self, doc) -> dict[str, np.ndarray]:
+        text = doc["text"] if isinstance(doc, dict) else doc
+        ids = np.asarray([self.tokenizer.bos_id] + list(self.tokenizer.encode(text)) + [self.tokenizer.eos_id],
                          np.int32)
-        return {"inputs": ids[:-1], "targets": ids[1:]}
+        return {"inputs": ids[:-1], "targets": ids[1:], "source": np.full(len(ids) - 1, self.source_id, np.int32)}
+
+
+class _ChunkDocument(grain.experimental.FlatMapTransform):
+    """A tokenized document -> pieces of at most `seq_len` tokens (for best-fit packing)."""
+
+    max_fan_out = 1 << 20
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def flat_map(self, doc):
+        n = len(doc["inputs"])
+        return [{k: v[i:i + self.seq_len] for k, v in doc.items()} for i in range(0, n, self.seq_len)]
 
 
 def to_batch_format(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """grain packer output (`inputs`, `inputs_segment_ids`, ...) -> the `*_BT` batch keys."""
     seg = row["inputs_segment_ids"].astype(np.int32)
-    return {
+    out = {
         "inputs_BT": row["inputs"].astype(np.int32),
         "targets_BT": row["targets"].astype(np.int32),
         "positions_BT": row["inputs_positions"].astype(np.int32),
         "segment_ids_BT": seg,
         "loss_mask_BT": (row["targets_segment_ids"] != 0).astype(np.float32),
     }
+    if "source" in row:
+        out["source_BT"] = np.where(seg != 0, row["source"], -1).astype(np.int32)
+    return out
 
 
 class _JsonSafeConcatState(grain.IterDataset):
@@ -77,12 +109,33 @@ class _JsonSafeConcatIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def packed_rows(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, seed: int = 0,
-                shuffle: bool = True, repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-                shuffle_window: int = 0) -> grain.IterDataset:
-    """An IterDataset of packed rows (dicts of [seq_len] arrays) for this shard."""
+def pack(docs: grain.IterDataset, *, seq_len: int, packing: str = "concat", num_packing_bins: int = 64,
+         seed: int = 0, shuffle_window: int = 0) -> grain.IterDataset:
+    """Tokenized documents -> packed rows in batch format."""
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r} is not valid; expected one of {PACKINGS}")
+    lengths = {k: seq_len for k in _FEATURES}
+    if packing == "concat":
+        rows = _JsonSafeConcatState(grain.experimental.ConcatThenSplitIterDataset(docs, length_struct=lengths))
+    else:
+        if num_packing_bins < 1:
+            raise ValueError(f"num_packing_bins={num_packing_bins} must be >= 1")
+        pieces = grain.experimental.FlatMapIterDataset(docs, _ChunkDocument(seq_len))
+        packer = (grain.experimental.BestFitPackIterDataset if packing == "best_fit"
+                  else grain.experimental.FirstFitPackIterDataset)
+        rows = packer(pieces, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed,
+                      shuffle_bins=False)
+    if shuffle_window > 1:
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed + 1)
+    return rows.map(to_batch_format)
+
+
+def packed_rows(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, seed: int = 0, shuffle: bool = True,
+                repeat: bool = True, shard_index: int = 0, shard_count: int = 1, shuffle_window: int = 0,
+                packing: str = "concat", num_packing_bins: int = 64) -> grain.IterDataset:
+    """Packed rows of in-memory documents (texts), for this shard."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if len(texts) < shard_count:
@@ -92,27 +145,69 @@ def packed_rows(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, see
         ds = ds.shuffle(seed=seed)  # before repeat: a fresh order every epoch
     if repeat:
         ds = ds.repeat(None)
-    it = ds.map(TokenizeDocument(tokenizer)).to_iter_dataset()
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len, "targets": seq_len})
-    it = _JsonSafeConcatState(it)
-    if shuffle and shuffle_window > 1:
-        it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed + 1)
-    return it.map(to_batch_format)
+    docs = ds.map(TokenizeDocument(tokenizer)).to_iter_dataset()
+    return pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
+                shuffle_window=shuffle_window if shuffle else 0)
 
 
-def batches(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-            shuffle: bool = True, repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-            shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True) -> grain.IterDataset:
-    """Batches of `batch_size` rows (this process's part of the global batch)."""
+def _batched(rows: grain.IterDataset, batch_size: int, num_workers: int, drop_remainder: bool):
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
-    it = packed_rows(texts, tokenizer, seq_len=seq_len, seed=seed, shuffle=shuffle, repeat=repeat,
-                     shard_index=shard_index, shard_count=shard_count, shuffle_window=shuffle_window)
-    it = it.batch(batch_size, drop_remainder=drop_remainder)
+    it = rows.batch(batch_size, drop_remainder=drop_remainder)
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl program
+            flags.FLAGS.mark_as_parsed()  # (a notebook, a script) nobody has parsed them
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
 
 
+def batches(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
+            shuffle: bool = True, repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
+            shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True, packing: str = "concat",
+            num_packing_bins: int = 64) -> grain.IterDataset:
+    """Batches of `batch_size` rows of in-memory documents (this process's part of the global batch)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    rows = packed_rows(texts, tokenizer, seq_len=seq_len, seed=seed, shuffle=shuffle, repeat=repeat,
+                       shard_index=shard_index, shard_count=shard_count, shuffle_window=shuffle_window,
+                       packing=packing, num_packing_bins=num_packing_bins)
+    return _batched(rows, batch_size, num_workers, drop_remainder)
+
+
+def mixture_docs(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+    """Tokenized documents of several sources, interleaved in proportion to their weights."""
+    if not specs:
+        raise ValueError("a data mixture needs at least one source")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    parts = [source_dataset(s, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                            seed=seed + 7919 * i, shuffle=shuffle).map(TokenizeDocument(tokenizer, i))
+             for i, s in enumerate(specs)]
+    if len(parts) == 1:
+        return parts[0]
+    return grain.IterDataset.mix(parts, [s.weight for s in specs])
+
+
+def source_batches(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                   seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
+                   shard_count: int = 1, packing: str = "concat", num_packing_bins: int = 64,
+                   shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True) -> grain.IterDataset:
+    """Batches of a weighted mixture of sources for this process (the training data path)."""
+    docs = mixture_docs(specs, tokenizer, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                        shard_index=shard_index, shard_count=shard_count)
+    rows = pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
+                shuffle_window=shuffle_window if shuffle else 0)
+    return _batched(rows, batch_size, num_workers, drop_remainder)
+
+
 def padding_fraction(batch: dict[str, np.ndarray]) -> float:
     return float(1.0 - np.mean(batch["loss_mask_BT"]))
+
+
+def source_token_counts(batch: dict[str, np.ndarray], num_sources: int) -> np.ndarray:
+    """Real (loss-bearing) tokens per source in a batch, [num_sources] int64."""
+    src = batch["source_BT"][batch["loss_mask_BT"] > 0]
+    return np.bincount(src[src >= 0], minlength=num_sources)[:num_sources]

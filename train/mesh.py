@@ -29,11 +29,12 @@ DEFAULT_SHAPE = {"data": -1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, 
 
 
 def resolve_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Fills in the one -1 axis; checks the product equals the device count."""
+    """Fills in the one -1 axis; checks the product equals the device count. Axes not given take
+    their defaults (data -1, the others 1)."""
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh.shape has unknown axes {unknown}; valid axes are {MESH_AXES}")
-    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    sizes = {a: int(shape.get(a, DEFAULT_SHAPE[a])) for a in MESH_AXES}
     free = [a for a, s in sizes.items() if s == -1]
     bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
     if bad:

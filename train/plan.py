@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from models.config import ModelConfig, flops_per_token, param_count
 from models.transformer import abstract_model, split_params
-from train.cli import parse_flags
+from configs.cli import parse_flags
 
 
 def summarize(model_cfg: ModelConfig, seq_len: int | None = None) -> dict:
@@ -36,9 +36,6 @@ def summarize(model_cfg: ModelConfig, seq_len: int | None = None) -> dict:
             "seq_len": seq_len or model_cfg.max_seq_len}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -52,4 +49,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # flags are defined only when run as a program, so tests and other programs can import run()
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
     app.run(main, flags_parser=parse_flags)

@@ -26,16 +26,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data import corpus as corpus_lib
 from data import pipeline
-from data.tokenizer import SentencePieceTokenizer, corpus_tokenizer
+from data.sources import read_all, specs_from_config
+from data.tokenizer import SentencePieceTokenizer
+from data.tokenizer import from_config as tokenizer_from_config
 from inference import generate
 from models.config import ModelConfig, flops_per_token, param_count
 from models.sharding import use_rules
 from models.transformer import merge_params
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
-from train.cli import parse_flags
+from configs.cli import parse_flags
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
 from train.metrics import MetricsWriter, quiet_library_logs
@@ -54,7 +55,7 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
     mesh = mesh_lib.resolve(config.mesh.to_dict(), num_devices, model_cfg)
     if config.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    if config.data.tokenizer.vocab_size > model_cfg.vocab_size:
+    if not config.data.tokenizer.path and config.data.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"data.tokenizer.vocab_size={config.data.tokenizer.vocab_size} exceeds "
                          f"model.vocab_size={model_cfg.vocab_size}")
     b, m = config.train.batch_size, config.train.microbatches
@@ -74,32 +75,43 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
 
 
 def load_data(config, workdir: pathlib.Path):
-    """(tokenizer, train corpus, validation corpus) for the embedded corpus.
+    """(tokenizer, train source specs, eval source specs) from the config's `data` section.
 
-    The run keeps its own copy of the tokenizer (`<workdir>/tokenizer.model`), so a resumed or
-    sampled run always uses the tokenizer it was trained with.
+    A sentencepiece run keeps its own copy of the tokenizer (`<workdir>/tokenizer.model`), so a
+    resumed or sampled run always uses the tokenizer it was trained with.
     """
-    if config.data.source != "embedded":
-        raise ValueError(f"data.source={config.data.source!r} is not supported yet; valid: 'embedded'")
-    train = corpus_lib.load("train", validation_fraction=config.data.validation_fraction)
-    valid = corpus_lib.load("validation", validation_fraction=config.data.validation_fraction)
-    if train.skipped or valid.skipped:
-        logging.warning("skipped %d undecodable corpus files: %s", len(train.skipped) + len(valid.skipped),
-                        ", ".join((train.skipped + valid.skipped)[:5]))
+    train_specs = specs_from_config(config.data.sources)
+    eval_specs = specs_from_config(config.data.eval_sources)
     own = workdir / TOKENIZER_FILE
     tok_cfg = config.data.tokenizer
-    if own.is_file():
+    if own.is_file() and tok_cfg.kind == "sentencepiece":
         tokenizer = SentencePieceTokenizer.from_file(own)
-    elif tok_cfg.path:
-        tokenizer = SentencePieceTokenizer.from_file(tok_cfg.path)
     else:
-        tokenizer = corpus_tokenizer(train.texts, fingerprint=train.fingerprint(), vocab_size=tok_cfg.vocab_size,
-                                     model_type=tok_cfg.model_type)
-    if jax.process_index() == 0 and not own.is_file():
+        tokenizer = tokenizer_from_config(tok_cfg, train_specs)
+    if jax.process_index() == 0 and not own.is_file() and isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer.save(own)
-    logging.info("corpus: %d train files (%.1f MB), %d validation files; tokenizer %s", len(train.texts),
-                 train.num_bytes / 1e6, len(valid.texts), tokenizer)
-    return tokenizer, train, valid
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than model.vocab_size="
+                         f"{config.model.vocab_size}")
+    logging.info("data: train %s; eval %s; tokenizer %s",
+                 ", ".join(f"{s.name} ({s.format}, weight {s.weight:g})" for s in train_specs),
+                 ", ".join(s.name for s in eval_specs), tokenizer)
+    return tokenizer, train_specs, eval_specs
+
+
+def _source_stats(n: int):
+    """Per-source real tokens [n] and the padding fraction of a global batch (on device)."""
+
+    def f(source_BT, loss_mask_BT):
+        idx = jnp.where(source_BT >= 0, source_BT, n)
+        counts = jnp.zeros((n,), jnp.float32).at[idx.reshape(-1)].add(loss_mask_BT.reshape(-1), mode="drop")
+        return counts, 1.0 - loss_mask_BT.mean()
+
+    return jax.jit(f)
+
+
+def _device_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: batch[k] for k in pipeline.BATCH_KEYS}
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding_for) -> dict[str, jax.Array]:
@@ -142,7 +154,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     logging.info("model %s: %s parameters, %.3g train FLOPs/token; mesh %s", config.name, f"{n_params:,}",
                  flops_tok, {k: v for k, v in mesh_spec["shape"].items() if v > 1} or "1 device")
 
-    tokenizer, train_corpus, valid_corpus = load_data(config, workdir)
+    tokenizer, train_specs, eval_specs = load_data(config, workdir)
+    dc = config.data
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
 
     with jax.set_mesh(mesh), use_rules(rules):
@@ -151,10 +164,11 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         loss_fn = lm_loss_fn(graphdef, z_loss=tc.z_loss)
 
         local_batch = tc.batch_size // jax.process_count()
-        data_iter = iter(pipeline.batches(
-            train_corpus.texts, tokenizer, seq_len=seq, batch_size=local_batch, seed=tc.seed,
-            shard_index=jax.process_index(), shard_count=jax.process_count(),
-            shuffle_window=config.data.shuffle_window, num_workers=config.data.num_workers))
+        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+        data_iter = iter(pipeline.source_batches(
+            train_specs, tokenizer, seq_len=seq, batch_size=local_batch, seed=tc.seed, num_epochs=None,
+            packing=dc.packing, num_packing_bins=dc.num_packing_bins, shuffle_window=dc.shuffle_window,
+            num_workers=dc.num_workers, **shard))
 
         ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
         restored = ckpt.restore(abstract_state(model_cfg, tx, shardings), data_iter)
@@ -170,21 +184,18 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             return {"step": start, "resumed_from": start, "complete": True}
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
-        example = {k: jax.ShapeDtypeStruct((tc.batch_size, seq), jnp.float32 if k == "loss_mask_BT" else jnp.int32)
-                   for k in pipeline.BATCH_KEYS}
-        batch_sh = {k: batch_sharding(v.shape[1:]) for k, v in example.items()}
+        batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
+        source_stats = _source_stats(len(train_specs))
         train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches,
                                              use_dropout=model_cfg.dropout_rate > 0),
                              in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                              donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh))
 
-        eval_batches = []
-        eval_iter = iter(pipeline.batches(valid_corpus.texts, tokenizer, seq_len=seq, batch_size=local_batch,
-                                          shuffle=False, repeat=True, shard_index=jax.process_index(),
-                                          shard_count=jax.process_count()))
-        for _ in range(tc.eval_batches):
-            eval_batches.append(next(eval_iter))
+        eval_iter = iter(pipeline.source_batches(eval_specs, tokenizer, seq_len=seq, batch_size=local_batch,
+                                                 shuffle=False, num_epochs=None, packing=dc.packing,
+                                                 num_packing_bins=dc.num_packing_bins, **shard))
+        eval_batches = [_device_keys(next(eval_iter)) for _ in range(tc.eval_batches)]
 
         def evaluate(params) -> dict[str, float]:
             tot, n = 0.0, 0.0
@@ -210,13 +221,19 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         last_t, last_step = time.perf_counter(), start
         metrics, running = None, None
         for step in range(start, tc.steps):
-            batch = _global_batch(next(data_iter), batch_sharding)
+            local = next(data_iter)
+            batch = _global_batch(_device_keys(local), batch_sharding)
+            src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
             state, metrics = train_step(state, batch)
+            counts, pad = source_stats(src, batch["loss_mask_BT"])
+            metrics = dict(metrics, source_tokens=counts, padding_fraction=pad)
             # sums stay on the device: no host sync between log lines
             running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
-                m = {k: float(v) / (done - last_step) for k, v in jax.device_get(running).items()}
+                host = jax.device_get(running)
+                per_source = host.pop("source_tokens")
+                m = {k: float(v) / (done - last_step) for k, v in host.items()}
                 running = None
                 now = time.perf_counter()
                 tps = (done - last_step) * tokens_per_step / (now - last_t)
@@ -224,6 +241,9 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 # loss, accuracy and grad norm are means over the steps since the previous line
                 line = {"loss": m["loss"], "lr": float(schedule(step)), "grad_norm": m["grad_norm"],
                         "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "accuracy": m["accuracy"]}
+                line["padding_fraction"] = m["padding_fraction"]
+                if len(train_specs) > 1:  # tokens per source over the interval (summing lines gives totals)
+                    line.update({f"tokens_{s.name}": float(c) for s, c in zip(train_specs, per_source)})
                 if tc.z_loss:
                     line["z_loss"] = m["z_loss"]
                 if not math.isfinite(line["loss"]):
@@ -253,7 +273,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         ckpt.close()
         writer.plot()
         if is_main and tc.num_samples > 0 and jax.process_count() == 1:
-            prompts = [_prompt_of(t) for t in valid_corpus.texts[: tc.num_samples]]
+            prompts = [_prompt_of(r["text"]) for r, _ in zip(read_all(eval_specs[0]), range(tc.num_samples))]
             model = merge_params(graphdef, state.params)
             _write_samples(workdir / SAMPLES_FILE, model, tokenizer, prompts,
                            max_new_tokens=tc.sample_tokens, seed=tc.seed)
@@ -263,10 +283,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
         logging.info("done: %s", summary)
         return summary
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
 
 
 def main(argv):
@@ -279,4 +295,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # flags are defined only when run as a program, so tests and other programs can import run()
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
     app.run(main, flags_parser=parse_flags)

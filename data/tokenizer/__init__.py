@@ -14,7 +14,7 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
 
@@ -117,18 +117,82 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)  # atomic: concurrent trainers never see half a file
 
 
-def corpus_tokenizer(texts: Sequence[str], *, fingerprint: str, vocab_size: int, model_type: str = "bpe",
-                     directory: str | os.PathLike | None = None) -> SentencePieceTokenizer:
-    """The tokenizer for a corpus: loaded from the cache, or trained on `texts` and cached."""
+def _cache_path(fingerprint: str, vocab_size: int, model_type: str, directory=None) -> pathlib.Path:
     key = hashlib.sha256(f"{fingerprint}:{vocab_size}:{model_type}:v1".encode()).hexdigest()[:16]
-    path = pathlib.Path(directory or cache_dir() / "tokenizers") / f"{model_type}{vocab_size}-{key}.model"
+    return pathlib.Path(directory or cache_dir() / "tokenizers") / f"{model_type}{vocab_size}-{key}.model"
+
+
+def corpus_tokenizer(texts: Sequence[str] | Callable[[], Sequence[str]], *, fingerprint: str, vocab_size: int,
+                     model_type: str = "bpe", directory: str | os.PathLike | None = None) -> SentencePieceTokenizer:
+    """The tokenizer for a corpus: loaded from the cache, or trained on `texts` and cached.
+
+    `texts` may be a callable, so that a cached tokenizer never reads the corpus.
+    """
+    path = _cache_path(fingerprint, vocab_size, model_type, directory)
     if path.is_file():
         try:
             return SentencePieceTokenizer.from_file(path)
         except Exception as e:  # a truncated or foreign file: retrain rather than fail
             logging.warning("tokenizer cache %s is unreadable (%s); retraining", path, e)
+    texts = texts() if callable(texts) else texts
     logging.info("training a %s tokenizer (vocab %d) on %d documents -> %s", model_type, vocab_size,
                  len(texts), path)
     tok = train_sentencepiece(texts, vocab_size=vocab_size, model_type=model_type)
     tok.save(path)
     return SentencePieceTokenizer.from_file(path)
+
+KINDS = ("sentencepiece", "hf")
+
+
+def sources_fingerprint(specs) -> str:
+    """Identifies what a tokenizer was trained on: the source specs and their files' sizes and times."""
+    from data import corpus
+    from data.sources import STREAMING, expand_paths
+
+    h = hashlib.sha256()
+    for spec in specs:
+        h.update(repr(sorted(vars(spec).items())).encode())
+        if spec.format == "embedded":
+            h.update(corpus.load(spec.split, validation_fraction=spec.validation_fraction).fingerprint().encode())
+        elif spec.format in STREAMING + ("array_record",):
+            for f in expand_paths(spec.path, spec.format):
+                st = os.stat(f)
+                h.update(f"{f}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def training_texts(specs, num_documents: int) -> list[str]:
+    """Up to `num_documents` texts from the sources, shared by weight (for training a tokenizer)."""
+    from data.sources import read_all
+
+    total = sum(s.weight for s in specs)
+    texts = []
+    for spec in specs:
+        want = max(1, int(round(num_documents * spec.weight / total)))
+        for i, rec in enumerate(read_all(spec)):
+            if i >= want:
+                break
+            texts.append(rec["text"])
+    return texts
+
+
+def from_config(tok_cfg, train_specs=()) -> Tokenizer:
+    """The tokenizer a config names: a file, or one trained (once, then cached) on `train_specs`."""
+    kind = tok_cfg.get("kind", "sentencepiece")
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer.kind={kind!r} is not valid; expected one of {KINDS}")
+    path = tok_cfg.get("path")
+    if kind == "hf":
+        if not path:
+            raise ValueError("tokenizer.kind='hf' needs tokenizer.path (a tokenizer.json or its directory)")
+        from data.tokenizer.hf import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
+    if path:
+        return SentencePieceTokenizer.from_file(path)
+    if not train_specs:
+        raise ValueError("tokenizer.path is unset and there are no sources to train a tokenizer on")
+    n = int(tok_cfg.get("train_documents", 200_000))
+    fingerprint = f"{sources_fingerprint(train_specs)}:{n}"
+    return corpus_tokenizer(lambda: training_texts(train_specs, n), fingerprint=fingerprint,
+                            vocab_size=int(tok_cfg["vocab_size"]), model_type=tok_cfg.get("model_type", "bpe"))

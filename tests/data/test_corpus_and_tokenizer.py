@@ -82,3 +82,41 @@ def test_training_caching_and_pickling(tmp_path):
         train_sentencepiece(texts, vocab_size=100)
     with pytest.raises(FileNotFoundError):
         SentencePieceTokenizer.from_file(tmp_path / "nope.model")
+
+
+def test_tokenizer_cli_trains_from_any_source(tmp_path):
+    import json
+
+    from tests.helpers import run_program
+
+    r = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    lines = [json.dumps({"doc": {"body": " ".join(r.choice(words) for _ in range(40))}}) for _ in range(400)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "u.model"
+    proc = run_program("data.tokenizer", "train", "--format=jsonl", f"--path={tmp_path / 'c.jsonl'}",
+                       "--text_field=doc.body", "--vocab_size=320", "--model_type=unigram", f"--output={out}")
+    assert "exact round trip" in proc.stdout
+    tok = SentencePieceTokenizer.from_file(out)
+    assert tok.decode(tok.encode("gamma delta\n  zeta")) == "gamma delta\n  zeta"
+    assert len(tok.encode("alpha beta gamma")) <= 6  # whole words learned, not bytes
+    enc = run_program("data.tokenizer", "encode", f"--model={out}", "--text=alpha beta")
+    assert "alpha" in enc.stdout
+
+
+def test_tokenizer_from_config_trains_once_on_sources(tmp_path, monkeypatch):
+    import json
+
+    from data.sources import SourceSpec
+    from data.tokenizer import from_config
+
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x): return x + {i}"}) + "\n"
+                                              for i in range(300)))
+    spec = SourceSpec("a", "jsonl", path=str(tmp_path / "a.jsonl"))
+    cfg = {"kind": "sentencepiece", "path": None, "vocab_size": 300, "model_type": "bpe", "train_documents": 100}
+    tok = from_config(cfg, [spec])
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.model"))) == 1
+    assert from_config(cfg, [spec]).encode("def f7(x)") == tok.encode("def f7(x)")
+    with pytest.raises(ValueError, match="kind='bpe' is not valid"):
+        from_config({**cfg, "kind": "bpe"}, [spec])

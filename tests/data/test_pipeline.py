@@ -43,7 +43,7 @@ def test_rows_have_the_batch_format_and_lose_nothing():
     docs = _docs(40)
     tok = CharTokenizer()
     rows = list(pipeline.packed_rows(docs, tok, seq_len=32, shuffle=False, repeat=False))
-    assert set(rows[0]) == set(pipeline.BATCH_KEYS)
+    assert set(rows[0]) == set(pipeline.BATCH_KEYS) | {"source_BT"}
     for r in rows:
         assert all(v.shape == (32,) for v in r.values())
         assert r["inputs_BT"].dtype == np.int32 and r["loss_mask_BT"].dtype == np.float32
@@ -110,3 +110,65 @@ def test_errors():
         pipeline.packed_rows(["a"], CharTokenizer(), seq_len=4, shard_index=3, shard_count=2)
     with pytest.raises(ValueError, match="batch_size=0"):
         pipeline.batches(["a"], CharTokenizer(), seq_len=4, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing strategies, mixtures and resume through the source pipeline
+
+def test_best_fit_loses_nothing_keeps_documents_whole_and_pads_less_than_first_fit():
+    r = np.random.default_rng(4)
+    docs = ["".join("ab"[x] for x in r.integers(0, 2, n)) for n in r.integers(1, 70, 400)]  # up to 2 rows
+    tok = CharTokenizer()
+    pads = {}
+    for packing in ("best_fit", "first_fit", "concat"):
+        rows = list(pipeline.packed_rows(docs, tok, seq_len=48, shuffle=False, repeat=False, packing=packing,
+                                         num_packing_bins=16))
+        total = sum(r["loss_mask_BT"].sum() for r in rows)
+        assert total == sum(len(d) + 1 for d in docs), packing  # every target of every document
+        pads[packing] = float(np.mean([pipeline.padding_fraction(r) for r in rows]))
+        if packing != "concat":  # a document that fits a row is never split across rows
+            pieces = [len(t) for _, t in _unpack(rows)]
+            short = sorted(len(d) + 1 for d in docs if len(d) + 1 <= 48)
+            assert all(n in pieces for n in short[:50])
+    assert pads["concat"] < 0.01 and pads["best_fit"] < pads["first_fit"], pads
+
+
+def _jsonl_source(tmp_path, name, n, files=1, weight=1.0):
+    d = tmp_path / name
+    d.mkdir()
+    for f in range(files):
+        (d / f"{f}.jsonl").write_text("".join(json.dumps({"text": f"{name}-{i}"}) + "\n" for i in range(f, n, files)))
+    from data.sources import SourceSpec
+
+    return SourceSpec(name, "jsonl", path=str(d / "*.jsonl"), weight=weight)
+
+
+def test_mixture_proportions_and_per_source_tokens(tmp_path):
+    from data.sources import SourceSpec
+
+    specs = [_jsonl_source(tmp_path, "a", 300, files=3, weight=0.5),
+             _jsonl_source(tmp_path, "b", 200, weight=0.3),
+             SourceSpec("c", "embedded", split="validation", weight=0.2)]
+    docs = iter(pipeline.mixture_docs(specs, CharTokenizer(), seed=1))
+    sources = np.array([int(next(docs)["source"][0]) for _ in range(10_000)])
+    freq = np.bincount(sources, minlength=3) / sources.size
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.02)
+    batch = next(iter(pipeline.source_batches(specs, CharTokenizer(), seq_len=64, batch_size=8)))
+    counts = pipeline.source_token_counts(batch, 3)
+    assert counts.sum() == batch["loss_mask_BT"].sum() and (counts > 0).sum() >= 2
+
+
+@pytest.mark.parametrize("num_workers,packing", [(0, "concat"), (2, "best_fit")])
+def test_source_pipeline_resume_is_exact(tmp_path, num_workers, packing):
+    specs = [_jsonl_source(tmp_path, "a", 500, files=4, weight=2.0), _jsonl_source(tmp_path, "b", 300, weight=1.0)]
+    kw = dict(seq_len=16, batch_size=4, seed=5, shuffle_window=32, num_workers=num_workers, packing=packing)
+    it = iter(pipeline.source_batches(specs, CharTokenizer(), **kw))
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(5)]
+    it2 = iter(pipeline.source_batches(specs, CharTokenizer(), **kw))
+    it2.set_state(state)
+    for a, b in zip(expected, (next(it2) for _ in range(5))):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

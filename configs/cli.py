@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the absl programs."""
+"""Command-line plumbing shared by the absl programs (here because every package may import `configs`)."""
 
 from __future__ import annotations
 

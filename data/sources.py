@@ -1,0 +1,565 @@
+"""Data sources: every format becomes grain records with one interface.
+
+A record is a dict
+    {"text": str, "source": name, "file": path, "line": int, "fields": dict | None}
+where `line` is 1-based (the line of a text/JSONL file, the row of a Parquet/Arrow file, the
+index of an ArrayRecord/TFDS record) and `fields` holds every input field when asked for
+(`keep_fields=True`, as the cleaning tool does).
+
+Formats (`SourceSpec.format`):
+  text          files or directories (globs, comma-separated; `.gz` / `.zst` decompressed on the
+                fly); a document is a whole file, a line, or a blank-line separated paragraph
+  jsonl         one JSON object per line (`.gz` / `.zst` too); the text at `text_field` (dots
+                reach nested keys: "meta.body")
+  parquet       `text_field` column (nested struct fields with dots), read row group by row group
+  hf            a Hugging Face `datasets` directory: `save_to_disk` Arrow files or Parquet shards
+  array_record  records that are UTF-8 JSON objects (what `data.prepare` writes)
+  tfds          `tfds.data_source(name, split, file_format="array_record")`, no TensorFlow
+  embedded      the running Python's standard library (data/corpus.py)
+
+Streaming formats (text, jsonl, parquet, hf) never hold more than one file's current unit in
+memory; their iterator state is (epoch, file, unit, byte offset), so a resumed run reopens the
+file where it stopped. Random-access formats (array_record, tfds, embedded) are grain
+MapDatasets and can be shuffled globally.
+
+Bad input (malformed JSON, bytes that are not UTF-8, a missing or non-string field, an empty
+document) is skipped, counted and logged with file and line; with `strict=True` the first one
+raises `DataError` naming file, line and reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+import pathlib
+import random
+from typing import Any, Iterator, Sequence
+
+import grain
+
+FORMATS = ("text", "jsonl", "parquet", "hf", "array_record", "tfds", "embedded")
+STREAMING = ("text", "jsonl", "parquet", "hf")
+TEXT_UNITS = ("file", "line", "paragraph")
+_EXTENSIONS = {
+    "text": None,  # any file
+    "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst"),
+    "parquet": (".parquet",),
+    "hf": (".arrow", ".parquet"),
+    "array_record": (".array_record",),
+}
+
+
+class DataError(ValueError):
+    """A bad record, with where it is and why."""
+
+    def __init__(self, file: str, line: int, reason: str):
+        super().__init__(f"{file}:{line}: {reason}")
+        self.file, self.line, self.reason = file, line, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    format: str
+    path: str = ""  # globs (comma-separated), files or directories; tfds: the dataset name
+    split: str = "train"  # embedded, tfds, hf (a `DatasetDict` subdirectory, if present)
+    text_field: str = "text"  # jsonl / parquet / hf / array_record / tfds; dots reach nested keys
+    text_unit: str = "file"  # text: "file" | "line" | "paragraph"
+    weight: float = 1.0  # share of documents in a mixture
+    data_dir: str = ""  # tfds data_dir
+    validation_fraction: float = 0.02  # embedded
+    strict: bool = False  # raise on the first bad record instead of skipping it
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"source {self.name!r}: format={self.format!r} is not valid; expected one of {FORMATS}")
+        if self.text_unit not in TEXT_UNITS:
+            raise ValueError(f"source {self.name!r}: text_unit={self.text_unit!r} is not valid; "
+                             f"expected one of {TEXT_UNITS}")
+        if self.weight <= 0:
+            raise ValueError(f"source {self.name!r}: weight={self.weight} must be positive")
+        if self.format not in ("embedded",) and not self.path:
+            raise ValueError(f"source {self.name!r}: format {self.format!r} needs a path")
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "SourceSpec":
+        known = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"source {name!r}: unknown keys {unknown}; valid keys: {sorted(known)}")
+        return cls(name=name, **{k: v for k, v in d.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------
+# Bad records
+
+
+# Every bad record seen by this process, per source: {source: Counter(kind)} and the first examples.
+BAD_RECORDS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+BAD_EXAMPLES: dict[str, list[str]] = collections.defaultdict(list)
+
+
+class BadRecords:
+    """Counts bad records per reason; logs the first few of each reason and then every 1000th."""
+
+    def __init__(self, source: str, strict: bool):
+        self.source, self.strict = source, strict
+        self.counts: collections.Counter = collections.Counter()
+
+    def report(self, file: str, line: int, reason: str, kind: str) -> None:
+        if self.strict:
+            raise DataError(file, line, reason)
+        self.counts[kind] += 1
+        BAD_RECORDS[self.source][kind] += 1
+        if len(BAD_EXAMPLES[self.source]) < 100:
+            BAD_EXAMPLES[self.source].append(f"{file}:{line}: {reason}")
+        n = self.counts[kind]
+        if n <= 5 or n % 1000 == 0:
+            logging.warning("data source %r: skipped record %s:%d (%s)%s", self.source, file, line, reason,
+                            f" [{n} {kind} so far]" if n > 5 else "")
+
+
+def get_field(obj: Any, dotted: str):
+    """obj["a"]["b"] for "a.b"; KeyError naming the missing part."""
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(part)
+        obj = obj[part]
+    return obj
+
+
+def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) -> str | None:
+    try:
+        value = get_field(obj, spec.text_field)
+    except KeyError as e:
+        bad.report(file, line, f"missing field {spec.text_field!r} (no {e.args[0]!r})", "missing_field")
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.report(file, line, f"field {spec.text_field!r} is not UTF-8 ({e.reason} at byte {e.start})",
+                       "not_utf8")
+            return None
+    if not isinstance(value, str):
+        bad.report(file, line, f"field {spec.text_field!r} is {type(value).__name__}, not a string", "not_string")
+        return None
+    if not value.strip():
+        bad.report(file, line, "empty document", "empty")
+        return None
+    return value
+
+
+def _record(text, spec, file, line, fields, keep_fields):
+    return {"text": text, "source": spec.name, "file": file, "line": line, "fields": fields if keep_fields else None}
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def expand_paths(pattern: str, fmt: str) -> list[str]:
+    """Sorted files matching comma-separated globs, files or directories (searched recursively)."""
+    exts = _EXTENSIONS.get(fmt)
+    out: set[str] = set()
+    for part in (p.strip() for p in pattern.split(",") if p.strip()):
+        for match in sorted(glob.glob(os.path.expanduser(part), recursive=True)) or []:
+            p = pathlib.Path(match)
+            if p.is_dir():
+                files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+                out.update(str(f) for f in files if exts is None or f.name.endswith(exts))
+            elif p.is_file():
+                out.add(str(p))
+    if not out:
+        raise FileNotFoundError(f"no {fmt} files match {pattern!r}")
+    return sorted(out)
+
+
+def open_binary(path: str):
+    """A binary stream of the file's contents, decompressing .gz and .zst."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _seekable(path: str) -> bool:
+    return not path.endswith((".gz", ".zst"))
+
+
+def _decode(raw: bytes, file: str, first_line: int, bad: BadRecords) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - raw.rfind(b"\n", 0, e.start) - 1
+        bad.report(file, line, f"not UTF-8 ({e.reason} at byte {column} of the line)", "not_utf8")
+        return None
+
+
+def _iter_lines(path: str, start_unit: int, start_offset: int):
+    """(unit index, line number, raw line, offset after it) from `start_unit` (seek when possible)."""
+    with open_binary(path) as f:
+        unit = 0
+        if start_offset > 0 and _seekable(path):
+            f.seek(start_offset)
+            unit = start_unit
+        offset = start_offset if unit else 0
+        for raw in f:
+            offset += len(raw)
+            if unit >= start_unit:
+                yield unit, unit + 1, raw, offset
+            unit += 1
+
+
+def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
+    """Yields (next unit, next offset, record or None) for a text file."""
+    if spec.text_unit == "file":
+        if start_unit > 0:
+            return
+        with open_binary(path) as f:
+            raw = f.read()
+        text = _decode(raw, path, 1, bad)
+        if text is not None and not text.strip():
+            bad.report(path, 1, "empty document", "empty")
+            text = None
+        yield 1, -1, None if text is None else _record(text, spec, path, 1, {"text": text}, keep_fields)
+        return
+    if spec.text_unit == "line":
+        for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+            text = _decode(raw.rstrip(b"\r\n"), path, line, bad)
+            if text is not None and not text.strip():
+                text = None  # blank lines separate nothing here: not a bad record
+            yield unit + 1, offset, None if text is None else _record(text, spec, path, line, {"text": text},
+                                                                      keep_fields)
+        return
+    # paragraphs: a unit is a line; a record is emitted at the blank line (or EOF) that ends it
+    buf, first, last_unit, last_offset = [], 0, start_unit, start_offset
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+        if raw.strip():
+            if not buf:
+                first = line
+            buf.append(raw)
+            continue
+        last_unit, last_offset = unit + 1, offset
+        if buf:
+            rec = _paragraph(buf, first, path, spec, bad, keep_fields)
+            buf = []
+            yield last_unit, last_offset, rec
+    if buf:
+        yield 1 << 62, -1, _paragraph(buf, first, path, spec, bad, keep_fields)
+
+
+def _paragraph(lines, first, path, spec, bad, keep_fields):
+    text = _decode(b"".join(lines), path, first, bad)
+    return None if text is None else _record(text.rstrip("\r\n"), spec, path, first, {"text": text}, keep_fields)
+
+
+def _jsonl_units(path, spec, start_unit, start_offset, bad, keep_fields):
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+        rec = None
+        if raw.strip():
+            s = _decode(raw, path, line, bad)
+            if s is not None:
+                try:
+                    obj = json.loads(s)
+                except json.JSONDecodeError as e:
+                    bad.report(path, line, f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json")
+                    obj = None
+                if obj is not None and not isinstance(obj, dict):
+                    bad.report(path, line, f"malformed JSON (a {type(obj).__name__}, not an object)", "malformed_json")
+                    obj = None
+                if obj is not None:
+                    text = _text_of(obj, spec, path, line, bad)
+                    if text is not None:
+                        rec = _record(text, spec, path, line, obj, keep_fields)
+        yield unit + 1, offset, rec
+
+
+def _table_rows(path, spec, start_unit, bad, keep_fields):
+    """Parquet or Arrow IPC rows from row `start_unit`, one record batch in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    top = spec.text_field.split(".")[0]
+    if path.endswith(".parquet"):
+        pf = pq.ParquetFile(path)
+        if top not in pf.schema_arrow.names:
+            raise DataError(path, 0, f"no column {top!r}; columns: {pf.schema_arrow.names}")
+        columns = None if keep_fields else [top]
+        row = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n <= start_unit:
+                row += n
+                continue
+            for batch in pf.iter_batches(row_groups=[g], columns=columns, batch_size=4096):
+                yield from _batch_rows(batch.to_pylist(), row, start_unit, path, spec, bad, keep_fields)
+                row += batch.num_rows
+        return
+    with pa.memory_map(path) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(reader)
+        row = 0
+        for batch in batches:
+            if row + batch.num_rows <= start_unit:
+                row += batch.num_rows
+                continue
+            if top not in batch.schema.names:
+                raise DataError(path, 0, f"no column {top!r}; columns: {batch.schema.names}")
+            yield from _batch_rows(batch.to_pylist(), row, start_unit, path, spec, bad, keep_fields)
+            row += batch.num_rows
+
+
+def _batch_rows(rows, row0, start_unit, path, spec, bad, keep_fields):
+    for i, obj in enumerate(rows):
+        unit = row0 + i
+        if unit < start_unit:
+            continue
+        text = _text_of(obj, spec, path, unit + 1, bad)
+        yield unit + 1, -1, None if text is None else _record(text, spec, path, unit + 1, obj, keep_fields)
+
+
+def _units(path, spec, start_unit, start_offset, bad, keep_fields):
+    if spec.format == "text":
+        return _text_units(path, spec, start_unit, start_offset, bad, keep_fields)
+    if spec.format == "jsonl":
+        return _jsonl_units(path, spec, start_unit, start_offset, bad, keep_fields)
+    return _table_rows(path, spec, start_unit, bad, keep_fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming sources as grain IterDatasets
+
+
+class StreamingSource(grain.IterDataset):
+    """Records of text / JSONL / Parquet / Arrow files, for one shard, with resumable state.
+
+    Sharding: with at least as many files as shards, shard k reads files k, k+n, ...; otherwise
+    every shard reads every file and keeps records k, k+n, ... Worker processes (grain's
+    `mp_prefetch`) subdivide a shard the same way (`set_slice`). `num_epochs=None` repeats
+    forever; each epoch visits the files in a fresh seeded order when `shuffle_files`.
+    """
+
+    def __init__(self, spec: SourceSpec, *, shard_index: int = 0, shard_count: int = 1,
+                 num_epochs: int | None = 1, seed: int = 0, shuffle_files: bool = False, keep_fields: bool = False,
+                 files: Sequence[str] | None = None):
+        super().__init__()
+        if spec.format not in STREAMING:
+            raise ValueError(f"StreamingSource reads {STREAMING}, not {spec.format!r}")
+        self.spec = spec
+        self.files = list(files) if files is not None else _source_files(spec)
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.num_epochs, self.seed, self.shuffle_files, self.keep_fields = num_epochs, seed, shuffle_files, keep_fields
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """grain worker slicing: worker i of w reads items i, i+w, ... of this shard."""
+        start, step = sl.start or 0, sl.step or 1
+        self.shard_index = self.shard_index + self.shard_count * start
+        self.shard_count = self.shard_count * step
+
+    def __iter__(self):
+        return _StreamingIterator(self)
+
+    def __str__(self):
+        return f"StreamingSource({self.spec.name!r}, {len(self.files)} files, shard {self.shard_index}/{self.shard_count})"
+
+
+def _source_files(spec: SourceSpec) -> list[str]:
+    if spec.format == "hf":
+        root = pathlib.Path(spec.path)
+        if root.is_dir() and (root / spec.split).is_dir() and not list(root.glob("*.arrow")):
+            root = root / spec.split  # a DatasetDict saved to disk: <dir>/<split>/data-*.arrow
+        files = expand_paths(str(root), "hf")
+        arrow = [f for f in files if f.endswith(".arrow")]
+        return arrow or files
+    return expand_paths(spec.path, spec.format)
+
+
+class _StreamingIterator(grain.DatasetIterator):
+    def __init__(self, ds: StreamingSource):
+        super().__init__()
+        self.ds = ds
+        self.bad = BadRecords(ds.spec.name, ds.spec.strict)
+        self._file_level = len(ds.files) >= ds.shard_count
+        self.epoch, self.file_pos, self.unit, self.offset, self.counter = 0, 0, 0, 0, 0
+        self._gen = None
+        self._order = self._epoch_files(0)
+
+    def _epoch_files(self, epoch: int) -> list[str]:
+        files = list(self.ds.files)
+        if self.ds.shuffle_files:
+            random.Random(self.ds.seed * 1_000_003 + epoch).shuffle(files)
+        if self._file_level:
+            files = files[self.ds.shard_index::self.ds.shard_count]
+        return files
+
+    def __next__(self):
+        while True:
+            if self._gen is None:
+                if self.file_pos >= len(self._order):
+                    self.epoch += 1
+                    if self.ds.num_epochs is not None and self.epoch >= self.ds.num_epochs:
+                        raise StopIteration
+                    self._order, self.file_pos, self.unit, self.offset = self._epoch_files(self.epoch), 0, 0, 0
+                    if not self._order:
+                        raise StopIteration
+                    continue
+                self._gen = _units(self._order[self.file_pos], self.ds.spec, self.unit, self.offset, self.bad,
+                                   self.ds.keep_fields)
+            try:
+                unit, offset, rec = next(self._gen)
+            except StopIteration:
+                self._gen, self.file_pos, self.unit, self.offset = None, self.file_pos + 1, 0, 0
+                continue
+            self.unit, self.offset = unit, offset if offset >= 0 else 0
+            if rec is None:
+                continue
+            if not self._file_level:
+                mine = self.counter % self.ds.shard_count == self.ds.shard_index
+                self.counter += 1
+                if not mine:
+                    continue
+            return rec
+
+    def get_state(self):
+        return {"epoch": self.epoch, "file_pos": self.file_pos, "unit": self.unit, "offset": self.offset,
+                "counter": self.counter, "bad": dict(self.bad.counts)}
+
+    def set_state(self, state):
+        self.epoch, self.file_pos = int(state["epoch"]), int(state["file_pos"])
+        self.unit, self.offset, self.counter = int(state["unit"]), int(state["offset"]), int(state["counter"])
+        self.bad.counts = collections.Counter(state.get("bad", {}))
+        self._order = self._epoch_files(self.epoch)
+        self._gen = None
+
+
+# --------------------------------------------------------------------------------------------
+# Random-access sources as grain MapDatasets
+
+
+class _ParseJsonRecord:
+    """ArrayRecord bytes (a UTF-8 JSON object) -> record, or None for a bad record."""
+
+    def __init__(self, spec: SourceSpec, file: str, size: int, keep_fields: bool):
+        self.spec, self.file, self.size, self.keep_fields = spec, file, size, keep_fields
+        self.bad = BadRecords(spec.name, spec.strict)
+
+    def __call__(self, index: int, raw: bytes):
+        line = index % self.size + 1  # grain passes epoch-extended indices after repeat
+        text = _decode(raw, self.file, line, self.bad)
+        if text is None:
+            return None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            self.bad.report(self.file, line, f"malformed JSON ({e.msg} at column {e.colno})", "malformed_json")
+            return None
+        if not isinstance(obj, dict):
+            self.bad.report(self.file, line, f"malformed JSON (a {type(obj).__name__}, not an object)",
+                            "malformed_json")
+            return None
+        value = _text_of(obj, self.spec, self.file, line, self.bad)
+        return None if value is None else _record(value, self.spec, self.file, line, obj, self.keep_fields)
+
+
+class _TfdsRecord:
+    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool):
+        self.spec, self.size, self.keep_fields = spec, size, keep_fields
+        self.bad = BadRecords(spec.name, spec.strict)
+        self.file = f"tfds:{spec.path}/{spec.split}"
+
+    def __call__(self, index: int, example):
+        index %= self.size  # grain passes epoch-extended indices after repeat
+        value = _text_of(example, self.spec, self.file, index + 1, self.bad)
+        if value is None:
+            return None
+        fields = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in example.items()} \
+            if self.keep_fields else None
+        return _record(value, self.spec, self.file, index + 1, fields, self.keep_fields)
+
+
+class _EmbeddedRecord:
+    def __init__(self, spec: SourceSpec, paths: Sequence[str], keep_fields: bool):
+        self.spec, self.paths, self.keep_fields = spec, list(paths), keep_fields
+
+    def __call__(self, index: int, text: str):
+        path = self.paths[index % len(self.paths)]  # grain passes epoch-extended indices after repeat
+        return _record(text, self.spec, path, 1, {"text": text, "path": path}, self.keep_fields)
+
+
+def random_access_source(spec: SourceSpec, *, keep_fields: bool = False) -> grain.MapDataset:
+    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded."""
+    if spec.format == "embedded":
+        from data import corpus
+
+        c = corpus.load(spec.split, validation_fraction=spec.validation_fraction)
+        return grain.MapDataset.source(list(c.texts)).map_with_index(_EmbeddedRecord(spec, c.paths, keep_fields))
+    if spec.format == "array_record":
+        files = expand_paths(spec.path, "array_record")
+        parts = []
+        for f in files:
+            src = grain.sources.ArrayRecordDataSource([f])
+            parts.append(grain.MapDataset.source(src).map_with_index(_ParseJsonRecord(spec, f, len(src), keep_fields)))
+        return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    if spec.format == "tfds":
+        import tensorflow_datasets as tfds
+
+        src = tfds.data_source(spec.path, split=spec.split, data_dir=spec.data_dir or None,
+                               builder_kwargs={"file_format": "array_record"})
+        return grain.MapDataset.source(src).map_with_index(_TfdsRecord(spec, len(src), keep_fields))
+    raise ValueError(f"format {spec.format!r} is streaming; use StreamingSource")
+
+
+def source_dataset(spec: SourceSpec, *, shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = 1,
+                   seed: int = 0, shuffle: bool = False, keep_fields: bool = False) -> grain.IterDataset:
+    """Records of one source for one shard, as an IterDataset (bad records already skipped).
+
+    Random-access sources are sharded by record index and, with `shuffle`, shuffled globally
+    with a fresh order every epoch; streaming sources shard by file (or record) and shuffle their
+    file order per epoch.
+    """
+    if spec.format in STREAMING:
+        return StreamingSource(spec, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                               seed=seed, shuffle_files=shuffle, keep_fields=keep_fields)
+    ds = random_access_source(spec, keep_fields=keep_fields)
+    if len(ds) < shard_count:
+        raise ValueError(f"source {spec.name!r} has {len(ds)} records, fewer than the {shard_count} shards")
+    ds = ds[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    return ds.filter(_is_record).to_iter_dataset()
+
+
+def _is_record(r) -> bool:
+    return r is not None
+
+
+def read_all(spec: SourceSpec, **kw) -> Iterator[dict]:
+    """Every record of a source once (convenience for tools and tests)."""
+    return iter(source_dataset(spec, num_epochs=1, **kw))
+
+
+def specs_from_config(sources) -> list[SourceSpec]:
+    """SourceSpecs from a config mapping {name: {format, path, ...}} (ConfigDict or dict)."""
+    items = sources.items() if hasattr(sources, "items") else sources
+    specs = [SourceSpec.from_dict(name, dict(v.to_dict() if hasattr(v, "to_dict") else v)) for name, v in items]
+    if not specs:
+        raise ValueError("no data sources configured")
+    return specs
