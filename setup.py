@@ -33,6 +33,8 @@ setup(
         "rbloom>=1.5",
         "tokenizers>=0.19",
         "jinja2>=3.1",
+        "sacrebleu>=2.3",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         # Reference implementations for tests only: never imported by the library.

@@ -74,6 +74,16 @@ def get_config(arg=None):
         logit_softcap=0.0,  # final logits -> c * tanh(logits / c); 0 = off
         attn_logit_softcap=0.0,  # same on attention scores; 0 = off
         sliding_window=0,  # W most recent keys per query; 0 = global attention
+        layer_windows=(),  # one window per layer (0 = global), e.g. Gemma 2; () = sliding_window everywhere
+        rope_scaling="none",  # RoPE frequency scaling for long context: "none" | "linear" | "llama3"
+        rope_scaling_factor=1.0,  # linear: positions / factor; llama3: low frequencies / factor
+        rope_low_freq_factor=1.0,  # llama3: wavelengths above original_len / this are divided by the factor
+        rope_high_freq_factor=4.0,  # llama3: wavelengths below original_len / this are kept
+        rope_original_max_seq_len=0,  # llama3: the pretraining context length; 0 = max_seq_len
+        embed_scale=1.0,  # embeddings times this (Gemma: sqrt(hidden_size))
+        norm_weight_offset=0.0,  # norms multiply by (offset + scale); Gemma's (1 + w) is 1.0
+        post_norms=False,  # also normalise attention / MLP outputs before the residual add (Gemma 2)
+        query_pre_attn_scalar=0.0,  # attention scale 1/sqrt(this); 0 = head_dim (Gemma 2)
         init_std=0.02,  # normal init std (output projections scaled by 1/sqrt(2 L))
         **{**family, **extra},
     ))

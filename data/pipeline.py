@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from data.sources import SourceSpec, source_dataset
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, with_specials
 
 BATCH_KEYS = ("inputs_BT", "targets_BT", "positions_BT", "segment_ids_BT", "loss_mask_BT")
 PACKINGS = ("concat", "best_fit", "first_fit")
@@ -49,8 +49,7 @@ class TokenizeDocument:
 
     def __call__(self, doc) -> dict[str, np.ndarray]:
         text = doc["text"] if isinstance(doc, dict) else doc
-        ids = np.asarray([self.tokenizer.bos_id] + list(self.tokenizer.encode(text)) + [self.tokenizer.eos_id],
-                         np.int32)
+        ids = np.asarray(with_specials(self.tokenizer, self.tokenizer.encode(text), eos=True), np.int32)
         return {"inputs": ids[:-1], "targets": ids[1:], "source": np.full(len(ids) - 1, self.source_id, np.int32)}
 
 

@@ -203,7 +203,7 @@ def _report(config, specs, stats, pii_counts, writer, unit, seconds) -> dict[str
 
 def _markdown(r) -> str:
     t = r["total"]
-    lines = [f"# Cleaning report", "", f"{t['documents_in']:,} documents in ({t['tokens_in']:,} {r['token_unit']}); "
+    lines = ["# Cleaning report", "", f"{t['documents_in']:,} documents in ({t['tokens_in']:,} {r['token_unit']}); "
              f"{t['kept']['documents']:,} kept ({t['kept']['tokens']:,}); {r['output']['records']:,} records in "
              f"{len(r['output']['shards'])} shards; {r['seconds']:.1f} s ({r['documents_per_second']:,.0f} docs/s).",
              "", "| source | rule | documents | tokens | share of documents |", "| --- | --- | ---: | ---: | ---: |"]

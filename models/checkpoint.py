@@ -93,17 +93,10 @@ def save_params(path: str | pathlib.Path, params) -> None:
 
 def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None):
     """(model, model_config) of a run: its `config.json` model section and its params."""
-    from models.transformer import abstract_model, logical_axes, merge_params, split_params
-    from models.sharding import named_shardings
+    from models.transformer import abstract_params_and_shardings, merge_params
 
     cfg = ModelConfig.from_dict(read_run_config(workdir)["model"])
-    abstract = abstract_model(cfg)
-    graphdef, abs_params = split_params(abstract)
-    if mesh is not None:
-        shardings = named_shardings(logical_axes(abstract), abs_params, mesh, rules)
-    else:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: dev, abs_params)
+    graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
     params = restore_params(workdir, step=step, target=target)
     return merge_params(graphdef, params), cfg

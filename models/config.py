@@ -14,6 +14,7 @@ import jax.numpy as jnp
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,11 +47,24 @@ class ModelConfig:
     logit_softcap: float = 0.0  # final logits -> c * tanh(logits / c); 0 = off
     attn_logit_softcap: float = 0.0  # same on attention scores; 0 = off
     sliding_window: int = 0  # every layer sees the W most recent keys; 0 = global
+    layer_windows: tuple[int, ...] = ()  # one window per layer (0 = global), e.g. Gemma 2's local/global
+    rope_scaling: str = "none"  # RoPE frequency scaling for long contexts: "none" | "linear" | "llama3"
+    rope_scaling_factor: float = 1.0  # linear: positions / factor; llama3: low frequencies / factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are kept
+    rope_original_max_seq_len: int = 0  # llama3: the pretraining context length; 0 = max_seq_len
+    embed_scale: float = 1.0  # embeddings times this, in the compute dtype (Gemma: sqrt(hidden_size))
+    norm_weight_offset: float = 0.0  # norms multiply by (offset + scale); Gemma's (1 + w) is 1.0
+    post_norms: bool = False  # also normalise the attention / MLP outputs before the residual add (Gemma 2)
+    query_pre_attn_scalar: float = 0.0  # attention scores scaled by 1/sqrt(this); 0 = head_dim (Gemma 2)
     remat: str = "none"  # what the scanned layer keeps for the backward pass
     attention_impl: str = "xla"
     init_std: float = 0.02
 
     def __post_init__(self):
+        # JSON gives lists; the config must stay hashable (it sits in the model's graphdef)
+        object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
+
         def check(name, value, valid):
             if value not in valid:
                 raise ValueError(f"model.{name}={value!r} is not valid; expected one of {valid}")
@@ -58,6 +72,7 @@ class ModelConfig:
         check("norm", self.norm, NORMS)
         check("activation", self.activation, ACTIVATIONS)
         check("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        check("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         check("remat", self.remat, REMAT_POLICIES)
         check("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         check("dtype", self.dtype, DTYPES)
@@ -76,6 +91,20 @@ class ModelConfig:
             raise ValueError(f"model.dropout_rate={self.dropout_rate} must be in [0, 1)")
         if self.sliding_window < 0:
             raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0 = global)")
+        if self.layer_windows:
+            if len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0:
+                raise ValueError(f"model.layer_windows={self.layer_windows} needs one window >= 0 per layer "
+                                 f"({self.num_layers} layers; 0 = global)")
+            if self.sliding_window:
+                raise ValueError(f"model.layer_windows={self.layer_windows} and model.sliding_window="
+                                 f"{self.sliding_window} are both set; use one (sliding_window=0)")
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be positive")
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be below "
+                             f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
+        if self.query_pre_attn_scalar < 0:
+            raise ValueError(f"model.query_pre_attn_scalar={self.query_pre_attn_scalar} must be >= 0 (0 = head_dim)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -90,6 +119,10 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    def window(self, layer: int) -> int:
+        """The attention window of `layer` (0 = global)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
     @property
     def compute_dtype(self):
@@ -110,7 +143,7 @@ def param_count(cfg: ModelConfig) -> int:
     if cfg.qk_norm:
         attn += 2 * h * (2 if cfg.norm == "layernorm" else 1)
     mlp = d * f * (3 if cfg.gated_mlp else 2) + (f * (2 if cfg.gated_mlp else 1) + d) * cfg.mlp_bias
-    per_layer = attn + mlp + 2 * norm
+    per_layer = attn + mlp + (4 if cfg.post_norms else 2) * norm
     total = cfg.num_layers * per_layer + norm + v * d
     total += cfg.max_seq_len * d * (cfg.position_embedding == "learned")
     total += d * v * (not cfg.tie_embeddings)

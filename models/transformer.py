@@ -1,4 +1,4 @@
-"""One decoder-only Transformer, configurable to the Llama and GPT-2 families.
+"""One decoder-only Transformer, configurable to the Llama, Mistral, Qwen, Gemma and GPT-2 families.
 
 Flax NNX modules, used functionally: `graphdef, params = split_params(model)` once, then
 `apply(graphdef, params, batch)` inside `jax.jit`. Layers are built stacked (every parameter of
@@ -19,11 +19,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig
+from models.quant import dequantize
 from models.sharding import constrain
 
 F32 = jnp.float32
@@ -85,20 +87,35 @@ class Einsum(nnx.Module):
         self.bias = nnx.data(None)
         if bias_shape is not None:
             self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=tuple(bias_axes))
+        # weight-only quantization (models/quant.py): None, or the kernel is int8 / packed int4
+        # with `kernel_scale`
+        self.quant = None
+        self.kernel_scale = nnx.data(None)
+
+    def weight(self):
+        """The kernel in the compute dtype (dequantized if quantized)."""
+        if self.quant is None:
+            return self.kernel[...]
+        return dequantize(self.kernel[...], self.kernel_scale[...], self.quant, self.dtype)
 
     def __call__(self, x):
-        y = mixed_einsum(self.spec, x, self.kernel[...], self.dtype, self.out_dtype)
+        y = mixed_einsum(self.spec, x, self.weight(), self.dtype, self.out_dtype)
         if self.bias is not None:
             y = (y.astype(F32) + self.bias[...].astype(F32)).astype(self.out_dtype)
         return checkpoint_name(y, "proj")
 
 
 class Norm(nnx.Module):
-    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+    """RMSNorm or LayerNorm over the last axis, computed in float32.
 
-    def __init__(self, dim: int, kind: str, eps: float, param_dtype, *, rngs: nnx.Rngs | None = None):
-        self.kind, self.eps = kind, eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=(None,))
+    The output is multiplied by `offset + scale` (Gemma stores w and multiplies by 1 + w: offset
+    1.0); the scale starts at `1 - offset`, so every norm starts as the identity.
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, param_dtype, *, offset: float = 0.0,
+                 rngs: nnx.Rngs | None = None):
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype), axes=(None,))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=(None,)) if kind == "layernorm" else None
 
     def __call__(self, x):
@@ -106,16 +123,50 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x32 = x32 - x32.mean(-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(F32)
+        scale = self.scale[...].astype(F32)
+        y = y * (scale + self.offset if self.offset else scale)
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(x.dtype)
 
 
-def rope(x_BTNH, positions_BT, theta: float):
-    """Rotary embedding, Hugging Face's rotate-half layout (first half / second half of head_dim)."""
+def rope_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """RoPE's inverse frequencies (head_dim / 2 of them) with the config's scaling, as Hugging Face
+    computes them (float32 arithmetic): "linear" divides all by the factor (positions / factor);
+    "llama3" (Llama 3.1) divides the low frequencies (wavelength > original_len / low_freq_factor)
+    by the factor, keeps the high ones (wavelength < original_len / high_freq_factor) and
+    interpolates smoothly between. A tuple of floats: static, hashable, traced as a constant."""
+    h = cfg.head_dim
+    f32 = np.float32
+    # the power correctly rounded to float32 (as PyTorch's, nearly always), the rest in float32
+    exponent = np.arange(0, h, 2).astype(f32) / f32(h)
+    inv = f32(1.0) / (float(cfg.rope_theta) ** exponent.astype(np.float64)).astype(f32)
+    factor = f32(cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "linear":
+        inv = inv / factor
+    elif cfg.rope_scaling == "llama3":
+        old_len = f32(cfg.rope_original_max_seq_len or cfg.max_seq_len)
+        low, high = f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
+        # PyTorch evaluates scalar / tensor as tensor.reciprocal() * scalar: so do we, to the last bit
+        wavelen = (f32(1) / inv) * f32(2 * math.pi)
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = ((f32(1) / wavelen) * old_len - low) / (high - low)
+        smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return tuple(float(x) for x in inv.astype(f32))
+
+
+def rope(x_BTNH, positions_BT, theta: float = 10000.0, *, inv_freq=None):
+    """Rotary embedding, Hugging Face's rotate-half layout (first half / second half of head_dim).
+
+    `inv_freq` (head_dim / 2 values, e.g. `rope_frequencies(cfg)`) overrides the plain
+    1 / theta^(2i/H) frequencies."""
     h = x_BTNH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
+    else:
+        inv_freq = jnp.asarray(inv_freq, F32)
     angle_BTh = positions_BT.astype(F32)[..., None] * inv_freq
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(F32), 2, axis=-1)
@@ -178,10 +229,11 @@ class Attention(nnx.Module):
                         bias_shape=(d,) if cfg.attention_out_bias else None, bias_axes=(None,), **kw)
         self.q_norm = self.k_norm = nnx.data(None)
         if cfg.qk_norm:
-            self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype)
-            self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype)
-        self.rope_theta = cfg.rope_theta if cfg.position_embedding == "rope" else None
+            self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
+            self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
+        self.rope_freqs = rope_frequencies(cfg) if cfg.position_embedding == "rope" else None
         self.softcap = cfg.attn_logit_softcap or None
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.impl = cfg.attention_impl
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, window, kv_cache=None, cache_index=None,
@@ -192,8 +244,8 @@ class Attention(nnx.Module):
         v = constrain(self.v(x_BTD), ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_theta is not None:
-            q, k = rope(q, positions_BT, self.rope_theta), rope(k, positions_BT, self.rope_theta)
+        if self.rope_freqs is not None:
+            q, k = rope(q, positions_BT, inv_freq=self.rope_freqs), rope(k, positions_BT, inv_freq=self.rope_freqs)
         new_cache = None
         if kv_cache is None:
             seg, pos = segment_ids_BT, positions_BT
@@ -206,7 +258,7 @@ class Attention(nnx.Module):
             seg = (segment_ids_BT, kv_segment_ids_BS)
             pos = (positions_BT, kv_positions_BS)
         out = dot_product_attention(q, k, v, segment_ids=seg, positions=pos, causal=True, window=window,
-                                    softcap=self.softcap, impl=self.impl)
+                                    softcap=self.softcap, scale=self.scale, impl=self.impl)
         out = checkpoint_name(constrain(out, ("batch", "length", "heads", "head_dim")), "attention")
         return self.o(out), new_cache
 
@@ -235,22 +287,36 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x)).
+
+    With `post_norms` (Gemma 2) each branch's output is normalised again before the add:
+    x + Norm(Attn(Norm(x))), then x + Norm(Mlp(Norm(x))).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+        norm = functools.partial(Norm, cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype,
+                                 offset=cfg.norm_weight_offset)
+        self.attn_norm = norm()
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype)
+        self.mlp_norm = norm()
         self.mlp = Mlp(cfg, rngs=rngs)
+        self.attn_post_norm = self.mlp_post_norm = nnx.data(None)
+        if cfg.post_norms:
+            self.attn_post_norm, self.mlp_post_norm = norm(), norm()
         self.dropout_rate = cfg.dropout_rate
 
     def __call__(self, x_BTD, *, dropout_rng=None, **attn_kw):
         a, new_cache = self.attn(self.attn_norm(x_BTD), **attn_kw)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
         r1 = r2 = None
         if dropout_rng is not None:
             r1, r2 = jax.random.split(dropout_rng)
         x_BTD = x_BTD + dropout(a, self.dropout_rate, r1)
-        x_BTD = x_BTD + dropout(self.mlp(self.mlp_norm(x_BTD)), self.dropout_rate, r2)
+        m = self.mlp(self.mlp_norm(x_BTD))
+        if self.mlp_post_norm is not None:
+            m = self.mlp_post_norm(m)
+        x_BTD = x_BTD + dropout(m, self.dropout_rate, r2)
         return constrain(x_BTD, ("batch", "length", None)), new_cache
 
 
@@ -275,13 +341,29 @@ class Decoder(nnx.Module):
         if cfg.position_embedding == "learned":
             self.pos_embed = nnx.Param(_normal(rngs, (cfg.max_seq_len, cfg.hidden_size), cfg.init_std / 2, pdt),
                                        axes=(None, "embed"))
+        self.embed_quant = None  # models/quant.py: the table is int8 / packed int4 with `embed_scale_q`
+        self.embed_scale_q = nnx.data(None)
         self.layers = _stacked_blocks(cfg, rngs)
-        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt)
+        self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt, offset=cfg.norm_weight_offset)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=pdt, rngs=rngs,
                                   out_dtype=F32)
+
+    def embed_rows(self, inputs_BT):
+        """Embeddings of token ids [B, T] -> [B, T, D] in the compute dtype."""
+        dt = self.config.compute_dtype
+        if self.embed_quant is None:
+            return jnp.take(self.embed[...], inputs_BT, axis=0).astype(dt)
+        return dequantize(jnp.take(self.embed[...], inputs_BT, axis=0),
+                          jnp.take(self.embed_scale_q[...], inputs_BT, axis=0), self.embed_quant, dt)
+
+    def embed_table(self):
+        """The whole embedding table [V, D] (the tied output head)."""
+        if self.embed_quant is None:
+            return self.embed[...]
+        return dequantize(self.embed[...], self.embed_scale_q[...], self.embed_quant, self.config.compute_dtype)
 
     def __call__(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
                  dropout_rng=None):
@@ -301,7 +383,9 @@ class Decoder(nnx.Module):
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
 
-        x = jnp.take(self.embed[...], inputs_BT, axis=0).astype(dt)
+        x = self.embed_rows(inputs_BT)
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, dt)  # rounded to the compute dtype, as Gemma does
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", None))
@@ -309,8 +393,13 @@ class Decoder(nnx.Module):
             dropout_rng, embed_rng = jax.random.split(dropout_rng)
             x = dropout(x, cfg.dropout_rate, embed_rng)
 
-        attn_kw: dict[str, Any] = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
-                                       window=cfg.sliding_window or None)
+        # One window for every layer is a static int; different windows per layer (Gemma 2's
+        # local/global alternation) are an int array scanned with the layers.
+        if len(set(cfg.layer_windows)) > 1:
+            window, per_layer_windows = None, jnp.asarray(cfg.layer_windows, jnp.int32)
+        else:
+            window, per_layer_windows = cfg.window(0) or None, None
+        attn_kw: dict[str, Any] = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, window=window)
         caches = None
         if cache is not None:
             attn_kw["cache_index"] = cache.index
@@ -323,19 +412,20 @@ class Decoder(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(x, xs):
-            state_l, cache_l, index_l = xs
+            state_l, cache_l, index_l, window_l = xs
             rng_l = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index_l)
-            return nnx.merge(graphdef, state_l)(x, dropout_rng=rng_l, kv_cache=cache_l, **attn_kw)
+            kw = attn_kw if window_l is None else {**attn_kw, "window": window_l}
+            return nnx.merge(graphdef, state_l)(x, dropout_rng=rng_l, kv_cache=cache_l, **kw)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, new_caches = jax.lax.scan(body, x, (layer_state, caches, jnp.arange(cfg.num_layers)))
+        x, new_caches = jax.lax.scan(body, x, (layer_state, caches, jnp.arange(cfg.num_layers), per_layer_windows))
 
         x = self.final_norm(x)
         if self.lm_head is not None:
             logits = self.lm_head(x)
         else:
-            logits = mixed_einsum("BTD,VD->BTV", x, self.embed[...], dt, F32)
+            logits = mixed_einsum("BTD,VD->BTV", x, self.embed_table(), dt, F32)
         if cfg.logit_softcap:
             logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         logits = constrain(logits, ("batch", "length", "vocab"))
@@ -389,6 +479,21 @@ def logical_axes(model: Decoder):
             node = node.setdefault(key, {})
         node[path[-1]] = tuple(var.get_metadata()["axes"])
     return out
+
+
+def abstract_params_and_shardings(cfg: ModelConfig, mesh=None, rules=None):
+    """(graphdef, abstract params, shardings): per the mesh's logical-axis rules, or all on the
+    first local device without a mesh (a model that then works with no mesh set)."""
+    from models.sharding import named_shardings
+
+    abstract = abstract_model(cfg)
+    graphdef, abs_params = split_params(abstract)
+    if mesh is not None:
+        shardings = named_shardings(logical_axes(abstract), abs_params, mesh, rules)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abs_params)
+    return graphdef, abs_params, shardings
 
 
 def apply(graphdef, params, batch: dict, *, dropout_rng=None):

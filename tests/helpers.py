@@ -35,3 +35,24 @@ def run_program(module: str, *args: str, env: dict | None = None, timeout: int =
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def randomize_hf(model, seed=0):
+    """Non-trivial weights everywhere in a transformers model (it inits norms to 1 or 0 and biases
+    to 0, which would hide mistakes in how they are copied)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if p.ndim == 1 and name.endswith("weight") else 0.15 * noise)
+    return model
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    """float32 logits of a transformers model on int token ids [B, T]."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()

@@ -42,3 +42,17 @@ def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
         return ce + z, metrics
 
     return loss_fn
+
+
+def mean_loss(model, batches) -> float:
+    """Token-weighted mean cross-entropy of a model (e.g. a quantized one) over batches."""
+    from models.transformer import split_params
+
+    graphdef, params = split_params(model)
+    loss_fn = jax.jit(lm_loss_fn(graphdef))
+    total = count = 0.0
+    for batch in batches:
+        _, m = loss_fn(params, batch, None)
+        total += float(m["loss"]) * float(m["num_tokens"])
+        count += float(m["num_tokens"])
+    return total / max(count, 1.0)

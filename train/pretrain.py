@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from data import pipeline
 from data.sources import read_all, specs_from_config
-from data.tokenizer import SentencePieceTokenizer
+from data.tokenizer import SentencePieceTokenizer, special, with_specials
 from data.tokenizer import from_config as tokenizer_from_config
 from inference import generate
 from models.config import ModelConfig, flops_per_token, param_count
@@ -125,9 +125,9 @@ def _prompt_of(text: str, min_chars: int = 40, max_chars: int = 200) -> str:
 
 
 def _write_samples(path: pathlib.Path, model, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int):
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    ids = [with_specials(tokenizer, tokenizer.encode(p)) for p in prompts]
     outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95,
-                    stop_tokens=(tokenizer.eos_id,), seed=seed)
+                    stop_tokens=special(tokenizer.eos_id), seed=seed)
     blocks = []
     for p, o in zip(prompts, outs):
         blocks.append(f"=== prompt ===\n{p}\n=== continuation (T=0.8, top-p 0.95) ===\n{tokenizer.decode(o)}\n")

@@ -33,6 +33,16 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+def special(token_id) -> list[int]:
+    """[token_id], or [] for a tokenizer without that special token (None or negative)."""
+    return [] if token_id is None or token_id < 0 else [int(token_id)]
+
+
+def with_specials(tokenizer: Tokenizer, ids: Sequence[int], *, bos: bool = True, eos: bool = False) -> list[int]:
+    """`ids` with the tokenizer's bos in front and eos at the end, where it has them."""
+    return (special(tokenizer.bos_id) if bos else []) + list(ids) + (special(tokenizer.eos_id) if eos else [])
+
+
 def cache_dir() -> pathlib.Path:
     """Where trained tokenizers (and other derived artefacts) are cached: $LOOM_CACHE or ~/.cache/loom."""
     return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")

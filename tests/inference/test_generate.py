@@ -87,3 +87,82 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     freq = np.bincount(draws, minlength=5) / draws.size
     np.testing.assert_allclose(freq, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0], atol=0.015)
     assert (np.asarray(sample(logits[:4], jax.random.key(1))) == 0).all()  # temperature 0 is greedy
+
+
+class DigitTokenizer:
+    """Token i decodes to str(i % 10): enough to test stop strings on a random model."""
+
+    def decode(self, ids):
+        return "".join(str(i % 10) for i in ids)
+
+
+def test_stop_strings_and_streaming(model):
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    full = generate(model, prompts, max_new_tokens=12)
+    text = DigitTokenizer().decode(full[0])
+    stop = text[4:6]  # a string that first completes at some token of row 0
+    streamed = []
+    out = generate(model, prompts, max_new_tokens=12, stop_strings=(stop,), tokenizer=DigitTokenizer(),
+                   stream=lambda row, tok: streamed.append((row, tok)))
+    cut = next(i for i in range(1, 13) if stop in DigitTokenizer().decode(full[0][:i]))
+    assert out[0] == full[0][:cut]
+    for row in range(2):
+        assert [t for r, t in streamed if r == row] == out[row]  # streamed in order, nothing extra
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(model, prompts, max_new_tokens=3, stop_strings=("x",))
+
+
+def test_per_request_seeds_do_not_depend_on_batch_mates(model):
+    a = generate(model, [[1, 2], [3, 4, 5]], max_new_tokens=10, temperature=1.0, seed=[7, 8])
+    b = generate(model, [[3, 4, 5]], max_new_tokens=10, temperature=1.0, seed=[8])
+    c = generate(model, [[9], [1, 2], [6, 6]], max_new_tokens=10, temperature=1.0, seed=[1, 7, 2])
+    assert a[1] == b[0] and a[0] == c[1]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        generate(model, [[1], [2], [3]], max_new_tokens=2, seed=[1, 2])
+
+
+def test_repetition_penalty_matches_its_definition(model):
+    prompt = [5, 6, 7, 5]
+    out = generate(model, [prompt], max_new_tokens=6, repetition_penalty=1.8)[0]
+    seq = list(prompt)
+    for tok in out:  # greedy on logits with the CTRL penalty applied to every token seen so far
+        logits = np.array(model(np.asarray([seq], np.int32)))[0, -1]
+        for t in set(seq):
+            logits[t] = logits[t] / 1.8 if logits[t] > 0 else logits[t] * 1.8
+        assert tok == int(np.argmax(logits))
+        seq.append(tok)
+
+
+def test_lengths_within_a_bucket_share_one_program(model):
+    from inference import engine
+
+    generate(model, [[1] * 20], max_new_tokens=5)
+    before = engine._generate._cache_size()
+    generate(model, [[2] * 25, [3] * 30], max_new_tokens=9)  # same buckets: 32 prompt, 16 new, batch 2
+    generate(model, [[2] * 31, [4] * 17], max_new_tokens=16)
+    assert engine._generate._cache_size() - before <= 1  # batch 1 -> 2 is the only new shape
+    assert engine.bucket(17) == 32 and engine.bucket(3) == 16 and engine.bucket(700) == 768
+
+
+def test_sampling_chi_square_against_the_filtered_distribution():
+    """top-p 0.8 + temperature 1.3 over 30000 draws: Pearson chi-square below the 0.999 quantile."""
+    r = np.random.default_rng(3)
+    logits = r.standard_normal(12).astype(np.float32)
+    draws = np.asarray(sample(jnp.asarray(np.tile(logits, (30000, 1))), jax.random.key(4), temperature=1.3,
+                              top_p=0.8))
+    p = np.exp(logits / 1.3 - (logits / 1.3).max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros(12, bool)
+    keep[order[(np.cumsum(p[order]) - p[order]) < 0.8]] = True
+    q = np.where(keep, p, 0)
+    q /= q.sum()
+    counts = np.bincount(draws, minlength=12)
+    assert 4 <= keep.sum() < 12 and (counts[~keep] == 0).all()
+    expected = q[keep] * draws.size
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum()
+    dof = keep.sum() - 1
+    # 0.999 quantile of chi-square (Wilson-Hilferty approximation)
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, dof)

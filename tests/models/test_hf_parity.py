@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from models import transformer as T  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from tests.helpers import randomize_hf  # noqa: E402
 
 
 def _t(x):
@@ -91,16 +92,6 @@ def gpt2_to_loom(hf, cfg: ModelConfig):
     }
 
 
-def _randomize(hf, seed):
-    """Non-trivial weights everywhere (HF inits norms to 1 and biases to 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if (p.ndim == 1 and name.endswith("weight")) else noise)
-    return hf
-
-
 def _compare(hf, ours_params, cfg, tokens):
     graphdef, params = T.split_params(T.build(cfg))
     assert {*map(str, _paths(params))} == {*map(str, _paths(ours_params))}
@@ -125,7 +116,7 @@ def test_llama_matches_transformers():
                                       tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    hf = _randomize(transformers.LlamaForCausalLM(hf_cfg).eval(), 0)
+    hf = randomize_hf(transformers.LlamaForCausalLM(hf_cfg).eval(), 0)
     cfg = ModelConfig(vocab_size=311, hidden_size=64, intermediate_size=176, num_layers=3, num_heads=8,
                       num_kv_heads=2, head_dim=8, max_seq_len=512, dtype="float32", norm="rmsnorm",
                       norm_eps=1e-5, activation="silu", gated_mlp=True, position_embedding="rope",
@@ -140,7 +131,7 @@ def test_gpt2_matches_transformers():
                                      attn_pdrop=0.0, layer_norm_epsilon=1e-5)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(1)
-    hf = _randomize(transformers.GPT2LMHeadModel(hf_cfg).eval(), 1)
+    hf = randomize_hf(transformers.GPT2LMHeadModel(hf_cfg).eval(), 1)
     cfg = ModelConfig(vocab_size=257, hidden_size=48, intermediate_size=192, num_layers=3, num_heads=6,
                       num_kv_heads=6, head_dim=8, max_seq_len=128, dtype="float32", norm="layernorm",
                       norm_eps=1e-5, activation="gelu_tanh", gated_mlp=False, position_embedding="learned",

@@ -4,7 +4,6 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
 from models.checkpoint import restore_params
 from tests.helpers import run_program
@@ -16,16 +15,6 @@ MICRO = ["--config=configs/pretrain.py:tiny", "--config.model.num_layers=2", "--
          "--config.train.batch_size=4", "--config.train.steps=12", "--config.train.checkpoint_every=4",
          "--config.train.async_checkpoint=False", "--config.train.eval_every=6", "--config.train.eval_batches=2",
          "--config.train.num_samples=0", "--config.train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The default preset, shortened: 30 steps of `tiny` on the embedded corpus."""
-    workdir = tmp_path_factory.mktemp("tiny")
-    run_program("train.pretrain", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
-                "--config.train.steps=30", "--config.train.eval_every=15", "--config.train.num_samples=2",
-                "--config.train.sample_tokens=24")
-    return workdir
 
 
 def test_tiny_lowers_the_validation_loss_clearly(tiny_run):

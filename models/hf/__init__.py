@@ -1,0 +1,290 @@
+"""Hugging Face checkpoints in and out.
+
+    model, cfg = models.hf.load("checkpoints/Llama-3.2-1B")            # on the default device
+    model, cfg = models.hf.load(path, mesh=mesh, dtype="bfloat16")     # sharded per the mesh rules
+    logits_BTV = model(inputs_BT)
+    models.hf.save(model, "out/")          # transformers.AutoModelForCausalLM.from_pretrained("out/")
+
+`load` reads `config.json` and the safetensors weights (one file or shards with an index) of a
+supported architecture (`ARCHITECTURES`: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2,
+GPT-2). Each parameter is created with `jax.make_array_from_callback`: every device's shard is
+read from the memory-mapped files (the rows that shard needs, one layer at a time for stacked
+layer parameters) and converted to the requested dtype on the host, so no process ever holds the
+whole model. `save` streams one tensor at a time from the devices to the files.
+
+The command line (`python -m models.hf import|export`, see `__main__.py`) converts between a
+Hugging Face directory and a Loom workdir; tokenizer files travel beside the weights (read them
+with `data.tokenizer.hf`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from models.config import DTYPES, ModelConfig
+from models.hf.families import (ARCHITECTURES, IGNORED_SUFFIXES, Source, architecture_of, check_representable,
+                                from_hf_config, infer_architecture, param_sources, representation_errors,
+                                to_hf_config)
+from models.hf.safetensors_io import SafetensorsReader, write_safetensors
+
+# Files that travel with the weights: tokenizers (data.tokenizer.hf reads them) and generation defaults.
+COMPANION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
+COMPANION_DIRS = ("additional_chat_templates",)
+
+__all__ = ["ARCHITECTURES", "COMPANION_FILES", "architecture_of", "copy_companion_files", "from_hf_config",
+           "infer_architecture", "load", "read_hf_config", "representation_errors", "save", "to_hf_config"]
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    file = path / "config.json" if path.is_dir() or not path.suffix else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: is {path} a Hugging Face model directory?")
+    return json.loads(file.read_text())
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; expected one of {DTYPES}")
+    return name
+
+
+def _resolver(reader: SafetensorsReader):
+    """Our canonical names -> the checkpoint's (some checkpoints drop the `model.` / `transformer.` prefix)."""
+    def resolve(name: str) -> str | None:
+        if name in reader:
+            return name
+        head, _, rest = name.partition(".")
+        if head in ("model", "transformer") and rest in reader:
+            return rest
+        return None
+    return resolve
+
+
+def _layer_names(src: Source, stacked: bool, num_layers: int) -> list[str]:
+    return [src.name.format(i=i) for i in range(num_layers)] if stacked else [src.name]
+
+
+def _check_tensors(reader, sources, cfg: ModelConfig, arch: str, where: str) -> dict[tuple[str, ...], list[str]]:
+    """Every expected tensor present with the expected shape; nothing unexplained left over."""
+    resolve = _resolver(reader)
+    names: dict[tuple[str, ...], list[str]] = {}
+    used = set()
+    for path, src in sources.items():
+        actual = []
+        for name in _layer_names(src, path[0] == "layers", cfg.num_layers):
+            found = resolve(name)
+            if found is None:
+                raise ValueError(f"{where}: tensor {name!r} (expected shape {src.shape}) is missing for {arch} "
+                                 f"({_shape_summary(cfg)})")
+            if reader.shape(found) != src.shape:
+                raise ValueError(f"{where}: tensor {found!r} has shape {reader.shape(found)}; expected {src.shape} "
+                                 f"for {arch} ({_shape_summary(cfg)} from config.json)")
+            actual.append(found)
+            used.add(found)
+        names[path] = actual
+    unexpected = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                  and not (cfg.tie_embeddings and k.endswith("lm_head.weight"))]
+    if unexpected:
+        raise ValueError(f"{where}: {len(unexpected)} tensors that {arch} ({_shape_summary(cfg)}) does not use, "
+                         f"e.g. {sorted(unexpected)[:5]}: a different architecture or an unsupported option")
+    return names
+
+
+def _shape_summary(cfg: ModelConfig) -> str:
+    return (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
+            f"num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, "
+            f"head_dim={cfg.head_dim}")
+
+
+def _read_block(reader: SafetensorsReader, name: str, src: Source, idx: tuple[slice, ...]) -> np.ndarray:
+    """ours[idx] for one layer, reading only the rows of the Hugging Face tensor that it covers.
+
+    `idx` holds concrete unit-stride slices over our dims. Each Hugging Face dim is a group of
+    consecutive `view` dims (a row-major reshape); the outermost dim of a group is sliced in the
+    read, the inner ones (e.g. head_dim inside heads) after it.
+    """
+    view_idx: list[slice] = [slice(None)] * len(src.view)
+    for i, p in enumerate(src.perm):
+        view_idx[p] = idx[i]
+    hf_idx, block_shape, inner_idx = [], [], []
+    v = 0
+    for j, size in enumerate(src.selected_shape):
+        group = [v]
+        while int(np.prod([src.view[g] for g in group])) != size:
+            v += 1
+            group.append(v)
+        v += 1
+        inner = int(np.prod([src.view[g] for g in group[1:]], dtype=np.int64))
+        outer = view_idx[group[0]]
+        start, stop = outer.start, outer.stop
+        offset = src.select[1] if src.select is not None and src.select[0] == j else 0
+        hf_idx.append(slice(offset + start * inner, offset + stop * inner))
+        block_shape += [stop - start] + [src.view[g] for g in group[1:]]
+        inner_idx += [slice(None)] + [view_idx[g] for g in group[1:]]
+    block = reader.read(name, tuple(hf_idx)).reshape(block_shape)[tuple(inner_idx)]
+    return block.transpose(src.perm)
+
+
+def _read_param(reader, names: list[str], src: Source, stacked: bool, shape, dtype, index) -> np.ndarray:
+    """The shard `index` of one of our parameters (make_array_from_callback's callback)."""
+    index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+    if not stacked:
+        return _read_block(reader, names[0], src, index).astype(dtype)
+    layers, rest = index[0], index[1:]
+    out = np.empty((layers.stop - layers.start,) + tuple(sl.stop - sl.start for sl in rest), dtype)
+    for j, layer in enumerate(range(layers.start, layers.stop)):
+        out[j] = _read_block(reader, names[layer], src, rest)
+    return out
+
+
+def load(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtype=None, param_dtype=None,
+         rules=None) -> tuple[Any, ModelConfig]:
+    """(model, model_config) from a Hugging Face model directory.
+
+    Args:
+      path: a directory with `config.json` and `model.safetensors` (or shards + index).
+      mesh: parameters are sharded over it per the logical-axis `rules` (default
+        `models.sharding.DEFAULT_RULES`); None puts them on the first local device. Either way the
+        model is callable afterwards with no mesh set.
+      dtype: compute dtype, and the parameters' unless `param_dtype` is given ("bfloat16",
+        "float32", "float16" or a numpy/JAX dtype); None keeps the checkpoint's dtype for both.
+    Returns:
+      The `Decoder` (its `.config` is the returned ModelConfig) and the ModelConfig.
+    Raises:
+      ValueError naming the tensor and the expected shape when the weights do not match the
+      config, or the valid architectures when the architecture is not supported.
+    """
+    from models.transformer import abstract_params_and_shardings, merge_params
+
+    path = pathlib.Path(path)
+    where = str(path)
+    hf = read_hf_config(path)
+    arch = architecture_of(hf, str(path / "config.json"))
+    cfg = from_hf_config(hf, where=str(path / "config.json"))
+    with SafetensorsReader(path) as reader:
+        sources = param_sources(cfg, arch)
+        embed = _resolver(reader)(sources[("embed",)].name)
+        stored = np.dtype(reader.dtype(embed)).name if embed is not None else "float32"
+        if stored not in DTYPES:
+            if dtype is None:
+                raise ValueError(f"{where} stores weights as {stored}; pass dtype= one of {DTYPES} to convert them")
+            stored = "float32"
+        dtype = _dtype_name(dtype) or stored
+        cfg = cfg.replace(dtype=dtype, param_dtype=_dtype_name(param_dtype) or dtype)
+        names = _check_tensors(reader, sources, cfg, arch, where)
+
+        graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
+
+        def build(key_path, a, sharding):
+            p = tuple(str(getattr(k, "key", k)) for k in key_path)
+            if p not in sources:
+                raise AssertionError(f"no Hugging Face source for parameter {'/'.join(p)} of {arch}")
+            cb = functools.partial(_read_param, reader, names[p], sources[p], p[0] == "layers", a.shape,
+                                   np.dtype(a.dtype))
+            return jax.make_array_from_callback(a.shape, sharding, cb, dtype=a.dtype)
+
+        params = jax.tree_util.tree_map_with_path(build, abs_params, shardings)
+        extra = set(sources) - {tuple(str(getattr(k, "key", k)) for k in kp)
+                                for kp, _ in jax.tree_util.tree_leaves_with_path(abs_params)}
+        if extra:
+            raise AssertionError(f"{arch} sources without a parameter: {sorted(extra)}")
+    return merge_params(graphdef, params), cfg
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def save(model, path: str | os.PathLike, *, architecture: str | None = None, dtype=None,
+         hf_config: dict[str, Any] | None = None, companion_dir: str | os.PathLike | None = None,
+         max_shard_bytes: int = 5 * 2**30) -> str:
+    """Writes `model` as a Hugging Face directory (`config.json` + safetensors) and returns its architecture.
+
+    Args:
+      architecture: e.g. "LlamaForCausalLM"; None takes `hf_config`'s, else the plainest supported
+        architecture that expresses the model exactly (ValueError if none does).
+      dtype: storage dtype of the written weights; None keeps the model's `param_dtype`.
+      hf_config: the config.json the model was imported from: fields we do not model (token ids,
+        ...) are kept from it.
+      companion_dir: tokenizer / generation-config files (COMPANION_FILES) are copied from here.
+      max_shard_bytes: larger models are split into shards with a `model.safetensors.index.json`.
+    """
+    from models.transformer import split_params
+
+    cfg: ModelConfig = model.config
+    if architecture is None and hf_config is not None:
+        architecture = architecture_of(hf_config)
+        if representation_errors(cfg, architecture):  # the model changed family (e.g. a new option)
+            architecture = None
+    architecture = architecture or infer_architecture(cfg)
+    check_representable(cfg, architecture)
+    dtype = _dtype_name(dtype) or cfg.param_dtype
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    _, params = split_params(model)
+    sources = param_sources(cfg, architecture)
+
+    entries: dict[str, list[tuple[jax.Array, Source, int | None]]] = {}
+    order: dict[str, tuple[int, str]] = {}
+    for path_, src in sources.items():
+        leaf = _get(params, path_)
+        stacked = path_[0] == "layers"
+        for i, name in enumerate(_layer_names(src, stacked, cfg.num_layers)):
+            entries.setdefault(name, []).append((leaf, src, i if stacked else None))
+            order[name] = (i if stacked else -1, name)
+
+    def produce(name):
+        parts = entries[name]
+        full = np.empty(parts[0][1].shape, np_dtype)
+        for leaf, src, layer in parts:
+            x = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+            block = x.transpose(np.argsort(src.perm)).reshape(src.selected_shape).astype(np_dtype)
+            if src.select is None:
+                return block
+            dim, start, size = src.select
+            idx = [slice(None)] * full.ndim
+            idx[dim] = slice(start, start + size)
+            full[tuple(idx)] = block
+        return full
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = [(name, entries[name][0][1].shape, np_dtype, functools.partial(produce, name))
+               for name in sorted(entries, key=order.get)]
+    write_safetensors(path, tensors, max_shard_bytes=max_shard_bytes)
+    config = to_hf_config(cfg.replace(param_dtype=dtype), architecture, base=hf_config)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if companion_dir is not None:
+        copy_companion_files(companion_dir, path)
+    return architecture
+
+
+def copy_companion_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer and generation-config files present in `src` to `dst`; returns their names."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in COMPANION_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    for name in COMPANION_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+            copied.append(name + "/")
+    return copied

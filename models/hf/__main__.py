@@ -1,0 +1,115 @@
+"""Convert between Hugging Face model directories and Loom workdirs.
+
+  python -m models.hf import --hf_dir=path/to/hf_model --out=runs/llama3 [--dtype=bfloat16]
+      writes runs/llama3/config.json ({"model": ..., "hf": {"architecture", "config"}}), the params
+      as an orbax checkpoint at runs/llama3/checkpoints/0/params (what `models.checkpoint.load`
+      and our programs start from) and the tokenizer files in runs/llama3/tokenizer/.
+  python -m models.hf export --checkpoint=runs/llama3 --out=path/to/hf_out [--step=N] [--dtype=...]
+      writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads, with the
+      tokenizer files of the workdir's tokenizer/ (or --tokenizer_dir) beside the weights.
+
+With several local devices the params are sharded over all of them (an fsdp mesh), so a model
+larger than one device's memory converts without a gather.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from models import checkpoint as ckpt
+from models import hf
+
+flags.DEFINE_string("hf_dir", None, "import: the Hugging Face model directory (config.json + safetensors)")
+flags.DEFINE_string("checkpoint", None, "export: a Loom workdir (or one step's directory)")
+flags.DEFINE_string("out", None, "the directory to write: a Loom workdir (import), a Hugging Face directory (export)")
+flags.DEFINE_string("dtype", None, "parameter (and compute) dtype: bfloat16 | float32 | float16; default: keep")
+flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest)")
+flags.DEFINE_string("architecture", None, f"export: one of {sorted(hf.ARCHITECTURES)}; default: the imported one, "
+                                          "else the plainest that expresses the model")
+flags.DEFINE_string("tokenizer_dir", None, "export: copy tokenizer files from here (default: <checkpoint>/tokenizer)")
+flags.DEFINE_integer("max_shard_mb", 5 * 1024, "export: safetensors shard size in MiB")
+FLAGS = flags.FLAGS
+
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def _mesh():
+    """An fsdp mesh over the local devices (None with one device)."""
+    n = jax.local_device_count()
+    if n == 1:
+        return None
+    from models.sharding import MESH_AXES
+
+    shape = tuple(n if a == "fsdp" else 1 for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def import_(hf_dir: str, out: str, dtype: str | None = None) -> pathlib.Path:
+    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
+    model, cfg = hf.load(hf_dir, mesh=_mesh(), dtype=dtype)
+    from models.transformer import split_params
+
+    _, params = split_params(model)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_params(ckpt.checkpoints_dir(out) / "0" / ckpt.PARAMS, params)
+    hf_config = hf.read_hf_config(hf_dir)
+    run_config = {"model": cfg.to_dict(), "hf": {"architecture": hf.architecture_of(hf_config), "config": hf_config}}
+    (out / ckpt.CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
+    copied = hf.copy_companion_files(hf_dir, out / TOKENIZER_SUBDIR)
+    if any(name in copied for name in ("tokenizer.json", "tokenizer.model")):
+        from data.tokenizer.hf import load_hf_tokenizer  # the CLI may use data/; the library may not
+
+        tok = load_hf_tokenizer(out / TOKENIZER_SUBDIR)
+        if tok.vocab_size > cfg.vocab_size:
+            logging.warning("the tokenizer has %d ids but the model only %d embedding rows", tok.vocab_size,
+                            cfg.vocab_size)
+    else:
+        logging.warning("no tokenizer.json or tokenizer.model in %s: the workdir has no tokenizer", hf_dir)
+    print(f"imported {run_config['hf']['architecture']} ({cfg.param_dtype}) from {hf_dir} into {out}: "
+          f"config.json, checkpoints/0/params, {TOKENIZER_SUBDIR}/ ({', '.join(copied) or 'nothing'})")
+    return out
+
+
+def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           architecture: str | None = None, tokenizer_dir: str | None = None,
+           max_shard_bytes: int = 5 * 2**30) -> str:
+    workdir = pathlib.Path(checkpoint)
+    model, cfg = ckpt.load(workdir, step=step, mesh=_mesh())
+    run_config = ckpt.read_run_config(workdir)
+    hf_section = run_config.get("hf") or {}
+    tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else workdir / TOKENIZER_SUBDIR
+    arch = hf.save(model, out, architecture=architecture, dtype=dtype, hf_config=hf_section.get("config"),
+                   companion_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, max_shard_bytes=max_shard_bytes)
+    print(f"exported {workdir} as {arch} to {out}")
+    return arch
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("import", "export"):
+        print("usage: python -m models.hf import --hf_dir=DIR --out=WORKDIR [--dtype=D]\n"
+              "       python -m models.hf export --checkpoint=WORKDIR --out=DIR [--step=N] [--dtype=D] "
+              "[--architecture=A]", file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS.out:
+        sys.exit("error: --out is required")
+    try:
+        if argv[1] == "import":
+            if not FLAGS.hf_dir:
+                sys.exit("error: import needs --hf_dir")
+            import_(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype)
+        else:
+            if not FLAGS.checkpoint:
+                sys.exit("error: export needs --checkpoint")
+            export(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, architecture=FLAGS.architecture,
+                   tokenizer_dir=FLAGS.tokenizer_dir, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,420 @@
+"""The supported Hugging Face architectures: their `config.json` <-> `ModelConfig`, and where each
+of our parameters lives in their checkpoints.
+
+Config reading accepts both spellings transformers has used: `rope_theta` / `rope_scaling` at the
+top level (transformers 4) and `rope_parameters` (transformers 5); `layer_types` or the older
+`use_sliding_window` / `max_window_layers`; `hidden_act` or `hidden_activation`. Writing emits both
+RoPE spellings, so transformers 4 and 5 (and vLLM) read the files.
+
+A `Source` says how one of our parameters (one layer's slice, for stacked layer parameters) is
+laid out in a Hugging Face tensor: PyTorch's `Linear` stores [out, in], our einsum kernels keep
+named dims ([D, N, H] for q, [N, H, D] for o), GPT-2's `Conv1D` stores [in, out] and fuses q|k|v
+into one `c_attn` tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from models.config import ModelConfig
+
+# architecture (config.json "architectures") -> model_type
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "GPT2LMHeadModel": "gpt2",
+}
+_BY_MODEL_TYPE = {v: k for k, v in ARCHITECTURES.items()}
+# The order `infer_architecture` tries: the plainest family that reproduces a config wins.
+EXPORT_ORDER = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+_ACT_IN = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+           "gelu": "gelu", "relu": "relu"}
+_ACT_OUT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
+_GPT2_ACT_OUT = {"silu": "silu", "gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+# Fields that are not part of the function a checkpoint computes (precision, training knobs).
+NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "init_std", "dropout_rate")
+
+
+def architecture_of(hf: dict[str, Any], where: str = "config.json") -> str:
+    """The supported architecture named by a Hugging Face config, or a ValueError naming the valid ones."""
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return a
+    if not archs and hf.get("model_type") in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[hf["model_type"]]
+    raise ValueError(f"{where}: architecture {archs[0] if archs else hf.get('model_type')!r} is not supported; "
+                     f"supported architectures: {', '.join(sorted(ARCHITECTURES))}")
+
+
+# --------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+
+def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    params = dict(hf.get("rope_parameters") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3 style)
+        distinct = {tuple(sorted(v.items())) for v in params.values()}
+        if len(distinct) > 1:
+            raise ValueError(f"{where}: different RoPE parameters per layer type are not supported: {params}")
+        params = dict(next(iter(params.values())))
+    p = {**(hf.get("rope_scaling") or {}), **params}
+    kind = p.get("rope_type") or p.get("type") or "default"
+    theta = p.get("rope_theta", hf.get("rope_theta", 10000.0))
+    partial = p.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={partial} is not supported (RoPE over all of head_dim only)")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{where}: RoPE scaling {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    out: dict[str, Any] = dict(rope_theta=float(theta))
+    if kind == "linear":
+        out.update(rope_scaling="linear", rope_scaling_factor=float(p["factor"]))
+    elif kind == "llama3":
+        original = p.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        out.update(rope_scaling="llama3", rope_scaling_factor=float(p["factor"]),
+                   rope_low_freq_factor=float(p["low_freq_factor"]), rope_high_freq_factor=float(p["high_freq_factor"]),
+                   rope_original_max_seq_len=int(original or hf.get("max_position_embeddings")))
+    return out
+
+
+def _windows(windows: list[int]) -> dict[str, Any]:
+    """Per-layer windows in canonical form: one shared window is `sliding_window`."""
+    if len(set(windows)) <= 1:
+        return dict(sliding_window=windows[0] if windows else 0, layer_windows=())
+    return dict(sliding_window=0, layer_windows=tuple(windows))
+
+
+def _typed_windows(hf: dict[str, Any], n_layers: int, window: int | None, default_types: list[str],
+                   where: str) -> list[int]:
+    types = hf.get("layer_types") or default_types
+    if len(types) != n_layers:
+        raise ValueError(f"{where}: layer_types has {len(types)} entries for {n_layers} layers")
+    return [int(window) if (t == "sliding_attention" and window) else 0 for t in types]
+
+
+def _activation(name: str | None, where: str, *, family: str) -> str:
+    if family == "gemma" and name == "gelu":
+        name = "gelu_pytorch_tanh"  # Gemma's released configs say "gelu" and mean the tanh form (as transformers does)
+    if name not in _ACT_IN:
+        raise ValueError(f"{where}: activation {name!r} is not supported; supported: {', '.join(sorted(_ACT_IN))}")
+    return _ACT_IN[name]
+
+
+def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
+                   where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a Hugging Face `config.json` dict (an architecture in ARCHITECTURES)."""
+    arch = architecture_of(hf, where)
+    family = ARCHITECTURES[arch]
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{where}: quantized checkpoints ({method}) are not supported; use the unquantized weights")
+    common: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype or dtype, dropout_rate=0.0)
+    if family == "gpt2":
+        d, n = hf.get("n_embd", 768), hf.get("n_head", 12)
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise ValueError(f"{where}: scale_attn_by_inverse_layer_idx=True is not supported")
+        if hf.get("add_cross_attention"):
+            raise ValueError(f"{where}: add_cross_attention=True is not supported (decoder-only models)")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf.get("n_inner") or 4 * d,
+            num_layers=hf.get("n_layer", 12), num_heads=n, num_kv_heads=n, head_dim=d // n,
+            max_seq_len=hf.get("n_positions", 1024), norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            activation=_activation(hf.get("activation_function", "gelu_new"), where, family=family), gated_mlp=False,
+            position_embedding="learned", tie_embeddings=hf.get("tie_word_embeddings", True), attention_bias=True,
+            attention_out_bias=True, mlp_bias=True,
+            query_pre_attn_scalar=0.0 if hf.get("scale_attn_weights", True) else 1.0, **common)
+
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or {"qwen3": 128, "gemma": 256, "gemma2": 256}.get(family, d // n)
+    layers = hf["num_hidden_layers"]
+    bias = bool(hf.get("attention_bias", False))
+    kw: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf["intermediate_size"], num_layers=layers,
+        num_heads=n, num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim,
+        max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        gated_mlp=True, position_embedding="rope",
+        tie_embeddings=hf.get("tie_word_embeddings", family in ("gemma", "gemma2")),
+        attention_bias=bias, attention_out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+        **_rope_fields(hf, where), **common)
+    if family in ("gemma", "gemma2"):
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        kw.update(activation=_activation(act, where, family="gemma"), norm_weight_offset=1.0, embed_scale=d ** 0.5)
+    else:
+        kw.update(activation=_activation(hf.get("hidden_act", "silu"), where, family=family))
+    if family == "mistral":
+        kw.update(attention_bias=False, attention_out_bias=False, mlp_bias=False,
+                  **_windows([int(hf.get("sliding_window") or 0)] * layers))
+    elif family in ("qwen2", "qwen3"):
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        first = hf.get("max_window_layers", 28)
+        default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(layers)]
+        kw.update(mlp_bias=False, **_windows(_typed_windows(hf, layers, window, default, where)))
+        if family == "qwen2":
+            kw.update(attention_bias=True, attention_out_bias=False)
+        else:
+            kw.update(qk_norm=True)
+    elif family == "gemma":
+        kw.update(mlp_bias=False)
+    elif family == "gemma2":
+        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        qpas = float(hf.get("query_pre_attn_scalar", 256))
+        kw.update(mlp_bias=False, post_norms=True, attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                  logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                  query_pre_attn_scalar=0.0 if qpas == head_dim else qpas,
+                  **_windows(_typed_windows(hf, layers, hf.get("sliding_window", 4096), default, where)))
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError(f"{where}: use_bidirectional_attention=True is not supported (causal models only)")
+    return ModelConfig(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# ModelConfig -> config.json
+
+
+def _windows_of(cfg: ModelConfig) -> list[int]:
+    return [cfg.window(i) for i in range(cfg.num_layers)]
+
+
+def to_hf_config(cfg: ModelConfig, architecture: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Hugging Face `config.json` dict for `cfg` as `architecture`. `base` (the config the model
+    was imported from) supplies what we do not model (token ids, ...) when it is the same architecture.
+
+    Does not check that the architecture can express `cfg`: `check_representable` does.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r} is not supported; "
+                         f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    family = ARCHITECTURES[architecture]
+    out = dict(base) if base and base.get("model_type") == family else {}
+    for stale in ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "quantization_config"):
+        out.pop(stale, None)
+    out.update(architectures=[architecture], model_type=family, vocab_size=cfg.vocab_size,
+               tie_word_embeddings=cfg.tie_embeddings, dtype=cfg.param_dtype, torch_dtype=cfg.param_dtype)
+    if family == "gpt2":
+        out.update(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+                   n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                   activation_function=_GPT2_ACT_OUT[cfg.activation],
+                   scale_attn_weights=cfg.query_pre_attn_scalar != 1.0, scale_attn_by_inverse_layer_idx=False,
+                   add_cross_attention=False)
+        if not base:
+            out.update(resid_pdrop=cfg.dropout_rate, embd_pdrop=cfg.dropout_rate, attn_pdrop=0.0)
+        return out
+
+    out.update(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+               max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=_ACT_OUT[cfg.activation])
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+    # transformers 5 reads rope_parameters; transformers 4 (and vLLM on it) rope_theta / rope_scaling
+    out.update(rope_parameters=rope, rope_theta=cfg.rope_theta,
+               rope_scaling=None if cfg.rope_scaling == "none" else
+               {k: v for k, v in rope.items() if k != "rope_theta"})
+    windows = _windows_of(cfg)
+    sliding = max(windows) or None
+    types = ["sliding_attention" if w else "full_attention" for w in windows]
+    if family in ("llama", "gemma"):
+        out.update(attention_bias=cfg.attention_bias)
+        if family == "llama":
+            out.update(mlp_bias=cfg.mlp_bias)
+        else:
+            out.update(hidden_activation=_ACT_OUT[cfg.activation])
+    elif family == "mistral":
+        out.update(sliding_window=sliding)
+        out.pop("layer_types", None)
+    elif family in ("qwen2", "qwen3"):
+        first = next((i for i, w in enumerate(windows) if w), cfg.num_layers)
+        out.update(use_sliding_window=sliding is not None, sliding_window=sliding, max_window_layers=first,
+                   layer_types=types)
+        if family == "qwen3":
+            out.update(attention_bias=cfg.attention_bias)
+    elif family == "gemma2":
+        out.update(attention_bias=cfg.attention_bias, hidden_activation=_ACT_OUT[cfg.activation],
+                   query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+                   attn_logit_softcapping=cfg.attn_logit_softcap or None,
+                   final_logit_softcapping=cfg.logit_softcap or None, sliding_window=sliding or 4096, layer_types=types)
+    return out
+
+
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x  # transformers' strict configs type this field int
+
+
+def _canonical(cfg: ModelConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for f in NON_ARCHITECTURE_FIELDS:
+        d.pop(f)
+    d.update(_windows(_windows_of(cfg)))
+    if d["query_pre_attn_scalar"] == cfg.head_dim:
+        d["query_pre_attn_scalar"] = 0.0
+    if cfg.position_embedding != "rope" or cfg.rope_scaling == "none":
+        for f in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
+            d.pop(f)
+    elif cfg.rope_scaling == "linear":
+        for f in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
+            d.pop(f)
+    else:
+        d["rope_original_max_seq_len"] = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    if cfg.position_embedding != "rope":
+        d.pop("rope_theta")
+    return d
+
+
+def representation_errors(cfg: ModelConfig, architecture: str) -> list[str]:
+    """What `architecture` cannot express of `cfg` ([] = it reproduces the model exactly)."""
+    try:
+        back = from_hf_config(to_hf_config(cfg, architecture), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    except (ValueError, KeyError) as e:
+        return [str(e)]
+    ours, theirs = _canonical(cfg), _canonical(back)
+    return [f"{k}={ours[k]!r} (it has {theirs.get(k)!r})" for k in ours if ours[k] != theirs.get(k)]
+
+
+def infer_architecture(cfg: ModelConfig) -> str:
+    """The first architecture of EXPORT_ORDER that expresses `cfg` exactly, or a ValueError saying
+    what each one lacks."""
+    reasons = {}
+    for arch in EXPORT_ORDER:
+        errors = representation_errors(cfg, arch)
+        if not errors:
+            return arch
+        reasons[arch] = ", ".join(errors[:4])
+    raise ValueError("no supported Hugging Face architecture expresses this model:\n" +
+                     "\n".join(f"  {a}: differs in {r}" for a, r in reasons.items()))
+
+
+def check_representable(cfg: ModelConfig, architecture: str) -> None:
+    errors = representation_errors(cfg, architecture)
+    if errors:
+        raise ValueError(f"{architecture} cannot express this model: it differs in {', '.join(errors)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Where our parameters live in Hugging Face checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One of our parameters (per layer, for stacked ones) inside a Hugging Face tensor.
+
+    ours = hf[select].reshape(view).transpose(perm); `select` = (dim, start, size) takes one block
+    of a fused tensor (GPT-2's q|k|v), None the whole tensor. `name` holds "{i}" for the layer
+    index when the parameter is stacked over layers.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    view: tuple[int, ...]
+    perm: tuple[int, ...]
+    select: tuple[int, int, int] | None = None
+
+    @property
+    def selected_shape(self) -> tuple[int, ...]:
+        if self.select is None:
+            return self.shape
+        dim, _, size = self.select
+        return self.shape[:dim] + (size,) + self.shape[dim + 1:]
+
+    @property
+    def ours(self) -> tuple[int, ...]:
+        return tuple(self.view[p] for p in self.perm)
+
+
+def _same(name, *shape):
+    return Source(name, tuple(shape), tuple(shape), tuple(range(len(shape))))
+
+
+def _linear(name, out_dims, in_dims):
+    """torch Linear weight [prod(out), prod(in)] -> our kernel [*in, *out]."""
+    o, i = len(out_dims), len(in_dims)
+    return Source(name, (math.prod(out_dims), math.prod(in_dims)), tuple(out_dims) + tuple(in_dims),
+                  tuple(range(o, o + i)) + tuple(range(o)))
+
+
+def _split(name, shape, dims):
+    """A tensor [.., prod(dims)] (1-D bias or Conv1D [in, out]) viewed as [.., *dims]."""
+    view = tuple(shape[:-1]) + tuple(dims)
+    return Source(name, tuple(shape), view, tuple(range(len(view))))
+
+
+def param_sources(cfg: ModelConfig, architecture: str) -> dict[tuple[str, ...], Source]:
+    """Our parameter path (as in `split_params`) -> its Source, for every parameter of the model."""
+    family = ARCHITECTURES[architecture]
+    d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        cfg.vocab_size)
+    s: dict[tuple[str, ...], Source] = {}
+    if family == "gpt2":
+        p = "transformer.h.{i}."
+        s[("embed",)] = _same("transformer.wte.weight", v, d)
+        s[("pos_embed",)] = _same("transformer.wpe.weight", cfg.max_seq_len, d)
+        s[("final_norm", "scale")] = _same("transformer.ln_f.weight", d)
+        s[("final_norm", "bias")] = _same("transformer.ln_f.bias", d)
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            s[("layers", ours, "scale")] = _same(p + theirs + ".weight", d)
+            s[("layers", ours, "bias")] = _same(p + theirs + ".bias", d)
+        qkv = n * h
+        for part, name in enumerate("qkv"):
+            s[("layers", "attn", name, "kernel")] = Source(p + "attn.c_attn.weight", (d, 3 * qkv), (d, n, h), (0, 1, 2),
+                                                           select=(1, part * qkv, qkv))
+            s[("layers", "attn", name, "bias")] = Source(p + "attn.c_attn.bias", (3 * qkv,), (n, h), (0, 1),
+                                                         select=(0, part * qkv, qkv))
+        s[("layers", "attn", "o", "kernel")] = Source(p + "attn.c_proj.weight", (qkv, d), (n, h, d), (0, 1, 2))
+        s[("layers", "attn", "o", "bias")] = _same(p + "attn.c_proj.bias", d)
+        s[("layers", "mlp", "up", "kernel")] = _same(p + "mlp.c_fc.weight", d, f)
+        s[("layers", "mlp", "up", "bias")] = _same(p + "mlp.c_fc.bias", f)
+        s[("layers", "mlp", "down", "kernel")] = _same(p + "mlp.c_proj.weight", f, d)
+        s[("layers", "mlp", "down", "bias")] = _same(p + "mlp.c_proj.bias", d)
+    else:
+        p = "model.layers.{i}."
+        s[("embed",)] = _same("model.embed_tokens.weight", v, d)
+        s[("final_norm", "scale")] = _same("model.norm.weight", d)
+        s[("layers", "attn_norm", "scale")] = _same(p + "input_layernorm.weight", d)
+        if cfg.post_norms:  # Gemma 2 names: post_attention_layernorm is the attention output's norm
+            s[("layers", "attn_post_norm", "scale")] = _same(p + "post_attention_layernorm.weight", d)
+            s[("layers", "mlp_norm", "scale")] = _same(p + "pre_feedforward_layernorm.weight", d)
+            s[("layers", "mlp_post_norm", "scale")] = _same(p + "post_feedforward_layernorm.weight", d)
+        else:
+            s[("layers", "mlp_norm", "scale")] = _same(p + "post_attention_layernorm.weight", d)
+        a = p + "self_attn."
+        s[("layers", "attn", "q", "kernel")] = _linear(a + "q_proj.weight", (n, h), (d,))
+        s[("layers", "attn", "k", "kernel")] = _linear(a + "k_proj.weight", (k, h), (d,))
+        s[("layers", "attn", "v", "kernel")] = _linear(a + "v_proj.weight", (k, h), (d,))
+        s[("layers", "attn", "o", "kernel")] = _linear(a + "o_proj.weight", (d,), (n, h))
+        if cfg.attention_bias:
+            s[("layers", "attn", "q", "bias")] = _split(a + "q_proj.bias", (n * h,), (n, h))
+            s[("layers", "attn", "k", "bias")] = _split(a + "k_proj.bias", (k * h,), (k, h))
+            s[("layers", "attn", "v", "bias")] = _split(a + "v_proj.bias", (k * h,), (k, h))
+        if cfg.attention_out_bias:
+            s[("layers", "attn", "o", "bias")] = _same(a + "o_proj.bias", d)
+        if cfg.qk_norm:
+            s[("layers", "attn", "q_norm", "scale")] = _same(a + "q_norm.weight", h)
+            s[("layers", "attn", "k_norm", "scale")] = _same(a + "k_norm.weight", h)
+        m = p + "mlp."
+        s[("layers", "mlp", "gate", "kernel")] = _linear(m + "gate_proj.weight", (f,), (d,))
+        s[("layers", "mlp", "up", "kernel")] = _linear(m + "up_proj.weight", (f,), (d,))
+        s[("layers", "mlp", "down", "kernel")] = _linear(m + "down_proj.weight", (d,), (f,))
+        if cfg.mlp_bias:
+            s[("layers", "mlp", "gate", "bias")] = _same(m + "gate_proj.bias", f)
+            s[("layers", "mlp", "up", "bias")] = _same(m + "up_proj.bias", f)
+            s[("layers", "mlp", "down", "bias")] = _same(m + "down_proj.bias", d)
+    if not cfg.tie_embeddings:
+        s[("lm_head", "kernel")] = _linear("lm_head.weight", (v,), (d,))
+    return s
+
+
+# Tensors some checkpoints carry that are not parameters (buffers) and are safe to skip.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")

@@ -1,0 +1,103 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups along the contraction.
+
+  int8  q = round(w / s), s = max|w| / 127 over the contracted dimensions (one scale per output
+        channel); 1 byte per weight.
+  int4  the last contracted dimension is cut into groups of `group_size`; q = round(w / s) in
+        [-7, 7], s = max|w| / 7 per group; two values packed per byte (low nibble first).
+Weights are dequantized to the compute dtype where they are used (inside the layer scan, so only
+one layer's weights exist in floating point at a time); activations stay in the compute dtype.
+`quantize_model(model, "int8")` converts every projection and the embedding table of a Decoder.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODES = ("int8", "int4")
+_QMAX = {"int8": 127, "int4": 7}
+
+
+def quantize_array(w, contract_axes: tuple[int, ...], mode: str, group_size: int = 64):
+    """(q, scale, meta) for a float array; `meta` = (mode, group axis, group size) for dequantize."""
+    if mode not in MODES:
+        raise ValueError(f"quantization mode {mode!r} is not valid; expected one of {MODES}")
+    w = jnp.asarray(w, jnp.float32)
+    if mode == "int8":
+        s = jnp.max(jnp.abs(w), axis=contract_axes, keepdims=True) / 127.0
+        s = jnp.where(s == 0, 1.0, s)
+        q = jnp.clip(jnp.round(w / s), -127, 127).astype(jnp.int8)
+        return q, s, ("int8", -1, 0)
+    axis = contract_axes[-1] % w.ndim
+    n = w.shape[axis]
+    g = min(group_size, n)
+    if n % g or g % 2:
+        raise ValueError(f"int4 groups of {g} do not divide dimension {n} (axis {axis} of shape {w.shape}) "
+                         "into an even group size; choose another group_size")
+    shape = w.shape[:axis] + (n // g, g) + w.shape[axis + 1:]
+    wg = w.reshape(shape)
+    s = jnp.max(jnp.abs(wg), axis=axis + 1, keepdims=True) / 7.0
+    s = jnp.where(s == 0, 1.0, s)
+    q = jnp.clip(jnp.round(wg / s), -7, 7).astype(jnp.int8)
+    nib = (q & 0xF).astype(jnp.uint8)
+    lo, hi = jnp.split(nib, 2, axis=axis + 1)  # first half / second half of each group
+    packed = (lo | (hi << 4)).astype(jnp.uint8)
+    # the group-count axis, counted from the end of the packed array: valid for any leading axes
+    return packed, s, ("int4", axis - (w.ndim + 1), g)
+
+
+def dequantize(q, scale, meta, dtype):
+    """The float array (in `dtype`) that `quantize_array` encoded (a slice of it along leading
+    axes, e.g. one layer of a stacked kernel, dequantizes the same way)."""
+    mode, axis, _ = meta
+    if mode == "int8":
+        return (q.astype(jnp.float32) * scale).astype(dtype)
+    ax = q.ndim + axis
+    lo = (q & 0xF).astype(jnp.int8)
+    hi = (q >> 4).astype(jnp.int8)
+    lo = jnp.where(lo > 7, lo - 16, lo)
+    hi = jnp.where(hi > 7, hi - 16, hi)
+    grouped = jnp.concatenate([lo, hi], axis=ax + 1).astype(jnp.float32) * scale
+    shape = grouped.shape[:ax] + (grouped.shape[ax] * grouped.shape[ax + 1],) + grouped.shape[ax + 2:]
+    return grouped.reshape(shape).astype(dtype)
+
+
+def _contract_axes(spec: str) -> tuple[int, ...]:
+    """Axes of an einsum's weight that the output does not keep."""
+    ins, out = spec.split("->")
+    w = ins.split(",")[1]
+    return tuple(i for i, c in enumerate(w) if c not in out)
+
+
+def quantize_model(model, mode: str, *, group_size: int = 64):
+    """A copy of a Decoder with int8 / int4 projections and embedding table (weight-only)."""
+    from models.transformer import Decoder, Einsum
+
+    if not isinstance(model, Decoder):
+        raise TypeError(f"quantize_model takes a models.transformer.Decoder, not {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"quantization mode {mode!r} is not valid; expected one of {MODES}")
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Einsum) and module.quant is None:
+            w = module.kernel[...]
+            axes = _contract_axes(module.spec)
+            lead = w.ndim - len(module.spec.split("->")[0].split(",")[1])  # stacked-layer axes
+            q, s, meta = quantize_array(w, tuple(a + lead for a in axes), mode, group_size)
+            axes_meta = module.kernel.get_metadata().get("axes")
+            module.kernel = nnx.Param(q, axes=axes_meta)
+            module.kernel_scale = nnx.Param(s, axes=tuple(None for _ in s.shape))
+            module.quant = meta
+    table = model.embed[...]
+    q, s, meta = quantize_array(table, (1,), mode, group_size)
+    model.embed = nnx.Param(q, axes=model.embed.get_metadata().get("axes"))
+    model.embed_scale_q = nnx.Param(s, axes=(None,) * s.ndim)
+    model.embed_quant = meta
+    return model
+
+
+def param_bytes(model) -> int:
+    """Bytes of every parameter array (what a quantized model saves)."""
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(nnx.state(model))))
