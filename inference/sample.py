@@ -11,41 +11,10 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
 import sys
 import time
 
 from absl import app, flags
-
-
-def load_model_and_tokenizer(path: str, *, step: int | None = None, quantize: str = "none"):
-    """(model, tokenizer) from a Loom workdir or a Hugging Face model directory."""
-    p = pathlib.Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{p} has no config.json: expected a Loom workdir or a Hugging Face model directory")
-    meta = json.loads(cfg_file.read_text())
-    if "model" in meta and "architectures" not in meta:
-        from data.tokenizer import SentencePieceTokenizer
-        from models.checkpoint import load
-
-        model, _ = load(p, step=step)
-        tok_file = p / "tokenizer.model"
-        if not tok_file.is_file():
-            raise FileNotFoundError(f"{tok_file} not found: the run's tokenizer is needed to sample")
-        tokenizer = SentencePieceTokenizer.from_file(tok_file)
-    else:
-        from data.tokenizer.hf import load_hf_tokenizer
-        from models.hf import load as hf_load
-
-        model, _ = hf_load(p)
-        tokenizer = load_hf_tokenizer(p)
-    if quantize != "none":
-        from inference.quantize import quantize_model
-
-        model = quantize_model(model, quantize)
-    return model, tokenizer
 
 
 def _printer(tok, prompt: str):
@@ -65,6 +34,7 @@ def main(argv):
     del argv
     from data.tokenizer import special, with_specials
     from inference import generate
+    from inference.loading import load_checkpoint
 
     F = flags.FLAGS
     path = F.workdir or F.checkpoint
@@ -72,7 +42,7 @@ def main(argv):
         raise app.UsageError("give --workdir (a Loom run) or --checkpoint (a Loom run or a Hugging Face directory)")
     if not F.prompt:
         raise app.UsageError("give at least one --prompt")
-    model, tok = load_model_and_tokenizer(path, step=F.step, quantize=F.quantize)
+    model, tok, _ = load_checkpoint(path, step=F.step, quantize=F.quantize)
     prompts = [p.encode().decode("unicode_escape") for p in F.prompt]  # allow \n in prompts
     ids = [with_specials(tok, tok.encode(p)) for p in prompts for _ in range(F.num_samples)]
     labels = [(p, s) for p in prompts for s in range(F.num_samples)]
