@@ -9,6 +9,7 @@ import pytest
 
 from configs.eval import get_config
 from evals import run as R
+from inference.loading import checkpoint_kind, load_checkpoint
 from tests.evals.stubs import Bigram, CharTokenizer, bigram_table, make_workdir
 from tests.helpers import run_program
 
@@ -41,7 +42,7 @@ def test_demo_suite_in_process(workdir, tmp_path):
 
 
 def test_dtype_override(workdir):
-    model, tok, info = R.load_checkpoint(workdir, dtype="bfloat16")
+    model, tok, info = load_checkpoint(workdir, dtype="bfloat16")
     assert model.config.dtype == "bfloat16" and info["model"]["dtype"] == "bfloat16"
     assert tok.vocab_size <= model.config.vocab_size
 
@@ -103,7 +104,7 @@ def test_config_errors_before_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown eval suite"):
         get_config("mmlu_pro")
     with pytest.raises(FileNotFoundError, match="neither a Loom workdir"):
-        R.checkpoint_kind(tmp_path)
+        checkpoint_kind(tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("models.hf") is None, reason="models.hf is not available")
@@ -123,7 +124,7 @@ def test_hugging_face_directory(tmp_path):
         vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    assert R.checkpoint_kind(d) == "hf"
+    assert checkpoint_kind(d) == "hf"
     config = get_config("demo")
     config.limit = 2
     config.tasks.ppl.enabled = False
