@@ -43,6 +43,12 @@ def with_specials(tokenizer: Tokenizer, ids: Sequence[int], *, bos: bool = True,
     return (special(tokenizer.bos_id) if bos else []) + list(ids) + (special(tokenizer.eos_id) if eos else [])
 
 
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What a scored or generated text starts with: [bos], or [eos] for a tokenizer without a BOS
+    (lm-evaluation-harness's convention: its end-of-text token is the prefix), or []."""
+    return special(tokenizer.bos_id) or special(tokenizer.eos_id)
+
+
 def cache_dir() -> pathlib.Path:
     """Where trained tokenizers (and other derived artefacts) are cached: $LOOM_CACHE or ~/.cache/loom."""
     return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")
