@@ -107,6 +107,7 @@ def get_config(arg=None):
         num_packing_bins=64,  # best_fit: rows filled at once
         shuffle_window=1024,  # rows shuffled in a window after packing (0 = off)
         num_workers=0,  # grain worker processes for reading, tokenisation and packing
+        num_shards=0,  # data shards (a multiple of the process count); 0 = the process count, or the checkpoint's
     ))
 
     c.train = config_dict.ConfigDict(dict(
@@ -121,6 +122,7 @@ def get_config(arg=None):
         checkpoint_every=100,  # steps between checkpoints (and at the end)
         keep_checkpoints=3,  # newest checkpoints kept
         async_checkpoint=True,  # write checkpoints in the background
+        offload_optimizer=False,  # keep the optimizer state in host memory (pinned_host) between steps
         num_samples=4,  # prompts sampled into samples.txt at the end (0 = none)
         sample_tokens=96,  # new tokens per sample
     ))

@@ -210,3 +210,61 @@ def source_token_counts(batch: dict[str, np.ndarray], num_sources: int) -> np.nd
     """Real (loss-bearing) tokens per source in a batch, [num_sources] int64."""
     src = batch["source_BT"][batch["loss_mask_BT"] > 0]
     return np.bincount(src[src >= 0], minlength=num_sources)[:num_sources]
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    """The data shards a process reads: a contiguous block, so its rows are its block of the batch."""
+    if num_shards < 1 or num_shards % process_count:
+        raise ValueError(f"data.num_shards={num_shards} must be a positive multiple of the {process_count} "
+                         "processes")
+    k = num_shards // process_count
+    return list(range(process_index * k, (process_index + 1) * k))
+
+
+class ShardedBatches:
+    """This process's rows of every global batch, drawn from a fixed number of data shards.
+
+    The data is cut into `num_shards` shards (each its own grain pipeline over 1/num_shards of
+    every source); shard s supplies rows [s*b, (s+1)*b) of each global batch, b = batch_size /
+    num_shards. A process reads the shards of its block of rows, so the global batches are the
+    same whatever the number of processes, and a checkpoint (one state per shard,
+    `shard_states()`) restores onto any process count that divides `num_shards`.
+    """
+
+    def __init__(self, make_shard, shard_ids: Sequence[int]):
+        self.shard_ids = list(shard_ids)
+        self.iterators = [iter(make_shard(s)) for s in self.shard_ids]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def shard_states(self) -> dict[int, dict]:
+        return {s: it.get_state() for s, it in zip(self.shard_ids, self.iterators)}
+
+    def set_shard_states(self, states: dict) -> None:
+        for s, it in zip(self.shard_ids, self.iterators):
+            if s not in states and str(s) not in states:
+                raise ValueError(f"the checkpoint has no state for data shard {s}; it has shards {sorted(states)}")
+            it.set_state(states[s] if s in states else states[str(s)])
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+
+def sharded_source_batches(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, batch_size: int, num_shards: int,
+                           shard_ids: Sequence[int], **kw) -> ShardedBatches:
+    """`source_batches` cut into `num_shards` data shards, of which this process reads `shard_ids`;
+    `batch_size` is the global batch."""
+    if batch_size % num_shards:
+        raise ValueError(f"the global batch {batch_size} is not divisible by data.num_shards={num_shards}")
+    per_shard = batch_size // num_shards
+
+    def make(s):
+        return source_batches(specs, tokenizer, batch_size=per_shard, shard_index=s, shard_count=num_shards, **kw)
+
+    return ShardedBatches(make, shard_ids)

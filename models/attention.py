@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.ring_attention import ring_attention, sequence_shards
 from pallas_kernels.reference import (MASK_VALUE, attention_mask, default_positions, masked_attention,
                                       split_pair)
 
@@ -60,14 +61,15 @@ def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
         end = hi if causal else t
-        s, _, _ = _scores(qr[:, lo:hi], k[:, :end], pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
-                          causal=causal, window=window, softcap=softcap, scale=scale)
+        s, mask, _ = _scores(qr[:, lo:hi], k[:, :end], pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi),
+                             _sl(seg, 0, end), causal=causal, window=window, softcap=softcap, scale=scale)
+        live = mask.any(-1, keepdims=True)  # rows with at least one key (padding rows have none)
         m = s.max(-1, keepdims=True)
-        p = jnp.exp(s - m)
+        p = jnp.exp(s - m)  # masked scores are MASK_VALUE: 0 here, except in rows with no key at all
         l_sum = p.sum(-1, keepdims=True)
         o = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v[:, :end], preferred_element_type=jnp.float32)
-        outs.append(o / jnp.moveaxis(l_sum, 3, 1))
-        lses.append((m + jnp.log(l_sum))[..., 0])
+        outs.append(jnp.where(jnp.moveaxis(live, 3, 1), o / jnp.moveaxis(l_sum, 3, 1), 0.0))
+        lses.append(jnp.where(live, m + jnp.log(l_sum), MASK_VALUE)[..., 0])
     out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h).astype(q.dtype)
     lse = jnp.concatenate(lses, axis=-1)  # [B, K, G, T]
     return out, lse
@@ -104,7 +106,7 @@ def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
         kb, vb, qb, dob = k[:, :end], v[:, :end], qr[:, lo:hi], do[:, lo:hi]
         s, mask, th = _scores(qb, kb, pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
                               causal=causal, window=window, softcap=softcap, scale=scale)
-        p = jnp.exp(s - lse[..., lo:hi, None])
+        p = jnp.exp(s - lse[..., lo:hi, None]) * mask.any(-1, keepdims=True)  # rows with no key: no gradient
         dv = dv.at[:, :end].add(jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), dob,
                                            preferred_element_type=jnp.float32))
         dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
@@ -192,9 +194,13 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
         window = None
     kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal, window=window,
               softcap=softcap, scale=scale, return_lse=return_lse)
+    shared = not isinstance(segment_ids, (tuple, list)) and not isinstance(positions, (tuple, list))
+    if impl != "cudnn" and t == s and shared and sequence_shards() > 1:
+        # context parallelism: the sequence is sharded over the mesh's `sequence` axis
+        return ring_attention(q_BTNH, k_BSKH, v_BSKH, positions=q_pos, segment_ids=q_seg, causal=causal,
+                              window=window, softcap=softcap, scale=scale, return_lse=return_lse)
     if impl == "xla":
-        block = _block_size(t) if (t == s and not isinstance(segment_ids, (tuple, list))
-                                   and not isinstance(positions, (tuple, list))) else None
+        block = _block_size(t) if (t == s and shared) else None
         if block is not None:
             window_arr = None if window is None else jnp.asarray(window, jnp.int32)
             out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKH, q_pos, q_seg, window_arr, causal, softcap or None,

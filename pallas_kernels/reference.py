@@ -6,8 +6,8 @@ the kernels, their tests and `models.attention` share one definition of the mask
   * and, when causal, pos_k[j] <= pos_q[i]
   * and, with a window W > 0, pos_q[i] - pos_k[j] < W (W most recent keys, itself included;
     Hugging Face's `sliding_window`); without causality the window is symmetric, |dpos| < W.
-A query whose keys are all masked gets a finite output (the mean of its values) and an lse of
-about -3.4e38 instead of NaN. Scores, softmax and accumulation are float32 (float64 when the
+A query whose keys are all masked (padding) gets output 0, lse MASK_VALUE (about -3.4e38) and
+no gradient, never NaN; every implementation (blockwise XLA, ring, Pallas kernels) agrees. Scores, softmax and accumulation are float32 (float64 when the
 inputs are float64 and x64 is on).
 """
 
@@ -63,9 +63,11 @@ def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
     mask_BTS = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)
-    s = jnp.where(mask_BTS[:, None, None], s, MASK_VALUE)
+    mask = mask_BTS[:, None, None]
+    s = jnp.where(mask, s, MASK_VALUE)
     lse_BKGT = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.exp(s - lse_BKGT[..., None])
+    p = jnp.where(mask, jnp.exp(s - lse_BKGT[..., None]), 0.0)  # fully masked rows: all zero
+    lse_BKGT = jnp.where(mask.any(-1), lse_BKGT, MASK_VALUE)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=acc)
     out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
     if return_lse:
@@ -82,5 +84,6 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=N
     if q_pos is None:
         q_pos, k_pos = default_positions(b, t, k_BSKH.shape[1])
     return masked_attention(q_BTNH, k_BSKH, v_BSKH, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg,
-                            causal=causal, window=window or None, softcap=softcap,
+                            causal=causal, window=None if isinstance(window, int) and window <= 0 else window,
+                            softcap=softcap,
                             scale=(1.0 / h ** 0.5) if scale is None else scale, return_lse=return_lse)

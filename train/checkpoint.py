@@ -8,8 +8,11 @@ reported and the previous one is used, so a crash mid-write never strands a run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import pathlib
+from typing import Any
 
 import grain
 import jax
@@ -19,6 +22,12 @@ from models.checkpoint import PARAMS, checkpoints_dir
 from train.state import TrainState
 
 TRAIN_STATE, DATA_ITER = "train_state", "data_iter"
+
+
+def _data_args(data_iter, *, save: bool):
+    if hasattr(data_iter, "shard_states"):  # data.pipeline.ShardedBatches: one state per data shard
+        return DataShardsSave(data_iter) if save else DataShardsRestore(data_iter)
+    return grain.checkpoint.CheckpointSave(data_iter) if save else grain.checkpoint.CheckpointRestore(data_iter)
 
 
 class Checkpointer:
@@ -35,7 +44,7 @@ class Checkpointer:
                  TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                                      "rng": state.rng})}
         if data_iter is not None:
-            items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
+            items[DATA_ITER] = _data_args(data_iter, save=True)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def steps(self) -> list[int]:
@@ -48,7 +57,7 @@ class Checkpointer:
                      TRAIN_STATE: ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
                                                             "rng": target.rng})}
             if data_iter is not None:
-                items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+                items[DATA_ITER] = _data_args(data_iter, save=False)
             try:
                 r = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001  (any failure: fall back to the previous step)
@@ -69,3 +78,58 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Data iterator state, one file per data shard (restorable onto another number of processes)
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+    """Saves `ShardedBatches.shard_states()` as `shard_<id>.json`, each process its own shards."""
+
+    def save(self, directory, args):
+        directory = pathlib.Path(directory)
+        for shard, state in args.item.shard_states().items():
+            (directory / f"shard_{shard}.json").write_text(json.dumps(state))
+
+    def restore(self, directory, args):
+        directory = pathlib.Path(directory)
+        states = {}
+        for shard in args.item.shard_ids:
+            f = directory / f"shard_{shard}.json"
+            if not f.is_file():
+                have = sorted(p.name for p in directory.glob("shard_*.json"))
+                raise FileNotFoundError(f"{f} is missing (the checkpoint has {have}): data.num_shards must match "
+                                        "the run that saved it")
+            states[shard] = json.loads(f.read_text())
+        args.item.set_shard_states(states)
+        return args.item
+
+    def metadata(self, directory):
+        return None
+
+    def structure(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataShardsSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataShardsRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+def saved_data_shards(workdir, step: int) -> int:
+    """How many data shards the checkpoint at `step` holds (0 if none)."""
+    return len(list((checkpoints_dir(workdir) / str(step) / DATA_ITER).glob("shard_*.json")))

@@ -8,6 +8,10 @@
   fsdp_tp  fsdp = n / t, tensor = t       t: largest power of two <= min(8, sqrt(n)) the heads,
                                           kv heads, mlp and vocab sizes allow
   tp       data = n / t, tensor = t       t: largest divisor of n those sizes allow
+  fsdp_sp  fsdp = n / s, sequence = s     s: largest power of two <= min(8, sqrt(n)) with the
+                                          sequence length divisible by 2 s (ring attention, zig-zag)
+  pp_fsdp  fsdp = n / p, stage = p        p: largest power of two <= min(8, sqrt(n)) dividing the
+                                          number of layers (pipeline stages)
 `mesh.rules` entries override the default logical-axis table (models/sharding.py) by name.
 """
 
@@ -23,8 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from models.config import ModelConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, normalize_rules
 
-STRATEGIES = ("dp", "fsdp", "fsdp_tp", "tp")
-PLANNED_STRATEGIES = ("fsdp_sp", "pp_fsdp")  # named in DESIGN.md; they land with the scale-out issue
+STRATEGIES = ("dp", "fsdp", "fsdp_tp", "tp", "fsdp_sp", "pp_fsdp")
 DEFAULT_SHAPE = {"data": -1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 1}
 
 
@@ -59,10 +62,14 @@ def _tensor_divisor_ok(t: int, model: ModelConfig | None) -> bool:
     return all(x % t == 0 for x in (model.num_heads, model.num_kv_heads, model.intermediate_size))
 
 
-def strategy_shape(strategy: str, num_devices: int, model: ModelConfig | None = None) -> dict[str, int]:
-    if strategy in PLANNED_STRATEGIES:
-        raise ValueError(f"mesh.strategy={strategy!r} is not available yet (it lands with the scale-out "
-                         f"work); available strategies: {STRATEGIES}")
+def _power_of_two_split(n: int, ok) -> int:
+    """Largest power of two t <= min(8, sqrt(n)) dividing n with ok(t)."""
+    cap = min(8, int(math.isqrt(n)))
+    return max(2 ** i for i in range(4) if 2 ** i <= cap and n % 2 ** i == 0 and ok(2 ** i))
+
+
+def strategy_shape(strategy: str, num_devices: int, model: ModelConfig | None = None,
+                   seq_len: int | None = None) -> dict[str, int]:
     if strategy not in STRATEGIES:
         raise ValueError(f"mesh.strategy={strategy!r} is not valid; expected one of {STRATEGIES}")
     n = num_devices
@@ -72,23 +79,29 @@ def strategy_shape(strategy: str, num_devices: int, model: ModelConfig | None = 
     elif strategy == "fsdp":
         shape["fsdp"] = n
     elif strategy == "fsdp_tp":
-        cap = min(8, int(math.isqrt(n)))
-        t = max([2 ** i for i in range(4) if 2 ** i <= cap and n % 2 ** i == 0 and _tensor_divisor_ok(2 ** i, model)])
+        t = _power_of_two_split(n, lambda t: _tensor_divisor_ok(t, model))
         shape["tensor"], shape["fsdp"] = t, n // t
+    elif strategy == "fsdp_sp":
+        s = _power_of_two_split(n, lambda s: seq_len is None or seq_len % (2 * s) == 0)
+        shape["sequence"], shape["fsdp"] = s, n // s
+    elif strategy == "pp_fsdp":
+        p = _power_of_two_split(n, lambda p: model is None or model.num_layers % p == 0)
+        shape["stage"], shape["fsdp"] = p, n // p
     elif strategy == "tp":
         t = max(d for d in range(1, n + 1) if n % d == 0 and _tensor_divisor_ok(d, model))
         shape["tensor"], shape["data"] = t, n // t
     return shape
 
 
-def resolve(mesh_cfg: Mapping[str, Any], num_devices: int, model: ModelConfig | None = None) -> dict[str, Any]:
+def resolve(mesh_cfg: Mapping[str, Any], num_devices: int, model: ModelConfig | None = None,
+            seq_len: int | None = None) -> dict[str, Any]:
     """{'shape': {axis: size}, 'rules': ((logical, mesh_axes), ...)} for `num_devices`."""
     shape = dict(mesh_cfg.get("shape") or DEFAULT_SHAPE)
     strategy = mesh_cfg.get("strategy") or ""
     if strategy:
         if {a: int(shape.get(a, 1)) for a in MESH_AXES} != DEFAULT_SHAPE:
             raise ValueError(f"set mesh.strategy={strategy!r} or mesh.shape={shape}, not both")
-        shape = strategy_shape(strategy, num_devices, model)
+        shape = strategy_shape(strategy, num_devices, model, seq_len)
     return {"shape": resolve_shape(shape, num_devices), "rules": merge_rules(mesh_cfg.get("rules") or ())}
 
 

@@ -34,14 +34,17 @@ from inference import generate
 from models.config import ModelConfig, flops_per_token, param_count
 from models.sharding import use_rules
 from models.transformer import merge_params
+from models.ring_attention import zigzag_order
+from train import distributed
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, saved_data_shards
 from configs.cli import parse_flags
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
 from train.metrics import MetricsWriter, quiet_library_logs
 from train.optimizer import make_optimizer, warmup_steps
-from train.state import abstract_state, create_state, make_eval_step, make_train_step, state_shardings
+from train.state import (abstract_state, create_state, make_eval_step, make_train_step, on_device,
+                         state_shardings)
 
 TOKENIZER_FILE = "tokenizer.model"
 SAMPLES_FILE = "samples.txt"
@@ -52,7 +55,7 @@ KILL_ENV = "LOOM_FAULT_KILL_AFTER_STEP"
 def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """(model config, mesh {'shape','rules'}, resolved config dict to write as config.json)."""
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
-    mesh = mesh_lib.resolve(config.mesh.to_dict(), num_devices, model_cfg)
+    mesh = mesh_lib.resolve(config.mesh.to_dict(), num_devices, model_cfg, config.data.seq_len)
     if config.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     if not config.data.tokenizer.path and config.data.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -110,6 +113,27 @@ def _source_stats(n: int):
     return jax.jit(f)
 
 
+def _data_shards(configured: int, ckpt: Checkpointer, workdir: pathlib.Path) -> int:
+    """data.num_shards, or (0 = auto) what the newest checkpoint was saved with, else the process count."""
+    steps = ckpt.steps()
+    saved = saved_data_shards(workdir, steps[-1]) if steps else 0
+    if configured:
+        if saved and saved != configured:
+            raise ValueError(f"data.num_shards={configured}, but the checkpoint at step {steps[-1]} holds {saved} "
+                             f"data shards; resume with --config.data.num_shards={saved} (or 0 = automatic)")
+        return configured
+    return saved or jax.process_count()
+
+
+def _sequence_layout(shards: int, seq_len: int):
+    """Column order of every batch: zig-zag chunks when the sequence is sharded (ring attention's
+    causal load balance; masks use positions, and losses sum over tokens, so nothing else changes)."""
+    if shards <= 1:
+        return lambda batch: batch
+    order = zigzag_order(seq_len, shards)
+    return lambda batch: {k: v[:, order] for k, v in batch.items()}
+
+
 def _device_keys(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in pipeline.BATCH_KEYS}
 
@@ -138,9 +162,7 @@ def _write_samples(path: pathlib.Path, model, tokenizer, prompts: list[str], *, 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains per `config` in `workdir`; returns a summary (final losses, steps, throughput)."""
     workdir = pathlib.Path(workdir)
-    if config.distributed.coordinator_address:
-        jax.distributed.initialize(config.distributed.coordinator_address, config.distributed.num_processes,
-                                   config.distributed.process_id)
+    distributed.initialize(config.distributed)
     is_main = jax.process_index() == 0
     model_cfg, mesh_spec, resolved = resolve_config(config, jax.device_count())
     workdir.mkdir(parents=True, exist_ok=True)
@@ -159,18 +181,19 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
 
     with jax.set_mesh(mesh), use_rules(rules):
-        shardings = state_shardings(model_cfg, tx, mesh, rules)
-        graphdef, state = create_state(model_cfg, tx, seed=tc.seed, mesh=mesh, rules=rules)
+        offload = tc.offload_optimizer
+        shardings = state_shardings(model_cfg, tx, mesh, rules, offload_optimizer=offload)
+        graphdef, state = create_state(model_cfg, tx, seed=tc.seed, mesh=mesh, rules=rules, offload_optimizer=offload)
         loss_fn = lm_loss_fn(graphdef, z_loss=tc.z_loss)
 
-        local_batch = tc.batch_size // jax.process_count()
-        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-        data_iter = iter(pipeline.source_batches(
-            train_specs, tokenizer, seq_len=seq, batch_size=local_batch, seed=tc.seed, num_epochs=None,
-            packing=dc.packing, num_packing_bins=dc.num_packing_bins, shuffle_window=dc.shuffle_window,
-            num_workers=dc.num_workers, **shard))
-
         ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+        num_shards = _data_shards(dc.num_shards, ckpt, workdir)
+        shard_ids = pipeline.process_shards(num_shards, jax.process_index(), jax.process_count())
+        packing = dict(seq_len=seq, packing=dc.packing, num_packing_bins=dc.num_packing_bins)
+        data_iter = pipeline.sharded_source_batches(
+            train_specs, tokenizer, batch_size=tc.batch_size, num_shards=num_shards, shard_ids=shard_ids,
+            seed=tc.seed, num_epochs=None, shuffle_window=dc.shuffle_window, num_workers=dc.num_workers, **packing)
+
         restored = ckpt.restore(abstract_state(model_cfg, tx, shardings), data_iter)
         if restored is not None:
             state = restored
@@ -187,15 +210,17 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
         source_stats = _source_stats(len(train_specs))
         train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches,
-                                             use_dropout=model_cfg.dropout_rate > 0),
+                                             use_dropout=model_cfg.dropout_rate > 0,
+                                             opt_device_shardings=on_device(shardings.opt_state) if offload else None),
                              in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                              donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh))
 
-        eval_iter = iter(pipeline.source_batches(eval_specs, tokenizer, seq_len=seq, batch_size=local_batch,
-                                                 shuffle=False, num_epochs=None, packing=dc.packing,
-                                                 num_packing_bins=dc.num_packing_bins, **shard))
-        eval_batches = [_device_keys(next(eval_iter)) for _ in range(tc.eval_batches)]
+        eval_iter = pipeline.sharded_source_batches(eval_specs, tokenizer, batch_size=tc.batch_size,
+                                                    num_shards=num_shards, shard_ids=shard_ids, shuffle=False,
+                                                    num_epochs=None, **packing)
+        layout = _sequence_layout(mesh_spec["shape"]["sequence"], seq)
+        eval_batches = [layout(_device_keys(next(eval_iter))) for _ in range(tc.eval_batches)]
 
         def evaluate(params) -> dict[str, float]:
             tot, n = 0.0, 0.0
@@ -221,7 +246,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         last_t, last_step = time.perf_counter(), start
         metrics, running = None, None
         for step in range(start, tc.steps):
-            local = next(data_iter)
+            local = layout(next(data_iter))
             batch = _global_batch(_device_keys(local), batch_sharding)
             src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
             state, metrics = train_step(state, batch)

@@ -34,7 +34,11 @@ def abstract_params(model_cfg: ModelConfig):
     return nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
 
 
-def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=None) -> TrainState:
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules=None, *,
+                    offload_optimizer: bool = False) -> TrainState:
+    """Shardings of the train state. With `offload_optimizer` the optimizer state lives in host
+    memory (`memory_kind="pinned_host"`) between steps; the step brings it to the devices for the
+    update and writes it back (on CPU host and device memory are the same: it runs, saving nothing)."""
     abstract = abstract_model(model_cfg)
     abs_params = nnx.to_pure_dict(nnx.state(abstract))
     param_sh = named_shardings(logical_axes(abstract), abs_params, mesh, rules)
@@ -43,7 +47,14 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
     opt_sh = optax.tree_map_params(
         tx, lambda leaf, sh, p: sh if getattr(leaf, "shape", None) == p.shape else replicated,
         abs_opt, param_sh, abs_params, transform_non_params=lambda _: replicated)
+    if offload_optimizer:
+        opt_sh = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_sh)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+
+
+def on_device(shardings):
+    """The same shardings in device memory (undoing `offload_optimizer`)."""
+    return jax.tree.map(lambda s: s.with_memory_kind("device"), shardings)
 
 
 def abstract_state(model_cfg: ModelConfig, tx, shardings: TrainState) -> TrainState:
@@ -55,9 +66,9 @@ def abstract_state(model_cfg: ModelConfig, tx, shardings: TrainState) -> TrainSt
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=None):
+def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=None, offload_optimizer: bool = False):
     """(graphdef, TrainState) initialised directly into its shardings."""
-    shardings = state_shardings(model_cfg, tx, mesh, rules)
+    shardings = state_shardings(model_cfg, tx, mesh, rules, offload_optimizer=offload_optimizer)
     graphdef, params = init_params(model_cfg, seed, mesh=mesh, rules=rules)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)), shardings.rng)
@@ -75,12 +86,13 @@ def split_microbatches(x, n: int):
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, microbatches: int = 1,
-                    use_dropout: bool = False):
+                    use_dropout: bool = False, opt_device_shardings=None):
     """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
 
     With k micro-batches the gradient is accumulated in float32 with each micro-batch weighted by
     its token count, which equals the gradient of one batch of k times the size exactly (up to
-    float summation order).
+    float summation order). `opt_device_shardings` (with an offloaded optimizer state): where the
+    state goes for the update.
     """
     if microbatches < 1:
         raise ValueError(f"train.microbatches={microbatches} must be >= 1")
@@ -112,7 +124,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             grads = jax.tree.map(lambda x, p: (x / jnp.maximum(n, 1.0)).astype(p.dtype), g, state.params)
             aux = jax.tree.map(lambda x: x.mean(), ms)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if opt_device_shardings is not None:  # host -> device for the update; out_shardings take it back
+            opt_state = jax.device_put(opt_state, opt_device_shardings)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": grad_norm, "num_tokens": n,
                    "accuracy": aux["accuracy"], "z_loss": aux["z_loss"]}

@@ -198,3 +198,17 @@ def test_blockwise_path_in_bfloat16():
     ref, _ = reference(*(np.asarray(x, np.float32) for x in (q, k, v)))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=2e-2)
+
+
+def test_fully_masked_rows_are_zero_with_no_gradient():
+    """A query with no key to see (its segment has none) gives 0, lse MASK_VALUE, no gradient."""
+    from pallas_kernels.reference import MASK_VALUE
+
+    q, k, v = _inputs(30, t=8, s=8)
+    q_seg = np.ones((2, 8), np.int32)
+    q_seg[:, -3:] = 0
+    k_seg = np.where(q_seg > 0, 1, 5).astype(np.int32)  # no key in segment 0
+    out, lse = dot_product_attention(q, k, v, segment_ids=(q_seg, k_seg), return_lse=True)
+    assert (np.asarray(out)[:, -3:] == 0).all() and (np.asarray(lse)[:, :, -3:] == MASK_VALUE).all()
+    g = jax.grad(lambda v: (dot_product_attention(q, k, v, segment_ids=(q_seg, k_seg))[:, -3:] ** 2).sum())(v)
+    assert float(np.abs(np.asarray(g)).max()) == 0.0

@@ -25,10 +25,11 @@ def test_shape_errors(shape, match):
 
 @pytest.mark.parametrize("strategy,expected", [
     ("dp", {"data": 8}), ("fsdp", {"fsdp": 8}), ("fsdp_tp", {"fsdp": 4, "tensor": 2}), ("tp", {"data": 4, "tensor": 2}),
+    ("fsdp_sp", {"fsdp": 4, "sequence": 2}), ("pp_fsdp", {"fsdp": 4, "stage": 2}),
 ])
 def test_strategies_on_8_devices(strategy, expected):
     cfg = tiny_model_config()  # 4 heads, 2 kv heads: tensor parallelism is capped at 2
-    shape = M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": strategy}, 8, cfg)["shape"]
+    shape = M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": strategy}, 8, cfg, seq_len=64)["shape"]
     assert {k: v for k, v in shape.items() if v > 1} == expected
 
 
@@ -43,8 +44,6 @@ def test_strategy_and_shape_conflict_and_unknown():
         M.resolve({"shape": {**M.DEFAULT_SHAPE, "data": 4, "tensor": 2}, "strategy": "fsdp"}, 8)
     with pytest.raises(ValueError, match="not valid"):
         M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": "zero"}, 8)
-    with pytest.raises(ValueError, match="not available yet"):
-        M.resolve({"shape": M.DEFAULT_SHAPE, "strategy": "pp_fsdp"}, 8)
 
 
 def test_rule_overrides_and_mesh():
