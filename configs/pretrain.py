@@ -85,6 +85,8 @@ def get_config(arg=None):
         post_norms=False,  # also normalise attention / MLP outputs before the residual add (Gemma 2)
         query_pre_attn_scalar=0.0,  # attention scale 1/sqrt(this); 0 = head_dim (Gemma 2)
         init_std=0.02,  # normal init std (output projections scaled by 1/sqrt(2 L))
+        pipeline_stages=1,  # GPipe stages over mesh.shape.stage (set from the mesh at run time); 1 = off
+        pipeline_microbatches=0,  # micro-batches per pipelined step (bubble (S-1)/(M+S-1)); 0 = 2 x stages
         **{**family, **extra},
     ))
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.ring_attention import ring_attention, sequence_shards
-from pallas_kernels.reference import (MASK_VALUE, attention_mask, default_positions, masked_attention,
+from pallas_kernels.reference import (MASK_VALUE, check_qkv, attention_mask, default_positions, masked_attention,
                                       split_pair)
 
 IMPLS = ("xla", "cudnn", "pallas")
@@ -176,15 +176,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not valid; expected one of {IMPLS}")
-    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
-        raise ValueError(f"attention expects q [B,T,N,H] and k, v [B,S,K,H] of equal shapes; got "
-                         f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
-    b, t, n, h = q_BTNH.shape
-    _, s, kh, hk = k_BSKH.shape
-    if k_BSKH.shape[0] != b or hk != h:
-        raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape} disagree on batch or head_dim")
-    if n % kh:
-        raise ValueError(f"q has {n} heads, not a multiple of k's {kh} kv heads")
+    b, t, n, h, s, kh = check_qkv(q_BTNH, k_BSKH, v_BSKH)
     scale = (1.0 / h ** 0.5) if scale is None else scale
     q_seg, k_seg = split_pair(segment_ids, "segment_ids")
     q_pos, k_pos = split_pair(positions, "positions")

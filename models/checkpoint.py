@@ -95,7 +95,8 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     """(model, model_config) of a run: its `config.json` model section and its params."""
     from models.transformer import abstract_params_and_shardings, merge_params
 
-    cfg = ModelConfig.from_dict(read_run_config(workdir)["model"])
+    # a pipelined run's model is the same model: loaded for evaluation or decoding, it runs unpipelined
+    cfg = ModelConfig.from_dict(read_run_config(workdir)["model"]).replace(pipeline_stages=1)
     graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
     params = restore_params(workdir, step=step, target=target)

@@ -60,6 +60,8 @@ class ModelConfig:
     remat: str = "none"  # what the scanned layer keeps for the backward pass
     attention_impl: str = "xla"
     init_std: float = 0.02
+    pipeline_stages: int = 1  # GPipe stages over the mesh's `stage` axis (models/pipeline.py); 1 = no pipeline
+    pipeline_microbatches: int = 0  # micro-batches per pipelined forward/backward; 0 = 2 x pipeline_stages
 
     def __post_init__(self):
         # JSON gives lists; the config must stay hashable (it sits in the model's graphdef)
@@ -105,6 +107,13 @@ class ModelConfig:
                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
         if self.query_pre_attn_scalar < 0:
             raise ValueError(f"model.query_pre_attn_scalar={self.query_pre_attn_scalar} must be >= 0 (0 = head_dim)")
+        if self.pipeline_stages < 1 or self.num_layers % self.pipeline_stages:
+            valid = [s for s in range(1, self.num_layers + 1) if self.num_layers % s == 0]
+            raise ValueError(f"model.pipeline_stages={self.pipeline_stages} must divide model.num_layers="
+                             f"{self.num_layers} (each stage runs num_layers / stages layers); valid: {valid}")
+        if self.pipeline_microbatches < 0:
+            raise ValueError(f"model.pipeline_microbatches={self.pipeline_microbatches} must be >= 0 "
+                             f"(0 = 2 x pipeline_stages)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

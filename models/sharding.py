@@ -34,7 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("head_dim", ()),
-    ("layers", ()),
+    ("layers", ("stage",)),  # pipeline stages hold consecutive layers (models/pipeline.py)
     ("experts", ("expert",)),
 )
 

@@ -3,7 +3,8 @@
 Flax NNX modules, used functionally: `graphdef, params = split_params(model)` once, then
 `apply(graphdef, params, batch)` inside `jax.jit`. Layers are built stacked (every parameter of
 `Decoder.layers` has a leading `layers` axis) and run with `jax.lax.scan`, rematerialised per
-the config. Projections are einsums with named dimensions:
+the config, or, with `pipeline_stages > 1`, as a GPipe pipeline over the mesh's `stage` axis
+(models/pipeline.py). Projections are einsums with named dimensions:
   B batch, T query length, S key length, D hidden, N heads, K kv heads, H head_dim,
   F mlp hidden, V vocabulary, L layers.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from models import pipeline
 from models.attention import dot_product_attention
 from models.config import ModelConfig
 from models.quant import dequantize
@@ -411,15 +413,38 @@ class Decoder(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(x, xs):
+        def layer(x, xs, batch_kw, rng):
+            """One block; `batch_kw` overrides positions / segment ids (a pipeline micro-batch's)."""
             state_l, cache_l, index_l, window_l = xs
-            rng_l = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index_l)
-            kw = attn_kw if window_l is None else {**attn_kw, "window": window_l}
+            rng_l = None if rng is None else jax.random.fold_in(rng, index_l)
+            kw = {**attn_kw, **batch_kw}
+            if window_l is not None:
+                kw["window"] = window_l
             return nnx.merge(graphdef, state_l)(x, dropout_rng=rng_l, kv_cache=cache_l, **kw)
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-        x, new_caches = jax.lax.scan(body, x, (layer_state, caches, jnp.arange(cfg.num_layers), per_layer_windows))
+            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+        layer_index = jnp.arange(cfg.num_layers)
+        if cfg.pipeline_stages > 1:
+            if cache is not None:
+                raise ValueError(f"KV-cache decoding is not supported with model.pipeline_stages="
+                                 f"{cfg.pipeline_stages}: decode with a model built from "
+                                 f"cfg.replace(pipeline_stages=1) (the parameters are the same)")
+
+            def pipelined_layer(x, layer_x, batch_x, microbatch):
+                state_l, index_l, window_l = layer_x
+                # dropout: a key per (micro-batch, layer); masks differ from the unpipelined model's
+                rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, microbatch)
+                return layer(x, (state_l, None, index_l, window_l), batch_x, rng)[0]
+
+            x = pipeline.gpipe(pipelined_layer, x, (layer_state, layer_index, per_layer_windows),
+                               {"positions_BT": positions_BT, "segment_ids_BT": segment_ids_BT},
+                               stages=cfg.pipeline_stages,
+                               microbatches=pipeline.num_microbatches(cfg.pipeline_stages, cfg.pipeline_microbatches))
+            new_caches = None
+        else:
+            x, new_caches = jax.lax.scan(lambda x, xs: layer(x, xs, {}, dropout_rng), x,
+                                         (layer_state, caches, layer_index, per_layer_windows))
 
         x = self.final_norm(x)
         if self.lm_head is not None:

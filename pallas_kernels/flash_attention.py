@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import KernelConfig
-from pallas_kernels.reference import default_positions, split_pair
+from pallas_kernels.reference import check_qkv, default_positions, split_pair
 
 BACKENDS = ("tpu", "gpu")
 DTYPES = ("float32", "bfloat16")
@@ -203,15 +203,7 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, causal=True, segment_ids=None, po
       out_BTNH in q's dtype, and lse_BNT (float32) when `return_lse`.
     """
     q, k, v = q_BTNH, k_BSKH, v_BSKH
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"flash_attention expects q [B,T,N,H] and k, v [B,S,K,H] of equal shapes; got "
-                         f"q {q.shape}, k {k.shape}, v {v.shape}")
-    b, t, n, h = q.shape
-    _, s, kh, hk = k.shape
-    if k.shape[0] != b or hk != h:
-        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
-    if n % kh:
-        raise ValueError(f"q has {n} heads, not a multiple of k's {kh} kv heads")
+    b, t, n, h, s, kh = check_qkv(q, k, v, "flash_attention")
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
         raise ValueError(f"flash_attention supports q, k, v of one dtype in {DTYPES}; got "

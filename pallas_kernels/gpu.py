@@ -168,6 +168,19 @@ def _i32(x):
     return jnp.int32(x)
 
 
+def _kv_tile_mask(kp_ref, ks_ref, bi, j, bq, bk, q_pos_r, q_seg_r, window, col_layout, c: KernelConfig):
+    """[bq, bk] mask of a query tile (its positions / ids already in registers) against kv tile j."""
+    shape = (bq, bk)
+    k_pos_c = _load_vec(kp_ref.at[bi, pl.ds(j * bk, bk)], col_layout)
+    k_seg_c = _load_vec(ks_ref.at[bi, pl.ds(j * bk, bk)], col_layout) if ks_ref is not None else None
+    kv_index = None
+    if c.kv_padded:
+        kv_index = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    return tile_mask(_row(q_pos_r, shape), _col(k_pos_c, shape),
+                     None if q_seg_r is None else _row(q_seg_r, shape),
+                     None if k_seg_c is None else _col(k_seg_c, shape), window, kv_index, c)
+
+
 def _maybe_mask(x, full, masked, c: KernelConfig):
     """masked(x) on partial blocks only; nothing at all when no entry can ever be masked."""
     if not c.needs_mask:
@@ -275,15 +288,8 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
             pl.when(wg == 1)(schedule_barrier)
 
             def masked(sc, j):
-                shape = (bq, bk)
-                k_pos_c = _load_vec(kp_ref.at[bi, pl.ds(j * bk, bk)], col_layout)
-                k_seg_c = _load_vec(ks_ref.at[bi, pl.ds(j * bk, bk)], col_layout) if c.has_segments else None
-                kv_index = None
-                if c.kv_padded:
-                    kv_index = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                mask = tile_mask(_row(q_pos_r, shape), _col(k_pos_c, shape),
-                             None if q_seg_r is None else _row(q_seg_r, shape),
-                             None if k_seg_c is None else _col(k_seg_c, shape), window_s, kv_index, c)
+                mask = _kv_tile_mask(kp_ref, ks_ref if c.has_segments else None, bi, j, bq, bk, q_pos_r, q_seg_r,
+                                     window_s, col_layout, c)
                 return jnp.where(mask, sc, MASK_VALUE)
 
             def kv_step(step, carry):
@@ -402,15 +408,8 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
             plgpu.barrier_wait(do_bars.at[wg])
 
             def masked(p, j):
-                shape = (bq, bk)
-                k_pos_c = _load_vec(kp_ref.at[bi, pl.ds(j * bk, bk)], col_layout)
-                k_seg_c = _load_vec(ks_ref.at[bi, pl.ds(j * bk, bk)], col_layout) if c.has_segments else None
-                kv_index = None
-                if c.kv_padded:
-                    kv_index = j * bk + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-                mask = tile_mask(_row(q_pos_r, shape), _col(k_pos_c, shape),
-                             None if q_seg_r is None else _row(q_seg_r, shape),
-                             None if k_seg_c is None else _col(k_seg_c, shape), window_s, kv_index, c)
+                mask = _kv_tile_mask(kp_ref, ks_ref if c.has_segments else None, bi, j, bq, bk, q_pos_r, q_seg_r,
+                                     window_s, col_layout, c)
                 return jnp.where(mask, p, 0.0)
 
             def kv_step(step, dq_acc):

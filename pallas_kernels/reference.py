@@ -19,6 +19,20 @@ import jax.numpy as jnp
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+def check_qkv(q_BTNH, k_BSKH, v_BSKH, who: str = "attention"):
+    """Validates the [B,T,N,H] / [B,S,K,H] layout; returns (b, t, n, h, s, kv_heads)."""
+    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
+        raise ValueError(f"{who} expects q [B,T,N,H] and k, v [B,S,K,H] of equal shapes; got "
+                         f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
+    b, t, n, h = q_BTNH.shape
+    _, s, kh, hk = k_BSKH.shape
+    if k_BSKH.shape[0] != b or hk != h:
+        raise ValueError(f"q {q_BTNH.shape} and k {k_BSKH.shape} disagree on batch or head_dim")
+    if n % kh:
+        raise ValueError(f"q has {n} heads, not a multiple of k's {kh} kv heads")
+    return b, t, n, h, s, kh
+
+
 def split_pair(x, name):
     """One [B, T] array shared by q and kv, or a (q_BT, kv_BS) pair -> (q, kv)."""
     if x is None:

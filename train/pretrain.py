@@ -33,7 +33,8 @@ from data.tokenizer import from_config as tokenizer_from_config
 from inference import generate
 from models.config import ModelConfig, flops_per_token, param_count
 from models.sharding import use_rules
-from models.transformer import merge_params
+from models.pipeline import bubble_fraction, num_microbatches
+from models.transformer import abstract_model, merge_params, split_params
 from models.ring_attention import zigzag_order
 from train import distributed
 from train import mesh as mesh_lib
@@ -66,6 +67,15 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
     if b % m or (b // m) % shards:
         raise ValueError(f"train.batch_size={b} must split into train.microbatches={m} micro-batches each "
                          f"divisible by the {shards} batch shards (mesh data x fsdp)")
+    stages = mesh["shape"]["stage"]
+    if stages > 1:  # GPipe over the mesh's stage axis (models/pipeline.py); config.json keeps the user's value
+        model_cfg = model_cfg.replace(pipeline_stages=stages)
+    if model_cfg.pipeline_stages > 1:
+        pm = num_microbatches(model_cfg.pipeline_stages, model_cfg.pipeline_microbatches)
+        if (b // m) % (pm * shards):
+            raise ValueError(f"train.batch_size={b} / train.microbatches={m} = {b // m} sequences per step must "
+                             f"split into model.pipeline_microbatches={pm} pipeline micro-batches each divisible "
+                             f"by the {shards} batch shards (mesh data x fsdp)")
     if b % jax.process_count():
         raise ValueError(f"train.batch_size={b} is not divisible by the {jax.process_count()} processes")
     if config.train.steps < 0:
@@ -175,6 +185,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     flops_tok = flops_per_token(model_cfg, seq)["train"]
     logging.info("model %s: %s parameters, %.3g train FLOPs/token; mesh %s", config.name, f"{n_params:,}",
                  flops_tok, {k: v for k, v in mesh_spec["shape"].items() if v > 1} or "1 device")
+    if model_cfg.pipeline_stages > 1:
+        s_, m_ = model_cfg.pipeline_stages, num_microbatches(model_cfg.pipeline_stages, model_cfg.pipeline_microbatches)
+        logging.info("pipeline: GPipe, %d stages x %d layers, %d micro-batches, bubble fraction %.3f", s_,
+                     model_cfg.num_layers // s_, m_, bubble_fraction(s_, m_))
 
     tokenizer, train_specs, eval_specs = load_data(config, workdir)
     dc = config.data
@@ -299,7 +313,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         writer.plot()
         if is_main and tc.num_samples > 0 and jax.process_count() == 1:
             prompts = [_prompt_of(r["text"]) for r, _ in zip(read_all(eval_specs[0]), range(tc.num_samples))]
-            model = merge_params(graphdef, state.params)
+            # decoding runs unpipelined (the KV cache needs every layer on the device): same parameters
+            model = merge_params(split_params(abstract_model(model_cfg.replace(pipeline_stages=1)))[0], state.params)
             _write_samples(workdir / SAMPLES_FILE, model, tokenizer, prompts,
                            max_new_tokens=tc.sample_tokens, seed=tc.seed)
         writer.close()

@@ -153,7 +153,7 @@ def one_device_run():
     return _train({}, devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp", "tp", "fsdp_sp"])
+@pytest.mark.parametrize("strategy", ["dp", "fsdp", "fsdp_tp", "tp", "fsdp_sp", "pp_fsdp"])
 def test_every_strategy_matches_one_device(strategy, one_device_run):
     """8 fake devices, the strategy's mesh: the same losses and gradient norms as 1 device (1e-4);
     the compiled step holds the collectives the strategy implies."""
@@ -163,11 +163,13 @@ def test_every_strategy_matches_one_device(strategy, one_device_run):
     shape = M.strategy_shape(strategy, 8, tiny_model_config(), seq_len=16)
     layout = zigzag_order(16, shape["sequence"]) if shape["sequence"] > 1 else None  # ring load balance
     hlo = []
-    l, g, _, state = _train(shape, layout=layout, hlo=hlo)
+    # pp_fsdp: GPipe over the stage axis, 2 pipeline micro-batches of 4 rows (one per fsdp shard)
+    cfg = tiny_model_config(pipeline_stages=shape["stage"], pipeline_microbatches=2) if shape["stage"] > 1 else None
+    l, g, _, state = _train(shape, layout=layout, hlo=hlo, cfg=cfg)
     np.testing.assert_allclose(l, ref_l, rtol=1e-4)
     np.testing.assert_allclose(g, ref_g, rtol=1e-4)
     text = hlo[0]
-    if strategy in ("fsdp", "fsdp_tp", "fsdp_sp"):
+    if strategy in ("fsdp", "fsdp_tp", "fsdp_sp", "pp_fsdp"):
         assert "all-gather" in text  # parameters gathered for use
         assert "reduce-scatter" in text or "all-reduce" in text  # gradients reduced (CPU: all-reduce)
         q = state.params["layers"]["attn"]["q"]["kernel"]
@@ -177,6 +179,9 @@ def test_every_strategy_matches_one_device(strategy, one_device_run):
         assert "tensor" in str(state.params["layers"]["mlp"]["up"]["kernel"].sharding.spec)
     if strategy == "fsdp_sp":
         assert "collective-permute" in text  # the ring
+    if strategy == "pp_fsdp":
+        assert shape["stage"] == 2 and "collective-permute" in text  # stage i hands its micro-batch to i+1
+        assert state.params["layers"]["attn"]["q"]["kernel"].sharding.spec[0] == "stage"  # layers split
     if strategy == "dp":
         assert all(all(axis is None for axis in p.sharding.spec) for p in jax.tree.leaves(state.params))
 
