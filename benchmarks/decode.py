@@ -80,7 +80,7 @@ def decode_section(batches, prompt_len=64, new=64):
 
         tmp = tempfile.mkdtemp()
         models.hf.save(model, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001
         print(f"(transformers baseline unavailable: {e})")
 

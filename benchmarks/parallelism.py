@@ -66,11 +66,14 @@ def run_strategy(config, strategy: str, batch_size: int, steps: int) -> dict:
     n = jax.device_count()
     resolved = mesh_lib.resolve({"shape": mesh_lib.DEFAULT_SHAPE, "strategy": strategy, "rules": ()}, n, model_cfg, seq)
     shape, rules = resolved["shape"], resolved["rules"]
-    if shape["stage"] > 1 and hasattr(model_cfg, "pipeline_stages"):  # GPipe over the stage axis, as a run sets it
-        model_cfg = model_cfg.replace(pipeline_stages=shape["stage"])
     mesh = mesh_lib.make_mesh(shape)
     tx, _ = make_optimizer(config.optimizer, 1000)
     shards = shape["data"] * shape["fsdp"]
+    if shape["stage"] > 1:  # GPipe over the stage axis, as a run sets it, with as many micro-batches (<= 2 x
+        # stages) as keep each one split over data x fsdp (train/pretrain.py requires it)
+        s = shape["stage"]
+        m = max(k for k in range(1, 2 * s + 1) if batch_size % (k * shards) == 0)
+        model_cfg = model_cfg.replace(pipeline_stages=s, pipeline_microbatches=m)
     plan = memory.plan_step(model_cfg, tx, mesh_shape=shape, rules=rules, seq_len=seq,
                             micro_batch=max(batch_size // shards, 1))
     with jax.set_mesh(mesh), use_rules(rules):
@@ -124,10 +127,10 @@ def part1(args):
 
 def part2(args):
     print()
-    print("## Planner: per-device GiB (params + grads + optimizer | activations at micro-batch 1) and the "
-          "largest micro-batch that fits")
+    print("## Planner: per-device GiB (params + grads + optimizer | activations at the smallest micro-batch: 1, "
+          "or for pp_fsdp the pipeline's M micro-batches of 1) and the largest micro-batch that fits")
     print()
-    print("| preset | machine | strategy | mesh | remat | state GiB | act. GiB @1 | total GiB @1 | max micro-batch "
+    print("| preset | machine | strategy | mesh | remat | state GiB | act. GiB @min | total GiB @min | max micro-batch "
           "| tokens / device |")
     print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for preset in ("1b", "llama3_8b"):
@@ -138,7 +141,7 @@ def part2(args):
                 for remat in ("full", "save_dots"):
                     try:
                         plan = memory.config_planner(config, num_devices=devices, remat=remat)
-                        one = plan(1)
+                        one = plan(plan.granularity)  # 1, or the pipeline's micro-batch count
                         best = memory.largest_fitting(plan, hbm * GIB)
                     except Exception as e:
                         print(f"| {preset} | {machine} | {strategy} | | {remat} | error: {e} | | | | |", flush=True)
@@ -153,7 +156,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--strategies", default=",".join(mesh_lib.STRATEGIES))
-    p.add_argument("--batch", type=int, default=8, help="global batch in sequences (divisible by 8)")
+    p.add_argument("--batch", type=int, default=16, help="global batch in sequences (divisible by 8; 16 gives "
+                   "pp_fsdp its default 2 x stages micro-batches)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--remat", default=None, help="override the preset's remat policy")
     p.add_argument("--no-planner", dest="planner", action="store_false")

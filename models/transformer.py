@@ -252,11 +252,14 @@ class Attention(nnx.Module):
         if kv_cache is None:
             seg, pos = segment_ids_BT, positions_BT
         else:
-            k_cache, v_cache = kv_cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(dt), v.astype(dt)
+            # the whole [L, B, S, K, H] cache and this layer's index: the new keys and values are
+            # written in place (the cache is a loop carry, never copied), then this layer's slice read
+            k_all, v_all, layer_i = kv_cache
+            at = (layer_i, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            new_cache = (k_all, v_all)
+            k, v = k_all[layer_i].astype(dt), v_all[layer_i].astype(dt)
             seg = (segment_ids_BT, kv_segment_ids_BS)
             pos = (positions_BT, kv_positions_BS)
         out = dot_product_attention(q, k, v, segment_ids=seg, positions=pos, causal=True, window=window,
@@ -442,9 +445,17 @@ class Decoder(nnx.Module):
                                stages=cfg.pipeline_stages,
                                microbatches=pipeline.num_microbatches(cfg.pipeline_stages, cfg.pipeline_microbatches))
             new_caches = None
-        else:
-            x, new_caches = jax.lax.scan(lambda x, xs: layer(x, xs, {}, dropout_rng), x,
-                                         (layer_state, caches, layer_index, per_layer_windows))
+        elif caches is None:
+            x, _ = jax.lax.scan(lambda x, xs: layer(x, (xs[0], None, *xs[1:]), {}, dropout_rng), x,
+                                (layer_state, layer_index, per_layer_windows))
+        else:  # decoding: the stacked cache rides in the carry and each layer updates its slice in place
+            def cached(carry, xs):
+                x, k_all, v_all = carry
+                state_l, index_l, window_l = xs
+                x, (k_all, v_all) = layer(x, (state_l, (k_all, v_all, index_l), index_l, window_l), {}, dropout_rng)
+                return (x, k_all, v_all), None
+
+            (x, *new_caches), _ = jax.lax.scan(cached, (x, *caches), (layer_state, layer_index, per_layer_windows))
 
         x = self.final_norm(x)
         if self.lm_head is not None:

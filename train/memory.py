@@ -371,6 +371,9 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
         b = int(micro_batch)
         if b < 1:
             raise ValueError(f"micro_batch={micro_batch} must be >= 1 (sequences per device)")
+        if b % pipe_mb:  # as train/pretrain.py requires: each pipeline micro-batch splits over data x fsdp
+            raise ValueError(f"micro_batch={micro_batch} sequences per device does not split into the {pipe_mb} "
+                             f"pipeline micro-batches (model.pipeline_microbatches); use a multiple of {pipe_mb}")
         saved = (f0 + f1 * b) + layers * ticks * (l0 + l1 * b / pipe_mb)
         # the logits phase: their float32 gradient next to the saved logits, and the gathered
         # head; the head's unsharded gradient comes once the logits are dead (it takes their room)
@@ -385,6 +388,7 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
                           transient=int(max(logits_phase, layer_phase)), offload_optimizer=offload_optimizer,
                           host_bytes=host, notes=tuple(notes))
 
+    plan.granularity = pipe_mb  # micro-batches come in multiples of this (1 without a pipeline)
     return plan
 
 
@@ -394,17 +398,23 @@ def plan_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, micro
 
 
 def largest_fitting(plan, hbm_bytes: float, limit: int = 1 << 16) -> int:
-    """The largest micro-batch b with `plan(b).total <= hbm_bytes` (0 if even 1 does not fit);
-    the total grows with b, so a doubling then bisecting search."""
-    if not plan(1).fits(hbm_bytes):
+    """The largest micro-batch b with `plan(b).total <= hbm_bytes` (0 if the smallest does not
+    fit); b runs over multiples of `plan.granularity` (the pipeline micro-batch count, else 1).
+    The total grows with b, so a doubling then bisecting search."""
+    g = getattr(plan, "granularity", 1)
+
+    def fits(k):
+        return plan(k * g).fits(hbm_bytes)
+
+    if not fits(1):
         return 0
     lo, hi = 1, 2
-    while hi <= limit and plan(hi).fits(hbm_bytes):
+    while hi * g <= limit and fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan(mid).fits(hbm_bytes) else (lo, mid)
-    return lo
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * g
 
 
 def config_planner(config, *, num_devices: int, mesh_shape: Mapping[str, int] | None = None,
@@ -428,7 +438,7 @@ def plan_memory(config, *, num_devices: int, micro_batch: int | None = None, **k
     batch_size / microbatches / (data x fsdp))."""
     plan = config_planner(config, num_devices=num_devices, **kw)
     if micro_batch is None:
-        micro_batch = default_micro_batch(config, plan(1).mesh_shape)
+        micro_batch = default_micro_batch(config, plan(plan.granularity).mesh_shape)
     return plan(micro_batch)
 
 

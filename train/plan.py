@@ -81,7 +81,7 @@ def report(config, *, num_devices: int, mesh_shape=None, hbm_gib: float | None =
     config_remat = config.model.remat
     planners = {r: memory.config_planner(config, num_devices=num_devices, mesh_shape=mesh_shape, remat=r,
                                          offload_optimizer=offload_optimizer) for r in REMAT_POLICIES}
-    first = planners[config_remat](1)
+    first = planners[config_remat](planners[config_remat].granularity)
     shape = first.mesh_shape
     mb = micro_batch if micro_batch is not None else memory.default_micro_batch(config, shape)
     p = planners[config_remat](mb)

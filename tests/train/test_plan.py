@@ -49,6 +49,9 @@ def _compiled_memory(cfg, tx, mesh, batch, seq_len):
     (dict(dtype="bfloat16", remat="none"), {}, 4, 256),  # 1 device, everything saved
     (dict(dtype="float32", remat="full"), {}, 4, 128),  # 1 device, full scores recomputed per layer
     (dict(dtype="bfloat16", remat="save_dots"), {"fsdp": 8}, 16, 256),  # FSDP: gathered weights, sharded state
+    # GPipe, 2 stages x 4 micro-batches: half the layers per device, residuals of every tick
+    (dict(dtype="bfloat16", remat="none", num_layers=4, pipeline_stages=2, pipeline_microbatches=4), {"stage": 2},
+     8, 256),
 ])
 def test_plan_matches_compiled_memory(overrides, mesh_shape, batch, seq_len):
     cfg = tiny_model_config(**{**SHAPE, **overrides})
