@@ -55,3 +55,26 @@ def test_rule_overrides_and_mesh():
     assert mesh.axis_names == M.MESH_AXES and mesh.devices.size == 8
     one = M.make_mesh(M.resolve_shape({}, 1), devices=jax.devices()[:1])
     assert one.devices.size == 1
+
+
+def test_pipeline_batch_errors_name_the_values():
+    """pp_fsdp on 8 devices (stage 2 x fsdp 4, 4 pipeline micro-batches by default): a step of 8
+    sequences cannot give each micro-batch a row per fsdp shard; 16 can. The planner refuses a
+    micro-batch the pipeline cannot split, naming the multiple it needs."""
+    from configs import pretrain
+    from train import memory
+    from train.pretrain import resolve_config
+
+    config = pretrain.get_config("tiny")
+    config.mesh.strategy = "pp_fsdp"
+    config.train.batch_size = 8
+    with pytest.raises(ValueError, match=r"train.batch_size=8 .* model.pipeline_microbatches=4 .* 4 batch shards"):
+        resolve_config(config, 8)
+    config.train.batch_size = 16
+    model_cfg, mesh, resolved = resolve_config(config, 8)
+    assert model_cfg.pipeline_stages == 2 and mesh["shape"]["stage"] == 2
+    assert resolved["model"]["pipeline_stages"] == 1  # config.json keeps the user's (unpipelined) model
+    plan = memory.config_planner(config, num_devices=8)
+    assert plan.granularity == 4 and plan(8).micro_batch == 8
+    with pytest.raises(ValueError, match="micro_batch=6 .* 4 pipeline micro-batches .* multiple of 4"):
+        plan(6)
