@@ -22,7 +22,7 @@ import numpy as np
 
 from models.ring_attention import ring_attention, sequence_shards
 from pallas_kernels.reference import (MASK_VALUE, check_qkv, attention_mask, default_positions, masked_attention,
-                                      split_pair)
+                                      masked_softmax, split_pair)
 
 IMPLS = ("xla", "cudnn", "pallas")
 
@@ -209,3 +209,46 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
                          f"available in this checkout ({e}); use impl='xla'") from e
     return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids, positions=positions,
                            causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: T new queries against the heads-first KV cache.
+
+
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=None, softcap=None, scale=None,
+                     impl="xla"):
+    """`dot_product_attention` (causal, explicit (q, kv) positions and segment ids) of T new
+    queries over a heads-first cache [B, K, S, H]: scores and values as batched matmuls over
+    (B, K) with no transpose of the cache.
+
+    Scores, softmax and accumulation are float32; on CPU the operands are converted to float32
+    first (XLA's CPU runtime has no bf16 x bf16 -> f32 kernel for these batch-major dots). Other
+    impls (prefill of long prompts with flash attention) get the cache transposed to
+    [B, S, K, H] and go through `dot_product_attention`.
+    """
+    if impl != "xla":
+        k, v = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
+        return dot_product_attention(q_BTNH, k, v, segment_ids=segment_ids, positions=positions, causal=True,
+                                     window=window, softcap=softcap, scale=scale, impl=impl)
+    b, t, n, h = q_BTNH.shape
+    kh = k_BKSH.shape[1]
+    if k_BKSH.ndim != 4 or k_BKSH.shape != v_BKSH.shape or k_BKSH.shape[0] != b or k_BKSH.shape[3] != h or n % kh:
+        raise ValueError(f"cached_attention expects q [B,T,N,H] and k, v [B,K,S,H] (N a multiple of K); got "
+                         f"q {q_BTNH.shape}, k {k_BKSH.shape}, v {v_BKSH.shape}")
+    g = n // kh
+    scale = (1.0 / h ** 0.5) if scale is None else scale
+    q_seg, k_seg = split_pair(segment_ids, "segment_ids")
+    q_pos, k_pos = split_pair(positions, "positions")
+    if isinstance(window, int) and window <= 0:
+        window = None
+    acc = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+    q_BKGTH = q_BTNH.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+    k, v = k_BKSH, v_BKSH
+    if jax.default_backend() == "cpu":
+        q_BKGTH, k, v = q_BKGTH.astype(acc), k.astype(acc), v.astype(acc)
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k, preferred_element_type=acc)
+    mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=True, window=window)[:, None, None]
+    p, _ = masked_softmax(s * scale, mask, softcap)
+    # (B, K)-major output: XLA's CPU dot for a (B, T)-major one is several times slower
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=acc)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)

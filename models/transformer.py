@@ -25,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models import pipeline
-from models.attention import dot_product_attention
+from models.attention import cached_attention, dot_product_attention
 from models.config import ModelConfig
 from models.quant import dequantize
 from models.sharding import constrain
@@ -192,23 +192,27 @@ def dropout(x, rate: float, rng):
 class KVCache:
     """Keys and values of every layer for `max_len` slots, filled left to right.
 
-    `segment_ids` is 0 for slots not written yet (and for padding tokens), so they are masked;
-    `positions` holds each written token's position (RoPE and causal/window masks use them).
+    Heads-first, [L, B, K, S, H]: each (row, kv head) reads its keys as one contiguous [S, H]
+    block, so attention over the cache needs no transpose (with [L, B, S, K, H] the transposes
+    cost a third of a CPU decode step; benchmarks/RESULTS.md). The layer scan carries the cache
+    and each layer writes its new keys and values in place. `segment_ids` is 0 for slots not
+    written yet (and for padding tokens), so they are masked; `positions` holds each written
+    token's position (RoPE and causal/window masks use them).
     """
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32
     positions: jax.Array  # [B, S] int32
     index: jax.Array  # [] int32: the next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.compute_dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
@@ -248,22 +252,22 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_freqs is not None:
             q, k = rope(q, positions_BT, inv_freq=self.rope_freqs), rope(k, positions_BT, inv_freq=self.rope_freqs)
-        new_cache = None
         if kv_cache is None:
-            seg, pos = segment_ids_BT, positions_BT
+            out = dot_product_attention(q, k, v, segment_ids=segment_ids_BT, positions=positions_BT, causal=True,
+                                        window=window, softcap=self.softcap, scale=self.scale, impl=self.impl)
+            new_cache = None
         else:
-            # the whole [L, B, S, K, H] cache and this layer's index: the new keys and values are
+            # the whole [L, B, K, S, H] cache and this layer's index: the new keys and values are
             # written in place (the cache is a loop carry, never copied), then this layer's slice read
             k_all, v_all, layer_i = kv_cache
-            at = (layer_i, 0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            at = (layer_i, 0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype).transpose(0, 2, 1, 3)[None], at)
+            out = cached_attention(q, k_all[layer_i].astype(dt), v_all[layer_i].astype(dt),
+                                   segment_ids=(segment_ids_BT, kv_segment_ids_BS),
+                                   positions=(positions_BT, kv_positions_BS), window=window, softcap=self.softcap,
+                                   scale=self.scale, impl=self.impl)
             new_cache = (k_all, v_all)
-            k, v = k_all[layer_i].astype(dt), v_all[layer_i].astype(dt)
-            seg = (segment_ids_BT, kv_segment_ids_BS)
-            pos = (positions_BT, kv_positions_BS)
-        out = dot_product_attention(q, k, v, segment_ids=seg, positions=pos, causal=True, window=window,
-                                    softcap=self.softcap, scale=self.scale, impl=self.impl)
         out = checkpoint_name(constrain(out, ("batch", "length", "heads", "head_dim")), "attention")
         return self.o(out), new_cache
 

@@ -66,6 +66,17 @@ def default_positions(batch: int, q_len: int, kv_len: int):
     return jnp.broadcast_to(q, (batch, q_len)), jnp.broadcast_to(k, (batch, kv_len))
 
 
+def masked_softmax(s, mask, softcap=None):
+    """(probabilities, lse) of scaled scores [..., S] under a boolean mask broadcastable to them:
+    softcap first, masked keys get probability 0, a fully masked row p = 0 and lse MASK_VALUE."""
+    if softcap:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(mask, s, MASK_VALUE)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    return p, jnp.where(mask.any(-1), lse, MASK_VALUE)
+
+
 def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
     """The definition, on explicit q/kv positions and segment ids. out [B,T,N,H], lse [B,N,T]."""
     b, t, n, h = q.shape
@@ -74,14 +85,8 @@ def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
     acc = jnp.promote_types(q.dtype, jnp.float32)
     q_BTKGH = q.reshape(b, t, kh, g, h)
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=acc) * scale
-    if softcap:
-        s = softcap * jnp.tanh(s / softcap)
-    mask_BTS = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)
-    mask = mask_BTS[:, None, None]
-    s = jnp.where(mask, s, MASK_VALUE)
-    lse_BKGT = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - lse_BKGT[..., None]), 0.0)  # fully masked rows: all zero
-    lse_BKGT = jnp.where(mask.any(-1), lse_BKGT, MASK_VALUE)
+    mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
+    p, lse_BKGT = masked_softmax(s, mask, softcap)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=acc)
     out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
     if return_lse:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import dot_product_attention
+from models.attention import cached_attention, dot_product_attention
 from pallas_kernels.reference import masked_attention
 
 
@@ -94,6 +94,28 @@ def test_separate_q_and_kv_ids_decode_shape():
     out = dot_product_attention(q, k, v, segment_ids=(q_seg, k_seg), positions=(q_pos, k_pos), window=6)
     ref, _ = reference(q, k, v, q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos, window=6)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,n,kh,window,softcap", [
+    (1, 4, 2, None, None),  # one decode step
+    (1, 8, 1, 5, 9.0),
+    (4, 6, 3, None, 4.0),  # a speculative verification chunk
+    (9, 4, 1, 6, None),
+])
+def test_cached_attention_heads_first_matches_reference(t, n, kh, window, softcap):
+    """Queries against a heads-first [B, K, S, H] cache with empty and padded slots."""
+    s = 16
+    q, k, v = _inputs(10 + t + n, t=t, s=s, n=n, kh=kh)
+    k_seg = np.array([[1] * 13 + [0] * 3, [0] * 3 + [1] * 13], np.int32)
+    k_pos = np.array([list(range(13)) + [0] * 3, [0] * 3 + list(range(13))], np.int32)
+    q_seg = np.ones((2, t), np.int32)
+    q_pos = np.array([list(range(13 - t, 13)), list(range(13 - t, 13))], np.int32)
+    out = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids=(q_seg, k_seg),
+                           positions=(q_pos, k_pos), window=window, softcap=softcap)
+    ref, _ = reference(q, k, v, q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos, window=window, softcap=softcap)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"k, v \[B,K,S,H\]"):
+        cached_attention(q, k, v, segment_ids=(q_seg, k_seg), positions=(q_pos, k_pos))
 
 
 def test_fully_masked_rows_are_finite():

@@ -79,7 +79,7 @@ def test_kv_cache_matches_full_recompute(llama):
         logits, cache = model(x[:, i:i + 1], cache=cache)
         outs.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert int(cache.index) == 17
+    assert int(cache.index) == 17 and cache.max_len == 24
 
 
 def test_kv_cache_left_padded_rows(llama):
@@ -96,6 +96,23 @@ def test_kv_cache_left_padded_rows(llama):
     step_logits, _ = model(nxt, positions_BT=np.array([[10], [6]], np.int32), cache=cache)
     ref_b = np.asarray(model(np.concatenate([b, nxt[1:]], 1)))[0, -1]
     np.testing.assert_allclose(np.asarray(step_logits[1, 0]), ref_b, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_per_layer_windows_softcap_and_chunks():
+    """Gemma-2-like layers (local/global windows, score softcap, post norms, MQA): decoding in
+    chunks of 1 and 5 new tokens equals the full forward pass."""
+    cfg = tiny_model_config(num_layers=3, layer_windows=(4, 0, 6), attn_logit_softcap=30.0, post_norms=True,
+                            num_heads=4, num_kv_heads=1)
+    model = T.build(cfg, seed=9)
+    r = np.random.default_rng(9)
+    x = random_tokens(r, (2, 23), cfg.vocab_size)
+    full = np.asarray(model(x))
+    logits, cache = model(x[:, :7], cache=T.init_cache(cfg, 2, 32))
+    outs = [np.asarray(logits)]
+    for lo, hi in [(7, 8), (8, 13), (13, 14), (14, 19), (19, 23)]:
+        logits, cache = model(x[:, lo:hi], cache=cache)
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_sliding_window_limits_context():
