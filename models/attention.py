@@ -5,6 +5,8 @@
            (T == S), the masked-softmax definition (`pallas_kernels.reference`) otherwise;
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs;
   "pallas" our own flash-attention kernels (`pallas_kernels.flash_attention`).
+Decoding against the model's heads-first KV cache goes through `cached_attention`, the same
+definition on the cache's [B, K, S, H] layout.
 
 Masking is expressed with positions and segment ids (defined in `pallas_kernels.reference`), so
 the same code serves training on packed rows, left-padded batches and decoding against a KV
