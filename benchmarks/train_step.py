@@ -2,18 +2,23 @@
 
     .venv/bin/python benchmarks/train_step.py                 # tiny and small, f32 and bf16, + PyTorch
     .venv/bin/python benchmarks/train_step.py --presets=small --steps=20 --no-torch
+    python benchmarks/train_step.py --presets=1b --dtypes=bfloat16 --batch=8 --remat=none,full \
+        --attention=pallas,cudnn                                   # one GPU (benchmarks/gpu_session.sh)
 
 For each preset and compute dtype: a jitted Loom train step (AdamW, the preset's batch and
 sequence length) on one device, timed after warm-up, reported as tokens/s, model FLOP/s and
 MFU against the matmul peak measured first on this machine (f32, and bf16 inputs with f32
 accumulation). The baseline is PyTorch eager with `transformers.LlamaForCausalLM` of the same
-shape (f32, and bf16 autocast), AdamW, same batch; the ratio column is Loom / best PyTorch.
+shape (f32, and bf16 autocast; on CUDA when torch sees a GPU, with its default SDPA attention),
+AdamW, same batch; the ratio column is best PyTorch time / Loom time. --batch, --seq, --remat and
+--attention override the preset (the last two take comma-separated lists, one Loom row each).
 Prints figures; never asserts on time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -40,9 +45,9 @@ def _batch(rng, b, t, vocab):
             "segment_ids_BT": np.ones((b, t), np.int32), "loss_mask_BT": np.ones((b, t), np.float32)}
 
 
-def time_loom(config, dtype: str, steps: int, warmup: int = 2) -> float:
+def time_loom(config, dtype: str, steps: int, warmup: int = 2, **model_overrides) -> float:
     """Seconds per train step (median of `steps`)."""
-    model_cfg = ModelConfig.from_dict({**config.model.to_dict(), "dtype": dtype})
+    model_cfg = ModelConfig.from_dict({**config.model.to_dict(), "dtype": dtype, **model_overrides})
     mesh = mesh_lib.make_mesh(mesh_lib.resolve_shape({}, 1), devices=jax.devices()[:1])
     tx, _ = make_optimizer(config.optimizer, 1000)
     with jax.set_mesh(mesh):
@@ -76,22 +81,28 @@ def time_torch(config, dtype: str, steps: int, warmup: int = 2) -> float | None:
                                       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
                                       head_dim=m.head_dim, max_position_embeddings=m.max_seq_len,
                                       tie_word_embeddings=m.tie_embeddings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(hf_cfg)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device)
     model.train()
+    model.config.use_cache = False
+    if m.remat != "none":  # the same memory trade as Loom's remat
+        model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     b = _batch(np.random.default_rng(0), config.train.batch_size, config.data.seq_len, m.vocab_size)
-    x = torch.as_tensor(b["inputs_BT"], dtype=torch.long)
-    y = torch.as_tensor(b["targets_BT"], dtype=torch.long)
+    x = torch.as_tensor(b["inputs_BT"], dtype=torch.long, device=device)
+    y = torch.as_tensor(b["targets_BT"], dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sync()
 
     for _ in range(warmup):
         step()
@@ -100,6 +111,10 @@ def time_torch(config, dtype: str, steps: int, warmup: int = 2) -> float | None:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    if device == "cuda":  # give the memory back before Loom's runs
+        model = opt = step = None
+        gc.collect()
+        torch.cuda.empty_cache()
     return float(np.median(times))
 
 
@@ -109,6 +124,10 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--batch", type=int, default=0, help="override the preset's batch size (0: keep)")
+    ap.add_argument("--seq", type=int, default=0, help="override the preset's sequence length (0: keep)")
+    ap.add_argument("--remat", default="", help="comma-separated remat policies (default: the preset's)")
+    ap.add_argument("--attention", default="", help="comma-separated attention impls (default: the preset's)")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -119,10 +138,17 @@ def main():
         peaks[dt] = measure_matmul_flops(dt)
         print(f"matmul peak {dt:9s} (f32 accumulation): {peaks[dt] / 1e9:8.1f} GFLOP/s")
     print()
-    print(f"{'preset':8s} {'dtype':9s} {'impl':8s} {'step ms':>9s} {'tok/s':>9s} {'GFLOP/s':>9s} "
+    print(f"{'preset':8s} {'dtype':9s} {'impl':18s} {'step ms':>9s} {'tok/s':>9s} {'GFLOP/s':>9s} "
           f"{'MFU':>6s} {'MFU/f32pk':>9s} {'vs torch':>8s}")
     for preset in args.presets.split(","):
         config = pretrain.get_config(preset)
+        if args.batch:
+            config.train.batch_size = args.batch
+        if args.seq:
+            config.data.seq_len = args.seq
+        remats = args.remat.split(",") if args.remat else [config.model.remat]
+        impls = args.attention.split(",") if args.attention else [config.model.attention_impl]
+        config.model.remat = remats[0]  # what the PyTorch baseline mirrors
         tokens = config.train.batch_size * config.data.seq_len
         model_cfg = ModelConfig.from_dict(config.model.to_dict())
         fpt = flops_per_token(model_cfg, config.data.seq_len)["train"]
@@ -131,17 +157,19 @@ def main():
             for dt in args.dtypes.split(","):
                 torch_times[dt] = time_torch(config, dt, max(3, args.steps // 2))
         best_torch = min((t for t in torch_times.values() if t), default=None)
-        for dt in args.dtypes.split(","):
-            t = time_loom(config, dt, args.steps)
-            tps = tokens / t
-            ratio = f"{best_torch / t:7.2f}x" if best_torch else "      -"
-            print(f"{preset:8s} {dt:9s} {'loom':8s} {t * 1e3:9.1f} {tps:9.0f} {tps * fpt / 1e9:9.1f} "
-                  f"{tps * fpt / peaks[dt]:6.2f} {tps * fpt / peaks.get('float32', peaks[dt]):9.2f} {ratio}")
         for dt, t in torch_times.items():
             if t:
                 tps = tokens / t
-                print(f"{preset:8s} {dt:9s} {'torch':8s} {t * 1e3:9.1f} {tps:9.0f} {tps * fpt / 1e9:9.1f} "
+                print(f"{preset:8s} {dt:9s} {'torch':18s} {t * 1e3:9.1f} {tps:9.0f} {tps * fpt / 1e9:9.1f} "
                       f"{tps * fpt / peaks[dt]:6.2f} {tps * fpt / peaks.get('float32', peaks[dt]):9.2f}")
+        for dt, remat, impl in ((d, r, i) for d in args.dtypes.split(",") for r in remats for i in impls):
+            t = time_loom(config, dt, args.steps, remat=remat, attention_impl=impl)
+            tps = tokens / t
+            ratio = f"{best_torch / t:7.2f}x" if best_torch else "      -"
+            name = "loom" if len(remats) == len(impls) == 1 else f"loom/{remat}/{impl}"
+            print(f"{preset:8s} {dt:9s} {name:18s} {t * 1e3:9.1f} {tps:9.0f} {tps * fpt / 1e9:9.1f} "
+                  f"{tps * fpt / peaks[dt]:6.2f} {tps * fpt / peaks.get('float32', peaks[dt]):9.2f} {ratio}",
+                  flush=True)
     print("\nMFU: model FLOPs (6N + attention, no remat) per second over the matmul peak of the same dtype.")
 
 
