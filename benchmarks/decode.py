@@ -17,6 +17,12 @@ speculative   A trained target (the `tiny` preset run in runs/tiny, trained by t
               missing) and a 1-layer draft trained the same way (runs/tiny_draft): acceptance
               rate, tokens per target pass, and wall-clock speed-up over the target alone.
 quantize      The trained target's held-out perplexity and parameter bytes in bf16, int8 and int4.
+layout        Why the CPU decode layout (models.transformer.decode_layout): the `small` model's
+              57 weight matrices (103 MB, f32, each its own array) multiplied by 1, 8 and 16 rows,
+              as row-major [K, N] matrices (`x @ W`) and as 32- and 64-column panels
+              (`panel_matmul`): ms per pass over all of them and the weight bytes read per second;
+              and `inference.generate`'s decode step with the model's own layout and the decode
+              layout, interleaved.
 Prints figures; never asserts on time.
 """
 
@@ -227,9 +233,69 @@ def quantize_section(target_dir):
         print(f"  {mode:8s} {p:10.3f} {100 * (p / base - 1):+7.2f}% {qb / 2**20:9.2f} {1 - qb / base_bytes:6.1%}")
 
 
+def layout_section(rows=(1, 8, 16), rounds=4):
+    from configs import pretrain
+    from inference import engine, generate
+    from models.config import ModelConfig
+    from models.transformer import build, panel_matmul, to_panels
+
+    c = pretrain.get_config("small")
+    cfg = ModelConfig.from_dict({**c.model.to_dict(), "dtype": "float32", "max_seq_len": 512})
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = [(d, n * h), (d, k * h), (d, k * h), (n * h, d), (d, f), (d, f), (f, d)] * cfg.num_layers
+    shapes.append((d, cfg.vocab_size))
+    r = np.random.default_rng(0)
+    mats = [jnp.asarray(r.standard_normal(s, np.float32) * 0.02) for s in shapes]
+    nbytes = sum(a.size * 4 for a in mats)
+
+    def per_pass(weights, fn, m):
+        xs = {kk: jnp.asarray(r.standard_normal((m, kk), np.float32)) for kk in {s[0] for s in shapes}}
+
+        @jax.jit
+        def passes(xs, weights):  # 5 passes over every matrix, each product feeding a carry
+            def body(_, acc):
+                for w, (kk, _n) in zip(weights, shapes):
+                    acc = acc + fn(xs[kk] + acc * 1e-9, w)[:, :1]
+                return acc
+            return jax.lax.fori_loop(0, 5, body, jnp.zeros((m, 1)))
+        return _timed(lambda: jax.block_until_ready(passes(xs, weights)), repeats=5) / 5
+
+    print(f"\nlayout: the `small` model's {len(mats)} weight matrices ({nbytes / 1e6:.0f} MB f32), "
+          f"best of 5 timings of 5 passes")
+    print(f"{'rows':>5} {'layout':>14} {'ms/pass':>8} {'GB/s':>6}")
+    for m in rows:
+        ref = per_pass(mats, lambda x, w: x @ w, m)
+        print(f"{m:5d} {'row-major':>14} {ref * 1e3:8.2f} {nbytes / ref / 1e9:6.1f}")
+        for j in (32, 64):
+            panels = [to_panels(w, j) for w in mats]
+            t = per_pass(panels, lambda x, w: panel_matmul(x, w, 1, (w.shape[0] * w.shape[2],), jnp.float32,
+                                                           jnp.float32), m)
+            print(f"{m:5d} {f'{j}-col panels':>14} {t * 1e3:8.2f} {nbytes / t / 1e9:6.1f}   {ref / t:.2f}x")
+
+    model = build(cfg, seed=0)
+    plain = lambda *a, **kw: None  # noqa: E731
+    auto = engine._decode_layout_split
+    print(f"\ngenerate, decode ms/step (median of {rounds} interleaved rounds; prompt 64, 64 new)")
+    for b in (1, 8):
+        prompts = r.integers(3, cfg.vocab_size, (b, 64)).tolist()
+        steps = {"model's layout": [], "decode layout": []}
+        try:
+            for rnd in range(rounds + 1):
+                for name, split in (("model's layout", plain), ("decode layout", auto)):
+                    engine._decode_layout_split = split
+                    t1 = _timed(lambda: generate(model, prompts, max_new_tokens=1), repeats=1)
+                    tn = _timed(lambda: generate(model, prompts, max_new_tokens=64), repeats=1)
+                    if rnd:  # round 0 warms up
+                        steps[name].append((tn - t1) / 63)
+        finally:
+            engine._decode_layout_split = auto
+        a, bb = (float(np.median(v)) for v in steps.values())
+        print(f"  batch {b}: model's layout {a * 1e3:.2f} ms, decode layout {bb * 1e3:.2f} ms ({a / bb:.2f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="decode,speculative,quantize")
+    ap.add_argument("--sections", default="decode,speculative,quantize,layout")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=3, help="decode: interleaved rounds per batch size (medians)")
     ap.add_argument("--target", default=str(REPO / "runs" / "tiny"))
@@ -245,6 +311,8 @@ def main():
         speculative_section(pathlib.Path(args.target), pathlib.Path(args.draft))
     if "quantize" in sections:
         quantize_section(pathlib.Path(args.target))
+    if "layout" in sections:
+        layout_section()
 
 
 if __name__ == "__main__":

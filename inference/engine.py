@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import weakref
 from typing import Callable, Sequence
 
 import jax
@@ -26,7 +27,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from inference.sampling import sample
-from models.transformer import init_cache, split_params
+from models.transformer import PANEL_MAX_ROWS, decode_layout, init_cache, split_params
 
 
 def bucket(n: int, minimum: int = 16, step_above: int = 256) -> int:
@@ -44,6 +45,50 @@ _REQUEST_IDS = itertools.count()
 _LOCK = threading.Lock()
 
 
+# The CPU decode layout (models.transformer.decode_layout): on/off (it holds one extra copy of
+# the kernels per model while the model lives), and its column-panel width.
+CPU_DECODE_LAYOUT = True
+DECODE_PANEL = 32
+# model -> (weak references to its weights, its decode layout): built once per set of weights
+_DECODE_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def uses_decode_layout(model, batch: int) -> bool:
+    """Whether `generate` decodes this model at this batch with `decode_layout`'s weights.
+
+    The layout pays where a decode step is memory-bound on a CPU: float32 compute, few rows.
+    Measured on a 2-core x86 (`small`, benchmarks/RESULTS.md): steps 1.2x / 1.3x faster at
+    batch 1 / 8; at 32 rows 32-column panels were slower than the plain matrices, and bfloat16
+    compute gained nothing. Not for weights on several devices (the panels would lose their
+    shardings) nor on GPU/TPU.
+    """
+    return _decode_layout_split(model, batch) is not None
+
+
+def with_decode_layout(model):
+    """`decode_layout(model, DECODE_PANEL)`, cached while the model keeps the same weight arrays
+    (new weights, e.g. after a training step, rebuild it; one layout per model is kept)."""
+    return _decode_layout_split(model, 1, check=False)[0]
+
+
+def _decode_layout_split(model, batch: int, check: bool = True):
+    """(decode-layout model, its graphdef, its params) when the layout applies, else None;
+    cached under weak references to the model's weight arrays."""
+    if check and (not CPU_DECODE_LAYOUT or jax.default_backend() != "cpu"
+                  or model.config.compute_dtype != jnp.float32 or batch > PANEL_MAX_ROWS):
+        return None
+    leaves = jax.tree.leaves(nnx.state(model))
+    if check and len({d for x in leaves if isinstance(x, jax.Array) for d in x.devices()}) > 1:
+        return None
+    hit = _DECODE_LAYOUTS.get(model)
+    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves)):
+        return hit[1]
+    laid_out = model if model.layer_list is not None else decode_layout(model, DECODE_PANEL)
+    entry = (laid_out, *split_params(laid_out))  # splitting the unrolled blocks costs ~10 ms: once
+    _DECODE_LAYOUTS[model] = ([weakref.ref(x) for x in leaves], entry)
+    return entry
+
+
 def _dispatch(request_id, step, tokens):
     return _HANDLERS[int(request_id)](int(step), np.asarray(tokens))
 
@@ -57,10 +102,10 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_buf", "temperature", "top_k", "top_p", "min_p",
-                                             "repetition_penalty", "stop_tokens", "host"))
+                                             "repetition_penalty", "stop_tokens", "host", "per_layer"))
 def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B, padded_B, n_steps, request_id, *,
               n_buf,
-              temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, host):
+              temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, host, per_layer=False):
     model = nnx.merge(graphdef, params)
     b, p = tokens_BP.shape
     cache = init_cache(model.config, b, p + n_buf)
@@ -96,6 +141,8 @@ def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B,
     tok, lp = pick(logits[:, -1], seen, 0)
     done, seen, out_ids, out_lp = emit(0, tok, padded_B, seen, out_ids, out_lp, lp)  # batch padding: done
     pos = positions_BP[:, -1] + 1
+    if per_layer:  # a decode-layout model: the steps run its per-layer blocks (prefill ran the stack)
+        cache = cache.per_layer()
 
     def cond(c):
         step, done = c[0], c[3]
@@ -208,13 +255,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         with _LOCK:
             request_id = next(_REQUEST_IDS)
             _HANDLERS[request_id] = _StreamState(n, stream, stop_strings, tokenizer)
-    graphdef, params = split_params(model)
+    laid_out = _decode_layout_split(model, b)  # the CPU decode layout, or None
+    per_layer = laid_out is not None
+    graphdef, params = laid_out[1:] if per_layer else split_params(model)
     try:
         ids, logps = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), keys,
                                jnp.arange(b) >= n, jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(request_id, jnp.int32),
                                n_buf=n_buf, temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=float(repetition_penalty),
-                               stop_tokens=tuple(int(s) for s in stop_tokens), host=host)
+                               stop_tokens=tuple(int(s) for s in stop_tokens), host=host,
+                               per_layer=per_layer)
         ids, logps = map(np.asarray, jax.device_get((ids, logps)))
     finally:
         _HANDLERS.pop(request_id, None)

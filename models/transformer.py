@@ -76,6 +76,44 @@ def _mixed_einsum_bwd(spec, dtype, out_dtype, res, dy):
 mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
+def _contracted(spec: str) -> str:
+    """The contracted dimension letters of an `x, kernel` einsum spec ("BTD,DNH->BTNH" -> "D")."""
+    xs, ws = spec.split("->")[0].split(",")
+    return "".join(c for c in ws if c in xs)
+
+
+# Rows (tokens in the call) up to which `panel_matmul` streams the panels; above, the matrix is
+# re-formed and multiplied whole (at 32 rows the plain matmul was already as fast; prefill is
+# compute-bound, where one large matmul is faster).
+PANEL_MAX_ROWS = 16
+
+
+def to_panels(w_KN, panel: int):
+    """[..., K, N] -> [..., N / panel, K, panel]: each panel's columns contiguous, row after row."""
+    *lead, k, n = w_KN.shape
+    return jnp.swapaxes(w_KN.reshape(*lead, k, n // panel, panel), -3, -2)
+
+
+def panel_matmul(x, w_PKJ, n_contracted: int, out_features: tuple, dtype, out_dtype):
+    """x [..., K...] times a kernel stored as column panels (`to_panels`) -> [..., N...].
+
+    A batch of small matmuls over the panels: each reads its [K, panel] block as one contiguous
+    stream, which a memory-bound decode step on a CPU reads ~1.2-1.3x faster than the same
+    weights as one row-major [K, N] matrix (benchmarks/RESULTS.md). Float32 accumulation.
+    """
+    lead = x.shape[:x.ndim - n_contracted]
+    p, k, j = w_PKJ.shape
+    x_MK = x.reshape(-1, k).astype(dtype)
+    if x_MK.shape[0] > PANEL_MAX_ROWS:
+        w_KN = jnp.swapaxes(w_PKJ, 0, 1).reshape(k, p * j)
+        y_MN = jnp.einsum("MK,KN->MN", x_MK, w_KN.astype(dtype), preferred_element_type=F32)
+    else:
+        y_PMJ = jnp.einsum("PMK,PKJ->PMJ", jnp.broadcast_to(x_MK, (p,) + x_MK.shape), w_PKJ.astype(dtype),
+                           preferred_element_type=F32)
+        y_MN = jnp.swapaxes(y_PMJ, 0, 1).reshape(x_MK.shape[0], p * j)
+    return y_MN.reshape(lead + tuple(out_features)).astype(out_dtype)
+
+
 class Einsum(nnx.Module):
     """A projection `einsum(spec, x, kernel) (+ bias)`: inputs in the compute dtype, float32
     accumulation, output in `out_dtype` (the compute dtype unless asked otherwise)."""
@@ -93,6 +131,10 @@ class Einsum(nnx.Module):
         # with `kernel_scale`
         self.quant = None
         self.kernel_scale = nnx.data(None)
+        # decode layout (`decode_layout`): None, or the kernel is stored as [P, K, panel] column
+        # panels of the [K, N] matrix (K = contracted features, N = output features)
+        self.panel = None
+        self.out_features = tuple(shape[len(_contracted(spec)):])
 
     def weight(self):
         """The kernel in the compute dtype (dequantized if quantized)."""
@@ -101,7 +143,11 @@ class Einsum(nnx.Module):
         return dequantize(self.kernel[...], self.kernel_scale[...], self.quant, self.dtype)
 
     def __call__(self, x):
-        y = mixed_einsum(self.spec, x, self.weight(), self.dtype, self.out_dtype)
+        if self.panel is None:
+            y = mixed_einsum(self.spec, x, self.weight(), self.dtype, self.out_dtype)
+        else:
+            y = panel_matmul(x, self.kernel[...], len(_contracted(self.spec)), self.out_features, self.dtype,
+                             self.out_dtype)
         if self.bias is not None:
             y = (y.astype(F32) + self.bias[...].astype(F32)).astype(self.out_dtype)
         return checkpoint_name(y, "proj")
@@ -197,18 +243,26 @@ class KVCache:
     cost a third of a CPU decode step; benchmarks/RESULTS.md). The layer scan carries the cache
     and each layer writes its new keys and values in place. `segment_ids` is 0 for slots not
     written yet (and for padding tokens), so they are masked; `positions` holds each written
-    token's position (RoPE and causal/window masks use them).
+    token's position (RoPE and causal/window masks use them). A `decode_layout` model keeps
+    one [B, K, S, H] buffer per layer instead (`per_layer`): no per-step slice of the stack.
     """
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array | tuple  # [L, B, K, S, H], or per layer: L arrays [B, K, S, H]
+    v: jax.Array | tuple
     segment_ids: jax.Array  # [B, S] int32
     positions: jax.Array  # [B, S] int32
     index: jax.Array  # [] int32: the next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+    def per_layer(self) -> KVCache:
+        """The same cache as one buffer per layer (what a `decode_layout` model carries)."""
+        if isinstance(self.k, tuple):
+            return self
+        split = lambda a: tuple(a[i] for i in range(a.shape[0]))  # noqa: E731
+        return dataclasses.replace(self, k=split(self.k), v=split(self.v))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -258,12 +312,17 @@ class Attention(nnx.Module):
             new_cache = None
         else:
             # the whole [L, B, K, S, H] cache and this layer's index: the new keys and values are
-            # written in place (the cache is a loop carry, never copied), then this layer's slice read
+            # written in place (the cache is a loop carry, never copied), then this layer's slice
+            # read; or (layer index None) this layer's own [B, K, S, H] buffer
             k_all, v_all, layer_i = kv_cache
-            at = (layer_i, 0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype).transpose(0, 2, 1, 3)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype).transpose(0, 2, 1, 3)[None], at)
-            out = cached_attention(q, k_all[layer_i].astype(dt), v_all[layer_i].astype(dt),
+            new_k, new_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            at = (0, 0, cache_index, 0)
+            if layer_i is not None:
+                new_k, new_v, at = new_k[None], new_v[None], (layer_i, *at)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k.astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v.astype(v_all.dtype), at)
+            k_l, v_l = (k_all, v_all) if layer_i is None else (k_all[layer_i], v_all[layer_i])
+            out = cached_attention(q, k_l.astype(dt), v_l.astype(dt),
                                    segment_ids=(segment_ids_BT, kv_segment_ids_BS),
                                    positions=(positions_BT, kv_positions_BS), window=window, softcap=self.softcap,
                                    scale=self.scale, impl=self.impl)
@@ -354,6 +413,10 @@ class Decoder(nnx.Module):
         self.embed_scale_q = nnx.data(None)
         self.layers = _stacked_blocks(cfg, rngs)
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt, offset=cfg.norm_weight_offset)
+        # `decode_layout`: the layers as a list of per-layer blocks with panel kernels, and the
+        # output head as panels (both for decode steps); None in the model as built and trained
+        self.layer_list = nnx.data(None)
+        self.head_panels = nnx.data(None)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -452,6 +515,17 @@ class Decoder(nnx.Module):
         elif caches is None:
             x, _ = jax.lax.scan(lambda x, xs: layer(x, (xs[0], None, *xs[1:]), {}, dropout_rng), x,
                                 (layer_state, layer_index, per_layer_windows))
+        elif isinstance(cache.k, tuple):  # one cache buffer per layer: the decode layout's own blocks
+            if self.layer_list is None:
+                raise ValueError("a per-layer KV cache (KVCache.per_layer) needs a model from "
+                                 "models.transformer.decode_layout; pass the stacked cache to this model")
+            new_k, new_v = [], []
+            for i, block in enumerate(self.layer_list):
+                kw = {**attn_kw, "window": cfg.window(i) or None}
+                x, (k_i, v_i) = block(x, kv_cache=(cache.k[i], cache.v[i], None), **kw)
+                new_k.append(k_i)
+                new_v.append(v_i)
+            new_caches = (tuple(new_k), tuple(new_v))
         else:  # decoding: the stacked cache rides in the carry and each layer updates its slice in place
             def cached(carry, xs):
                 x, k_all, v_all = carry
@@ -462,7 +536,9 @@ class Decoder(nnx.Module):
             (x, *new_caches), _ = jax.lax.scan(cached, (x, *caches), (layer_state, layer_index, per_layer_windows))
 
         x = self.final_norm(x)
-        if self.lm_head is not None:
+        if self.head_panels is not None and cache is not None and isinstance(cache.k, tuple):
+            logits = panel_matmul(x, self.head_panels[...], 1, (cfg.vocab_size,), dt, F32)
+        elif self.lm_head is not None:
             logits = self.lm_head(x)
         else:
             logits = mixed_einsum("BTD,VD->BTV", x, self.embed_table(), dt, F32)
@@ -474,6 +550,51 @@ class Decoder(nnx.Module):
         new_cache = KVCache(k=new_caches[0], v=new_caches[1], segment_ids=attn_kw["kv_segment_ids_BS"],
                             positions=attn_kw["kv_positions_BS"], index=cache.index + t)
         return logits, new_cache
+
+
+def decode_layout(model: Decoder, panel: int = 32) -> Decoder:
+    """The model with its weights laid out for memory-bound decoding on a CPU (same parameters).
+
+    A decode step multiplies a few rows by every weight matrix, so its speed is how fast the
+    weights stream from memory. Here each layer is a block of its own (`layer_list`, unrolled:
+    no per-step slice of the stacked weights in the layer loop), and every float kernel whose
+    output features divide by `panel` is stored as column panels (`to_panels`), which XLA:CPU
+    streams faster than a row-major matrix; so is the output head (`head_panels`, from the head
+    or the tied embedding table). Quantized kernels stay as they are. KV-cache calls with the
+    cache as one buffer per layer (`KVCache.per_layer`) run these blocks and head; calls without
+    a cache or with the stacked cache (prefill) run the stacked layers and the head as they are,
+    which the result shares with `model`, as it shares the embedding and norms: it adds one copy
+    of the kernels. `inference.generate` builds it once per model and set of weights.
+    """
+    cfg = model.config
+    new = nnx.merge(*nnx.split(model))
+    graphdef, state = nnx.split(new.layers)
+    blocks = []
+    for i in range(cfg.num_layers):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        for _, var in nnx.iter_graph(block):
+            axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+            if axes and axes[0] == "layers":
+                var.set_metadata(axes=tuple(axes[1:]))
+        _to_panels(block, panel)
+        blocks.append(block)
+    new.layer_list = nnx.List(blocks)
+    if new.lm_head is not None:
+        head = new.lm_head.kernel[...] if new.lm_head.quant is None and new.lm_head.bias is None else None
+    else:
+        head = new.embed[...].T if new.embed_quant is None else None
+    if head is not None and cfg.vocab_size % panel == 0:
+        new.head_panels = nnx.Param(to_panels(head, panel), axes=(None, None, None))
+    return new
+
+
+def _to_panels(module: nnx.Module, panel: int):
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, Einsum) and m.quant is None and m.panel is None:
+            n = math.prod(m.out_features)
+            if n % panel == 0:
+                m.kernel = nnx.Param(to_panels(m.kernel[...].reshape(-1, n), panel), axes=(None, None, None))
+                m.panel = panel
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

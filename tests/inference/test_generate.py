@@ -166,3 +166,60 @@ def test_sampling_chi_square_against_the_filtered_distribution():
     z = 3.09
     limit = dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
     assert chi2 < limit, (chi2, limit, dof)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU decode layout (models.transformer.decode_layout): what generate picks, and that it
+# decodes exactly what the model's own layout decodes.
+
+
+def _plain_layout(monkeypatch):
+    from inference import engine
+    monkeypatch.setattr(engine, "_decode_layout_split", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_layout_gives_the_plain_layouts_tokens(tied, monkeypatch):
+    from inference import engine
+    cfg = tiny_model_config(hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=128,
+                            tie_embeddings=tied)
+    model = T.build(cfg, seed=31)
+    r = np.random.default_rng(31)
+    prompts = [random_tokens(r, (n,), cfg.vocab_size).tolist() for n in (7, 3, 11)]
+    assert engine.uses_decode_layout(model, 4)
+    ids, lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True)
+    laid_out = engine.with_decode_layout(model)
+    assert all(m.panel for m in (laid_out.layer_list[0].mlp.up, laid_out.layer_list[1].attn.q))
+    with monkeypatch.context() as m:
+        _plain_layout(m)
+        ref_ids, ref_lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True)
+    assert ids == ref_ids
+    np.testing.assert_allclose(np.concatenate(lps), np.concatenate(ref_lps), atol=1e-5)
+
+
+def test_decode_layout_is_rebuilt_for_new_weights():
+    from flax import nnx
+    from inference import engine
+    cfg = tiny_model_config(hidden_size=64, intermediate_size=128, head_dim=16)
+    model = T.build(cfg, seed=32)
+    first = engine.with_decode_layout(model)
+    assert engine.with_decode_layout(model) is first  # same weights: built once
+    prompt = [random_tokens(np.random.default_rng(32), (6,), cfg.vocab_size).tolist()]
+    before = generate(model, prompt, max_new_tokens=6)
+    other = T.build(cfg, seed=33)
+    nnx.update(model, nnx.state(other))  # new weights in the same model object (a training step)
+    assert engine.with_decode_layout(model) is not first
+    assert generate(model, prompt, max_new_tokens=6) == generate(other, prompt, max_new_tokens=6) != before
+
+
+def test_decode_layout_applies_to_single_device_float32_small_batches():
+    from inference import engine
+    cfg = tiny_model_config()
+    model = T.build(cfg, seed=34)
+    assert engine.uses_decode_layout(model, 1) and engine.uses_decode_layout(model, T.PANEL_MAX_ROWS)
+    assert not engine.uses_decode_layout(model, T.PANEL_MAX_ROWS + 1)
+    assert not engine.uses_decode_layout(T.build(cfg.replace(dtype="bfloat16"), seed=34), 1)
+    mesh = jax.make_mesh((2,), ("x",))
+    sharded = T.build(cfg, seed=34)
+    sharded.embed.set_value(jax.device_put(sharded.embed[...], jax.sharding.NamedSharding(mesh, jax.P())))
+    assert not engine.uses_decode_layout(sharded, 1)
