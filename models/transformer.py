@@ -568,9 +568,27 @@ def decode_layout(model: Decoder, panel: int = 32) -> Decoder:
     """
     cfg = model.config
     new = nnx.merge(*nnx.split(model))
-    graphdef, state = nnx.split(new.layers)
+    if new.lm_head is not None:
+        head = new.lm_head.kernel[...] if new.lm_head.quant is None and new.lm_head.bias is None else None
+    else:
+        head = new.embed[...].T if new.embed_quant is None else None
+    if head is not None and cfg.vocab_size % panel:
+        head = None
+    # one compiled program slices and re-lays every kernel (eagerly, op by op, it took ~0.5 s);
+    # it gets its own module over the same arrays, since nnx.jit writes back into its inputs
+    stacked = merge_params(*split_params(new.layers))
+    new.layer_list, head_panels = _unstacked_panels(stacked, head, panel=panel, num_layers=cfg.num_layers)
+    if head_panels is not None:
+        new.head_panels = nnx.Param(head_panels, axes=(None, None, None))
+    return new
+
+
+@functools.partial(nnx.jit, static_argnames=("panel", "num_layers"))
+def _unstacked_panels(stacked: Block, head, *, panel: int, num_layers: int):
+    """(nnx.List of one Block per layer with panel kernels, the head's panels or None)."""
+    graphdef, state = nnx.split(stacked)
     blocks = []
-    for i in range(cfg.num_layers):
+    for i in range(num_layers):
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
         for _, var in nnx.iter_graph(block):
             axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
@@ -578,14 +596,7 @@ def decode_layout(model: Decoder, panel: int = 32) -> Decoder:
                 var.set_metadata(axes=tuple(axes[1:]))
         _to_panels(block, panel)
         blocks.append(block)
-    new.layer_list = nnx.List(blocks)
-    if new.lm_head is not None:
-        head = new.lm_head.kernel[...] if new.lm_head.quant is None and new.lm_head.bias is None else None
-    else:
-        head = new.embed[...].T if new.embed_quant is None else None
-    if head is not None and cfg.vocab_size % panel == 0:
-        new.head_panels = nnx.Param(to_panels(head, panel), axes=(None, None, None))
-    return new
+    return nnx.List(blocks), None if head is None else to_panels(head, panel)
 
 
 def _to_panels(module: nnx.Module, panel: int):
