@@ -91,6 +91,8 @@ PANEL_MAX_ROWS = 16
 def to_panels(w_KN, panel: int):
     """[..., K, N] -> [..., N / panel, K, panel]: each panel's columns contiguous, row after row."""
     *lead, k, n = w_KN.shape
+    if n % panel:
+        raise ValueError(f"to_panels: {n} output features do not divide into panels of {panel} columns")
     return jnp.swapaxes(w_KN.reshape(*lead, k, n // panel, panel), -3, -2)
 
 
@@ -566,6 +568,8 @@ def decode_layout(model: Decoder, panel: int = 32) -> Decoder:
     which the result shares with `model`, as it shares the embedding and norms: it adds one copy
     of the kernels. `inference.generate` builds it once per model and set of weights.
     """
+    if isinstance(panel, bool) or not isinstance(panel, int) or panel < 1:
+        raise ValueError(f"decode_layout: panel={panel!r} must be a positive int (columns per panel, e.g. 32)")
     cfg = model.config
     new = nnx.merge(*nnx.split(model))
     if new.lm_head is not None:

@@ -94,3 +94,12 @@ def test_the_cache_format_picks_the_layers():
     assert not isinstance(got_cache.k, tuple)
     with pytest.raises(ValueError, match="decode_layout"):
         model(x, cache=T.init_cache(cfg, 2, 8).per_layer())
+
+
+def test_bad_panel_widths_name_the_value():
+    model = T.build(tiny_model_config(), seed=24)
+    for bad in (0, -32, 16.0, True):
+        with pytest.raises(ValueError, match=f"panel={bad!r} must be a positive int"):
+            T.decode_layout(model, panel=bad)
+    with pytest.raises(ValueError, match="96 output features do not divide into panels of 64"):
+        T.to_panels(jnp.ones((8, 96)), 64)
