@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-import weakref
 from typing import Callable, Sequence
 
 import jax
@@ -26,8 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from inference import decode_layout as layout_lib
 from inference.sampling import sample
-from models.transformer import PANEL_MAX_ROWS, decode_layout, init_cache, split_params
+from models.transformer import init_cache, split_params
 
 
 def bucket(n: int, minimum: int = 16, step_above: int = 256) -> int:
@@ -45,50 +45,6 @@ _REQUEST_IDS = itertools.count()
 _LOCK = threading.Lock()
 
 
-# The CPU decode layout (models.transformer.decode_layout): on/off (it holds one extra copy of
-# the kernels per model while the model lives), and its column-panel width.
-CPU_DECODE_LAYOUT = True
-DECODE_PANEL = 32
-# model -> (weak references to its weights, its decode layout): built once per set of weights
-_DECODE_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def uses_decode_layout(model, batch: int) -> bool:
-    """Whether `generate` decodes this model at this batch with `decode_layout`'s weights.
-
-    The layout pays where a decode step is memory-bound on a CPU: float32 compute, few rows.
-    Measured on a 2-core x86 (`small`, benchmarks/RESULTS.md): steps 1.2x / 1.3x faster at
-    batch 1 / 8; at 32 rows 32-column panels were slower than the plain matrices, and bfloat16
-    compute gained nothing. Not for weights on several devices (the panels would lose their
-    shardings) nor on GPU/TPU.
-    """
-    return _decode_layout_split(model, batch) is not None
-
-
-def with_decode_layout(model):
-    """`decode_layout(model, DECODE_PANEL)`, cached while the model keeps the same weight arrays
-    (new weights, e.g. after a training step, rebuild it; one layout per model is kept)."""
-    return _decode_layout_split(model, 1, check=False)[0]
-
-
-def _decode_layout_split(model, batch: int, check: bool = True):
-    """(decode-layout model, its graphdef, its params) when the layout applies, else None;
-    cached under weak references to the model's weight arrays."""
-    if check and (not CPU_DECODE_LAYOUT or jax.default_backend() != "cpu"
-                  or model.config.compute_dtype != jnp.float32 or batch > PANEL_MAX_ROWS):
-        return None
-    leaves = jax.tree.leaves(nnx.state(model))
-    if check and len({d for x in leaves if isinstance(x, jax.Array) for d in x.devices()}) > 1:
-        return None
-    hit = _DECODE_LAYOUTS.get(model)
-    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves)):
-        return hit[1]
-    laid_out = model if model.layer_list is not None else decode_layout(model, DECODE_PANEL)
-    entry = (laid_out, *split_params(laid_out))  # splitting the unrolled blocks costs ~10 ms: once
-    _DECODE_LAYOUTS[model] = ([weakref.ref(x) for x in leaves], entry)
-    return entry
-
-
 def _dispatch(request_id, step, tokens):
     return _HANDLERS[int(request_id)](int(step), np.asarray(tokens))
 
@@ -102,11 +58,15 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_buf", "temperature", "top_k", "top_p", "min_p",
-                                             "repetition_penalty", "stop_tokens", "host", "per_layer"))
+                                             "repetition_penalty", "stop_tokens", "host"))
 def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B, padded_B, n_steps, request_id, *,
               n_buf,
-              temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, host, per_layer=False):
-    model = nnx.merge(graphdef, params)
+              temperature, top_k, top_p, min_p, repetition_penalty, stop_tokens, host):
+    # the model, or its CPU decode layout (inference/decode_layout.py): the prefill runs the
+    # model's stacked layers either way, the decode steps run the layout's unrolled blocks
+    runner = nnx.merge(graphdef, params)
+    laid_out = isinstance(runner, layout_lib.DecodeLayout)
+    model = runner.model if laid_out else runner
     b, p = tokens_BP.shape
     cache = init_cache(model.config, b, p + n_buf)
     logits, cache = model(tokens_BP, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP, cache=cache)
@@ -141,8 +101,8 @@ def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B,
     tok, lp = pick(logits[:, -1], seen, 0)
     done, seen, out_ids, out_lp = emit(0, tok, padded_B, seen, out_ids, out_lp, lp)  # batch padding: done
     pos = positions_BP[:, -1] + 1
-    if per_layer:  # a decode-layout model: the steps run its per-layer blocks (prefill ran the stack)
-        cache = cache.per_layer()
+    if laid_out:
+        cache = layout_lib.LayerCache.of(cache)
 
     def cond(c):
         step, done = c[0], c[3]
@@ -150,7 +110,7 @@ def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B,
 
     def body(c):
         step, tok, pos, done, seen, cache, out_ids, out_lp = c
-        logits, cache = model(tok[:, None], positions_BT=pos[:, None], cache=cache)
+        logits, cache = runner(tok[:, None], positions_BT=pos[:, None], cache=cache)
         nxt, lp = pick(logits[:, -1], seen, step)
         done, seen, out_ids, out_lp = emit(step, nxt, done, seen, out_ids, out_lp, lp)
         return step + 1, nxt, pos + 1, done, seen, cache, out_ids, out_lp
@@ -158,6 +118,17 @@ def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B,
     init = (jnp.asarray(1, jnp.int32), tok, pos, done, seen, cache, out_ids, out_lp)
     *_, out_ids, out_lp = jax.lax.while_loop(cond, body, init)
     return out_ids, out_lp
+
+
+def row_keys(seed: int | Sequence[int], n: int, b: int):
+    """[b] PRNG keys for n prompts in a batch padded to b rows (see `generate`'s `seed`)."""
+    if isinstance(seed, (int, np.integer)):
+        base = jax.random.key(int(seed))
+        return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed or one per prompt")
+    return jnp.stack([jax.random.key(int(s)) for s in seeds + [0] * (b - n)])
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int = 0):
@@ -209,7 +180,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (),
              tokenizer=None, stream: Callable[[int, int], None] | None = None, seed: int | Sequence[int] = 0,
-             return_logprobs: bool = False, pad_id: int = 0):
+             return_logprobs: bool = False, pad_id: int = 0, decode_layout: bool | None = None):
     """New token ids per prompt: exactly `max_new_tokens`, or fewer when a stop token or stop
     string ends a row (the token that stops it is included).
 
@@ -222,9 +193,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
       stop_tokens: ids that end a row. stop_strings: texts that end a row once its decoded
         output contains one (needs `tokenizer`).
       stream: called as stream(row, token_id) for every new token, as it is produced.
-      seed: one seed, or one per prompt (a request's samples do not depend on its batch-mates).
+      seed: one seed for the call, each row drawing its own stream from it (row i uses
+        `fold_in(key(seed), i)`: copies of one prompt give independent samples, reproducibly);
+        or one seed per prompt, each row's stream `key(seed_i)` alone, so a request's samples do
+        not depend on its batch-mates or its place in the batch.
       return_logprobs: also return each chosen token's log-probability under the model's
         unfiltered distribution (temperature 1, no penalty), as RL needs.
+      decode_layout: run the decode steps on the CPU decode layout (inference/decode_layout.py):
+        None decides by `decode_layout.applies` (float32, one CPU device, batch <= 16), True
+        forces it (one device), False never. Tokens and log-probs are the same either way.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -245,26 +222,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     n = len(prompts)
     b = 1 << (n - 1).bit_length()
     tokens, seg, pos = left_pad(prompts, p_len, b, pad_id)
-    seeds = [seed] * n if isinstance(seed, (int, np.integer)) else list(seed)
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed or one per prompt")
-    keys = jnp.stack([jax.random.key(int(s)) for s in seeds + [0] * (b - n)])
+    keys = row_keys(seed, n, b)
     host = stream is not None or bool(stop_strings)
     request_id = 0
     if host:
         with _LOCK:
             request_id = next(_REQUEST_IDS)
             _HANDLERS[request_id] = _StreamState(n, stream, stop_strings, tokenizer)
-    laid_out = _decode_layout_split(model, b)  # the CPU decode layout, or None
-    per_layer = laid_out is not None
-    graphdef, params = laid_out[1:] if per_layer else split_params(model)
+    if decode_layout is None:
+        decode_layout = layout_lib.applies(model, b)
+    elif decode_layout and len(layout_lib.model_devices(model)) > 1:
+        raise ValueError("decode_layout=True needs the model's weights on one device (the panels would lose "
+                         "their shardings); pass decode_layout=None or False")
+    graphdef, params = layout_lib.for_model(model)[1:] if decode_layout else split_params(model)
     try:
         ids, logps = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos), keys,
-                               jnp.arange(b) >= n, jnp.asarray(max_new_tokens, jnp.int32), jnp.asarray(request_id, jnp.int32),
+                               jnp.arange(b) >= n, jnp.asarray(max_new_tokens, jnp.int32),
+                               jnp.asarray(request_id, jnp.int32),
                                n_buf=n_buf, temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=float(repetition_penalty),
-                               stop_tokens=tuple(int(s) for s in stop_tokens), host=host,
-                               per_layer=per_layer)
+                               stop_tokens=tuple(int(s) for s in stop_tokens), host=host)
         ids, logps = map(np.asarray, jax.device_get((ids, logps)))
     finally:
         _HANDLERS.pop(request_id, None)

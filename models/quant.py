@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.projection import Embedding, Kernel, contract_axes, map_kernels, mixed_einsum
+
 MODES = ("int8", "int4")
 _QMAX = {"int8": 127, "int4": 7}
 
@@ -64,37 +66,53 @@ def dequantize(q, scale, meta, dtype):
     return grouped.reshape(shape).astype(dtype)
 
 
-def _contract_axes(spec: str) -> tuple[int, ...]:
-    """Axes of an einsum's weight that the output does not keep."""
-    ins, out = spec.split("->")
-    w = ins.split(",")[1]
-    return tuple(i for i, c in enumerate(w) if c not in out)
+class QuantKernel(nnx.Module):
+    """A weight stored as int8 / packed int4 `values` with float32 `scale`s (a kernel in the sense
+    of models/projection.py): dequantized to the compute dtype where it is used, inside the layer
+    scan, so only one layer's weights exist in floating point at a time."""
+
+    def __init__(self, values, scale, meta, axes):
+        self.values = nnx.Param(values, axes=axes)
+        self.scale = nnx.Param(scale, axes=(None,) * scale.ndim)
+        self.meta = meta  # (mode, group axis from the end, group size): static
+
+    def dense(self, dtype):
+        return dequantize(self.values[...], self.scale[...], self.meta, dtype)
+
+    def einsum(self, spec: str, x, dtype, out_dtype):
+        return mixed_einsum(spec, x, self.dense(dtype), dtype, out_dtype)
+
+
+class QuantEmbedding(QuantKernel):
+    """The token table, quantized per row (along D): rows dequantize only what they look up."""
+
+    def rows(self, ids, dtype):
+        return dequantize(jnp.take(self.values[...], ids, axis=0), jnp.take(self.scale[...], ids, axis=0),
+                          self.meta, dtype)
 
 
 def quantize_model(model, mode: str, *, group_size: int = 64):
     """A copy of a Decoder with int8 / int4 projections and embedding table (weight-only)."""
-    from models.transformer import Decoder, Einsum
+    from models.transformer import Decoder
 
     if not isinstance(model, Decoder):
         raise TypeError(f"quantize_model takes a models.transformer.Decoder, not {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"quantization mode {mode!r} is not valid; expected one of {MODES}")
     model = nnx.clone(model)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, Einsum) and module.quant is None:
-            w = module.kernel[...]
-            axes = _contract_axes(module.spec)
-            lead = w.ndim - len(module.spec.split("->")[0].split(",")[1])  # stacked-layer axes
-            q, s, meta = quantize_array(w, tuple(a + lead for a in axes), mode, group_size)
-            axes_meta = module.kernel.get_metadata().get("axes")
-            module.kernel = nnx.Param(q, axes=axes_meta)
-            module.kernel_scale = nnx.Param(s, axes=tuple(None for _ in s.shape))
-            module.quant = meta
-    table = model.embed[...]
-    q, s, meta = quantize_array(table, (1,), mode, group_size)
-    model.embed = nnx.Param(q, axes=model.embed.get_metadata().get("axes"))
-    model.embed_scale_q = nnx.Param(s, axes=(None,) * s.ndim)
-    model.embed_quant = meta
+
+    def quantize(path, proj, kernel):
+        if type(kernel) is not Kernel:  # already quantized, or another variant: left alone
+            return kernel
+        lead = kernel[...].ndim - len(proj.spec.split("->")[0].split(",")[1])  # stacked-layer axes
+        axes = tuple(a + lead for a in contract_axes(proj.spec))
+        q, s, meta = quantize_array(kernel[...], axes, mode, group_size)
+        return QuantKernel(q, s, meta, kernel.get_metadata().get("axes"))
+
+    map_kernels(model, quantize)
+    if type(model.embed) is Embedding:
+        q, s, meta = quantize_array(model.embed[...], (1,), mode, group_size)
+        model.embed = QuantEmbedding(q, s, meta, model.embed.get_metadata().get("axes"))
     return model
 
 

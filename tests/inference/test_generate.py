@@ -169,57 +169,114 @@ def test_sampling_chi_square_against_the_filtered_distribution():
 
 
 # --------------------------------------------------------------------------------------------
-# The CPU decode layout (models.transformer.decode_layout): what generate picks, and that it
-# decodes exactly what the model's own layout decodes.
+# One seed, many rows: each row draws its own stream.
 
 
-def _plain_layout(monkeypatch):
-    from inference import engine
-    monkeypatch.setattr(engine, "_decode_layout_split", lambda *a, **k: None)
+def _filtered_probs(logits, temperature, top_k, top_p):
+    """float64 reference of the sampling distribution: softmax(logits / T) after top-k, then
+    top-p (a token stays if the mass of the more likely ones is below p), renormalised."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.zeros(p.size, bool)
+    order = np.argsort(-p, kind="stable")
+    keep[order[:top_k]] = True
+    q = np.where(keep, p, 0.0)
+    q /= q.sum()
+    before = np.cumsum(q[order]) - q[order]
+    keep[order[before >= top_p]] = False
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def _chi_square_limit(dof):
+    z = 3.09  # 0.999 quantile (Wilson-Hilferty approximation of the chi-square quantile)
+    return dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=1.4, top_k=12, top_p=0.9)],
+                         ids=["plain", "filtered"])
+def test_one_seed_gives_each_row_its_own_stream(model, sampling):
+    """1024 copies of one prompt under one seed: the first new tokens follow the model's
+    (filtered) next-token distribution (Pearson chi-square), and the rows' continuations differ."""
+    r = np.random.default_rng(41)
+    prompt = random_tokens(r, (5,), 97).tolist()
+    n = 1024
+    ids = generate(model, [prompt] * n, max_new_tokens=4, seed=3, **sampling)
+    first = np.array([row[0] for row in ids])
+    logits = np.asarray(model(np.asarray([prompt], np.int32)))[0, -1]
+    q = _filtered_probs(logits, sampling["temperature"], sampling.get("top_k", 97), sampling.get("top_p", 1.0))
+    counts = np.bincount(first, minlength=97)
+    assert (counts[q == 0] == 0).all()  # nothing outside the filtered support
+    keep = q * n >= 5  # Pearson's test needs expected counts of ~5; pool the rare tokens
+    expected = np.append(q[keep] * n, q[~keep].sum() * n)
+    observed = np.append(counts[keep], counts[~keep].sum())
+    if expected[-1] < 5:
+        expected, observed = expected[:-1], observed[:-1]
+        expected = expected * observed.sum() / expected.sum()
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert keep.sum() >= 4 and chi2 < _chi_square_limit(len(expected) - 1), (chi2, len(expected))
+    assert len({tuple(row) for row in ids}) > n // 2  # later steps draw per row too
+    # reproducible, and row i's stream does not depend on how many rows follow it
+    again = generate(model, [prompt] * 8, max_new_tokens=4, seed=3, **sampling)
+    assert again == ids[:8]
+
+
+def test_one_seed_gives_distinct_rows_on_the_decode_layout(model):
+    prompts = [[4, 9, 2]] * 8
+    plain = generate(model, prompts, max_new_tokens=8, temperature=1.5, seed=5, decode_layout=False)
+    laid_out = generate(model, prompts, max_new_tokens=8, temperature=1.5, seed=5, decode_layout=True)
+    assert plain == laid_out and len({tuple(r) for r in plain}) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU decode layout (inference/decode_layout.py): what generate picks, and that it decodes
+# exactly what the model's own layout decodes.
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_decode_layout_gives_the_plain_layouts_tokens(tied, monkeypatch):
-    from inference import engine
+def test_decode_layout_gives_the_plain_layouts_tokens(tied):
+    from inference import decode_layout as DL
     cfg = tiny_model_config(hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=128,
                             tie_embeddings=tied)
     model = T.build(cfg, seed=31)
     r = np.random.default_rng(31)
     prompts = [random_tokens(r, (n,), cfg.vocab_size).tolist() for n in (7, 3, 11)]
-    assert engine.uses_decode_layout(model, 4)
-    ids, lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True)
-    laid_out = engine.with_decode_layout(model)
-    assert all(m.panel for m in (laid_out.layer_list[0].mlp.up, laid_out.layer_list[1].attn.q))
-    with monkeypatch.context() as m:
-        _plain_layout(m)
-        ref_ids, ref_lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True)
+    assert DL.applies(model, 4)
+    ids, lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True)  # auto: the layout
+    layout = DL.for_model(model)[0]
+    assert isinstance(layout.blocks[0].mlp.up.kernel, DL.PanelKernel) and layout.head is not None
+    ref_ids, ref_lps = generate(model, prompts, max_new_tokens=12, return_logprobs=True, decode_layout=False)
     assert ids == ref_ids
     np.testing.assert_allclose(np.concatenate(lps), np.concatenate(ref_lps), atol=1e-5)
 
 
 def test_decode_layout_is_rebuilt_for_new_weights():
     from flax import nnx
-    from inference import engine
+    from inference import decode_layout as DL
     cfg = tiny_model_config(hidden_size=64, intermediate_size=128, head_dim=16)
     model = T.build(cfg, seed=32)
-    first = engine.with_decode_layout(model)
-    assert engine.with_decode_layout(model) is first  # same weights: built once
+    first = DL.for_model(model)
+    assert DL.for_model(model) is first  # same weights: built once
     prompt = [random_tokens(np.random.default_rng(32), (6,), cfg.vocab_size).tolist()]
-    before = generate(model, prompt, max_new_tokens=6)
+    before = generate(model, prompt, max_new_tokens=6, decode_layout=True)
     other = T.build(cfg, seed=33)
     nnx.update(model, nnx.state(other))  # new weights in the same model object (a training step)
-    assert engine.with_decode_layout(model) is not first
-    assert generate(model, prompt, max_new_tokens=6) == generate(other, prompt, max_new_tokens=6) != before
+    assert DL.for_model(model) is not first
+    after = generate(model, prompt, max_new_tokens=6, decode_layout=True)
+    assert after == generate(other, prompt, max_new_tokens=6, decode_layout=False) != before
 
 
 def test_decode_layout_applies_to_single_device_float32_small_batches():
-    from inference import engine
+    from inference import decode_layout as DL
     cfg = tiny_model_config()
     model = T.build(cfg, seed=34)
-    assert engine.uses_decode_layout(model, 1) and engine.uses_decode_layout(model, T.PANEL_MAX_ROWS)
-    assert not engine.uses_decode_layout(model, T.PANEL_MAX_ROWS + 1)
-    assert not engine.uses_decode_layout(T.build(cfg.replace(dtype="bfloat16"), seed=34), 1)
+    assert DL.applies(model, 1) and DL.applies(model, DL.MAX_ROWS)
+    assert not DL.applies(model, DL.MAX_ROWS + 1)
+    assert not DL.applies(T.build(cfg.replace(dtype="bfloat16"), seed=34), 1)
     mesh = jax.make_mesh((2,), ("x",))
     sharded = T.build(cfg, seed=34)
     sharded.embed.set_value(jax.device_put(sharded.embed[...], jax.sharding.NamedSharding(mesh, jax.P())))
-    assert not engine.uses_decode_layout(sharded, 1)
+    assert not DL.applies(sharded, 1)
+    with pytest.raises(ValueError, match="decode_layout=True needs the model's weights on one device"):
+        generate(sharded, [[1, 2]], max_new_tokens=2, decode_layout=True)

@@ -38,7 +38,7 @@ def test_quantized_model_is_smaller_and_close():
         rel = np.abs(out - ref).max() / np.abs(ref).max()
         assert rel < (0.02 if mode == "int8" else 0.25), (mode, rel)
         sizes[mode] = param_bytes(q)
-        kernel = T.split_params(q)[1]["layers"]["mlp"]["up"]["kernel"]
+        kernel = T.split_params(q)[1]["layers"]["mlp"]["up"]["kernel"]["values"]
         assert kernel.dtype == (jnp.int8 if mode == "int8" else jnp.uint8)
     assert sizes["int4"] < sizes["int8"] < param_bytes(model) / 3
     with pytest.raises(ValueError, match="mode 'int2'"):

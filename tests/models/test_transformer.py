@@ -7,6 +7,7 @@ import pytest
 
 from models import transformer as T
 from models.config import ModelConfig, param_count
+from models.projection import mixed_einsum
 from tests.helpers import random_tokens, tiny_model_config
 
 GPT2_LIKE = dict(norm="layernorm", activation="gelu_tanh", gated_mlp=False, position_embedding="learned",
@@ -227,10 +228,10 @@ def test_mixed_einsum_gradients_and_backward_dtypes():
     exact = jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w)), argnums=(0, 1))
     with jax.enable_x64():
         ref = exact(np.asarray(x, np.float64), np.asarray(w, np.float64))
-    f32 = jax.grad(loss(lambda x, w: T.mixed_einsum(spec, x, w, jnp.float32, jnp.float32)), argnums=(0, 1))(x, w)
+    f32 = jax.grad(loss(lambda x, w: mixed_einsum(spec, x, w, jnp.float32, jnp.float32)), argnums=(0, 1))(x, w)
     for g, rr in zip(f32, ref):
         np.testing.assert_allclose(g, rr, rtol=1e-5, atol=1e-5)
-    bf = jax.grad(loss(lambda x, w: T.mixed_einsum(spec, x, w, jnp.bfloat16, jnp.bfloat16)), argnums=(0, 1))
+    bf = jax.grad(loss(lambda x, w: mixed_einsum(spec, x, w, jnp.bfloat16, jnp.bfloat16)), argnums=(0, 1))
     gx, gw = bf(x, w)
     assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32  # gradients come back in the inputs' dtypes
     for g, rr in zip((gx, gw), ref):
