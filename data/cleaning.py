@@ -174,9 +174,12 @@ def _bloom_hash(obj: bytes) -> int:
 # Near dedup: MinHash LSH proposes candidates, the exact Jaccard of the shingle sets decides
 
 _SHINGLE_MULT = 0x9E3779B97F4A7C15  # odd: combines n word hashes into one shingle hash mod 2^64
-# str.split()'s whitespace among single bytes (ASCII); other Unicode whitespace is handled in str
+# str.split()'s whitespace: the ASCII bytes (found in the UTF-8 bytes, where no multi-byte
+# character contains one), and the other code points (texts with those go through str.split)
 _WHITESPACE = np.zeros(256, bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+_UNICODE_SPACES = "\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_UNICODE_SPACE = re.compile(f"[{_UNICODE_SPACES}]")
 _BYTE_MULT = 0xD6E8FEB86659FD93  # odd, so it has an inverse mod 2^64
 _CHUNK_BYTES = 1 << 20  # bytes hashed per vectorised pass (bounds the power tables)
 _powers = (np.ones(1, np.uint64), np.ones(1, np.uint64))  # BYTE_MULT^k and BYTE_MULT^-k mod 2^64
@@ -222,8 +225,8 @@ def _chunk_word_hashes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(hashes_W uint64, words_D int64): 64-bit hashes of the words of `text.lower().split()`
     for every text, concatenated, and how many words each text has."""
-    pieces = [t.lower().encode() if t.isascii() else " ".join(t.lower().split()).encode("utf-8", "surrogatepass")
-              for t in texts]
+    pieces = [t.lower().encode("utf-8", "surrogatepass") if t.isascii() or not _UNICODE_SPACE.search(t)
+              else " ".join(t.lower().split()).encode("utf-8", "surrogatepass") for t in texts]
     bounds = np.cumsum([0] + [len(p) + 1 for p in pieces])  # text i's bytes: [bounds[i], bounds[i+1] - 1)
     x = np.frombuffer(b" ".join(pieces) + b" ", np.uint8)
     # chunks cut at whitespace, each hashed with positions of its own (a word hash does not

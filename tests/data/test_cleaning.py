@@ -166,13 +166,14 @@ def test_shingle_hashes_equal_python_shingle_sets(monkeypatch):
     words = ["Alpha", "beta", "GAMMA", "déjà", "vu", "naïve", "Straße", "x", "ÉCOLE", "日本", "a.b", "z"]
     spaces = [" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\xa0", "\u3000", "\u2003"]
 
-    def text(n, ascii_only=False):
-        pool_w = [w for w in words if w.isascii()] if ascii_only else words
-        pool_s = [s for s in spaces if s.isascii()] if ascii_only else spaces
+    def text(n, ascii_words=False, ascii_spaces=False):  # each kind of text takes its own code path
+        pool_w = [w for w in words if w.isascii() or not ascii_words]
+        pool_s = [s for s in spaces if s.isascii() or not ascii_spaces]
         return "".join(pool_w[r.integers(len(pool_w))] + pool_s[r.integers(len(pool_s))] for _ in range(n))
 
-    texts = ([text(int(n)) for n in r.integers(0, 40, 40)] + [text(int(n), True) for n in r.integers(0, 40, 40)]
-             + ["", "one", "a b c d", "  \n "])
+    texts = [text(int(n), *kind) for kind in [(False, False), (True, True), (False, True)]
+             for n in r.integers(0, 40, 30)]
+    texts += ["", "one", "a b c d", "  \n ", "Déjà vu, naïve café: CRÈME brûlée au «chocolat» ok"]
     for chunk in (None, 16):
         if chunk:
             monkeypatch.setattr(cleaning, "_CHUNK_BYTES", chunk)
@@ -184,6 +185,9 @@ def test_shingle_hashes_equal_python_shingle_sets(monkeypatch):
         for i in range(len(texts)):
             j = (i * 7 + 3) % len(texts)
             assert cleaning.jaccard(sets[i], sets[j]) == _jaccard(_shingles(texts[i]), _shingles(texts[j]))
+    # the tokenizer's list of non-ASCII whitespace is str.isspace()'s
+    unicode_spaces = {c for c in map(chr, range(128, 0x110000)) if c.isspace()}
+    assert {c for c in map(chr, range(128, 0x3001)) if cleaning._UNICODE_SPACE.match(c)} == unicode_spaces
     # the same text whatever its whitespace and case
     assert (cleaning.shingle_hashes("The cat\tsat on\n the MAT today") ==
             cleaning.shingle_hashes("the  cat sat on the mat\u3000today")).all()
