@@ -396,14 +396,16 @@ class _HashStore:
     """
 
     def __init__(self, directory: str | None = None):
-        self._file = tempfile.TemporaryFile(dir=directory, buffering=0)
-        self._fd = self._file.fileno()
+        self._directory, self._file = directory, None  # the file is made at the first append
         self._ends = array.array("q", [0])
 
     def __len__(self) -> int:
         return len(self._ends) - 1
 
     def append(self, hashes: np.ndarray) -> int:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self._directory, buffering=0)
+            self._fd = self._file.fileno()
         data, pos = memoryview(hashes.astype(np.uint32, copy=False).tobytes()), self._ends[-1]
         while data:
             n = os.pwrite(self._fd, data, pos)
@@ -419,7 +421,8 @@ class _HashStore:
         return np.frombuffer(os.pread(self._fd, stop - start, start), np.uint32)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class NearDedup:

@@ -106,13 +106,13 @@ def run(config) -> dict[str, Any]:
     exact = cleaning.ExactDedup(ed.method, ed.bloom_capacity, ed.bloom_error_rate, ed.normalize_whitespace) \
         if ed.enabled else None
     pii = cleaning.PiiScrubber(config.pii.email, config.pii.phone, config.pii.ip) if config.pii.enabled else None
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "dropped").mkdir(parents=True)
     nd = config.near_dedup
     # kept documents' shingle hashes spill to an unlinked file beside the output, not into RAM
     near = cleaning.NearDedup.from_config(nd, spill_dir=str(tmp)) if nd.enabled else None
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "dropped").mkdir(parents=True)
     writer = _ShardWriter(tmp, config.shard_size)
     stats = {s.name: _new_stats() for s in specs}
     pii_counts: collections.Counter = collections.Counter()

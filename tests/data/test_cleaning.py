@@ -329,3 +329,15 @@ def test_prepare_scrubs_pii_in_kept_records(tmp_path):
     assert report["pii_replacements"] == {"email": 1, "phone": 1, "ip": 1}
     (rec,) = list(read_all(SourceSpec("o", "array_record", path=str(tmp_path / "out" / "*.array_record"))))
     assert "<EMAIL>" in rec["text"] and "<PHONE>" in rec["text"] and "<IP_ADDRESS>" in rec["text"]
+
+
+def test_prepare_rejects_bad_near_dedup_settings_before_writing(tmp_path):
+    from data import prepare
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a b c d e f"}) + "\n")
+    cfg = clean_config.get_config()
+    cfg.source.path, cfg.output_dir = str(tmp_path / "in.jsonl"), str(tmp_path / "out")
+    cfg.near_dedup.threshold = 1.5
+    with pytest.raises(ValueError, match=r"near_dedup.threshold=1.5 is not valid: expected .* \(0, 1\]"):
+        prepare.run(cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]  # no output, no temporary directory
