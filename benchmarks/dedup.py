@@ -373,7 +373,8 @@ def main():
             worst = check_truth(corpora[s], truths[s])
             print(f"# seed {s}: highest Jaccard of a document outside the planted pairs to an earlier one: {worst:.4f}")
             if worst >= min(args.j_min, args.threshold):
-                raise RuntimeError(f"seed {s}: an unplanted pair has Jaccard {worst:.3f}; the planted truth is incomplete")
+                raise RuntimeError(f"seed {s}: an unplanted pair has Jaccard {worst:.3f}; the planted truth is "
+                                   f"incomplete")
     print(f"# {len(seeds)} corpora of {args.docs:,} documents built and scored in {time.perf_counter() - t0:.1f}s",
           flush=True)
 
