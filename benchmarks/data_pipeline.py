@@ -1,16 +1,13 @@
-"""Data pipeline throughput against what training consumes, and near-dedup against datasketch.
+"""Data pipeline throughput against what training consumes (near-dedup: benchmarks/dedup.py).
 
     .venv/bin/python benchmarks/data_pipeline.py              # everything (a few minutes)
-    .venv/bin/python benchmarks/data_pipeline.py --skip_train # pipeline and dedup only
+    .venv/bin/python benchmarks/data_pipeline.py --skip_train # pipeline only
 
 1. Tokenize + pack + batch the embedded corpus (the `tiny` and `small` presets' sequence length,
    batch and tokenizer) with 0, 1 and 2 grain worker processes: records/s and tokens/s, after a
    warm-up that fills the shuffle window.
 2. The same presets' train step (bf16, one device, benchmarks/train_step.py) in tokens/s: the
    pipeline must outpace it (ratio > 1).
-3. Near-dedup documents/s on a synthetic corpus with planted duplicates: Loom's vectorised MinHash
-   + LSH (data/cleaning.py) and datasketch's MinHash + MinHashLSH, same threshold (0.8), 5-gram
-   word shingles and 128 permutations, with each one's precision and recall against exact Jaccard.
 Prints figures; never asserts on time.
 """
 
@@ -22,8 +19,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
 
 
 def pipeline_rate(preset: str, workers: int, batches: int):
@@ -62,41 +57,6 @@ def train_rate(preset: str) -> float:
     return c.train.batch_size * c.data.seq_len / time_loom(c, "bfloat16", steps=3)
 
 
-def dedup_comparison(seed: int = 0):
-    from datasketch import MinHash, MinHashLSH
-
-    from data.cleaning import NearDedup
-    from tests.data.test_cleaning import _planted_corpus, duplicate_truth
-
-    docs, _, _ = _planted_corpus(seed=seed, n_base=2000, n_near=400, n_exact=0)
-    truth = duplicate_truth(docs)
-
-    def score(flags):
-        tp = (flags & truth).sum()
-        return tp / max(flags.sum(), 1), tp / max(truth.sum(), 1)
-
-    t = time.perf_counter()
-    near = NearDedup(threshold=0.8, num_perm=128, ngram=5)
-    ours = np.array([near.duplicate_of(d) is not None for d in docs])
-    t_ours = time.perf_counter() - t
-
-    t = time.perf_counter()
-    lsh = MinHashLSH(threshold=0.8, num_perm=128)
-    kept_sigs = {}
-    theirs = np.zeros(len(docs), bool)
-    for i, d in enumerate(docs):  # the same streaming rule: a duplicate of a kept document is dropped
-        w = d.lower().split()
-        m = MinHash(num_perm=128, seed=1)
-        m.update_batch([" ".join(w[j:j + 5]).encode() for j in range(len(w) - 4)])
-        if any(m.jaccard(kept_sigs[h]) >= 0.8 for h in lsh.query(m)):
-            theirs[i] = True
-        else:
-            lsh.insert(i, m)
-            kept_sigs[i] = m
-    t_theirs = time.perf_counter() - t
-    return len(docs), (t_ours, *score(ours)), (t_theirs, *score(theirs))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
@@ -113,11 +73,6 @@ def main():
             rows, toks = pipeline_rate(preset, workers, args.batches)
             ratio = f"{toks / consume:13.1f}x" if consume else "             -"
             print(f"{preset:8s} {workers:7d} {rows:9.1f} {toks:10.0f} {consume or float('nan'):11.0f} {ratio}")
-    n, ours, theirs = dedup_comparison()
-    print(f"\nnear-dedup of {n} documents (threshold 0.8, 5-gram shingles, 128 permutations):")
-    for name, (t, p, r) in (("loom", ours), ("datasketch", theirs)):
-        print(f"  {name:10s} {n / t:9.0f} docs/s   precision {p:.3f}  recall {r:.3f}")
-    print(f"  speed-up {theirs[0] / ours[0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -105,11 +105,12 @@ def run(config) -> dict[str, Any]:
     ed = config.exact_dedup
     exact = cleaning.ExactDedup(ed.method, ed.bloom_capacity, ed.bloom_error_rate, ed.normalize_whitespace) \
         if ed.enabled else None
-    nd = config.near_dedup
-    near = cleaning.NearDedup(nd.threshold, nd.num_perm, nd.ngram, nd.seed) if nd.enabled else None
     pii = cleaning.PiiScrubber(config.pii.email, config.pii.phone, config.pii.ip) if config.pii.enabled else None
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    nd = config.near_dedup
+    # kept documents' shingle hashes spill to an unlinked file beside the output, not into RAM
+    near = cleaning.NearDedup.from_config(nd, spill_dir=str(tmp)) if nd.enabled else None
+
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "dropped").mkdir(parents=True)
     writer = _ShardWriter(tmp, config.shard_size)
@@ -131,7 +132,9 @@ def run(config) -> dict[str, Any]:
             f.write(json.dumps({"source": rec["source"], "file": rec["file"], "line": rec["line"],
                                 "record": rec["fields"]}, ensure_ascii=False, default=str) + "\n")
 
-    try:
+    def survivors():
+        """(spec, stats, record, tokens) of every record that passes the quality rules."""
+        nonlocal n_seen
         for spec in specs:
             st = stats[spec.name]
             for rec in read_all(spec, keep_fields=True):
@@ -140,33 +143,40 @@ def run(config) -> dict[str, Any]:
                 tokens = count_tokens(text)
                 st["documents_in"] += 1
                 st["tokens_in"] += tokens
-                if quality is not None and (reason := quality.reason(text)) is not None:
-                    drop(f"quality:{reason}", rec, tokens, st)
-                elif exact is not None and exact.seen(text):
-                    drop("exact_duplicate", rec, tokens, st)
-                elif near is not None and near.duplicate_of(text) is not None:
-                    drop("near_duplicate", rec, tokens, st)
-                else:
-                    fields = rec["fields"]
-                    if pii is not None:
-                        clean, counts = pii.scrub(text)
-                        pii_counts.update(counts)
-                        if clean != text:
-                            _set_field(fields, spec.text_field if spec.format not in ("text", "embedded")
-                                       else "text", clean)
-                    writer.write(fields)
-                    st["kept"]["documents"] += 1
-                    st["kept"]["tokens"] += tokens
-                    lengths["kept"].append(tokens)
                 if n_seen % 10_000 == 0:
                     rate = n_seen / (time.perf_counter() - t0)
                     logging.info("%d documents read (%.0f docs/s), %d kept", n_seen, rate, writer.records)
+                if quality is not None and (reason := quality.reason(text)) is not None:
+                    drop(f"quality:{reason}", rec, tokens, st)
+                else:
+                    yield spec, st, rec, tokens
+
+    try:
+        # dedup verdicts come back in input order (near dedup hashes batches of documents)
+        for (spec, st, rec, tokens), verdict in cleaning.deduplicate(
+                survivors(), lambda item: item[2]["text"], exact, near, nd.batch_size):
+            if verdict is not None:
+                drop(verdict, rec, tokens, st)
+                continue
+            fields = rec["fields"]
+            if pii is not None:
+                clean, counts = pii.scrub(rec["text"])
+                pii_counts.update(counts)
+                if clean != rec["text"]:
+                    _set_field(fields, spec.text_field if spec.format not in ("text", "embedded") else "text", clean)
+            writer.write(fields)
+            st["kept"]["documents"] += 1
+            st["kept"]["tokens"] += tokens
+            lengths["kept"].append(tokens)
     finally:
         writer.close()
         for f in dropped_files.values():
             f.close()
+        if near is not None:
+            near.close()
 
-    report = _report(config, specs, stats, pii_counts, writer, unit, time.perf_counter() - t0)
+    report = _report(config, specs, stats, pii_counts, writer, unit, time.perf_counter() - t0,
+                     near.summary() if near is not None else None)
     (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (tmp / REPORT_MD).write_text(_markdown(report))
     _histogram(lengths, unit, tmp / HISTOGRAM)
@@ -178,7 +188,7 @@ def run(config) -> dict[str, Any]:
     return report
 
 
-def _report(config, specs, stats, pii_counts, writer, unit, seconds) -> dict[str, Any]:
+def _report(config, specs, stats, pii_counts, writer, unit, seconds, near_summary) -> dict[str, Any]:
     total = _new_stats()
     for spec in specs:
         st = stats[spec.name]
@@ -195,7 +205,11 @@ def _report(config, specs, stats, pii_counts, writer, unit, seconds) -> dict[str
     total["dropped"] = dict(total["dropped"])
     total["bad_records"] = dict(sum((collections.Counter(stats[s.name]["bad_records"]) for s in specs),
                                     collections.Counter()))
-    return {"token_unit": unit, "sources": stats, "total": total, "pii_replacements": dict(pii_counts),
+    dropped = total["dropped"]
+    dedup = {"exact_duplicates": dropped.get("exact_duplicate", {}).get("documents", 0),
+             "near_duplicates": dropped.get("near_duplicate", {}).get("documents", 0),
+             "near": near_summary}
+    return {"token_unit": unit, "sources": stats, "total": total, "dedup": dedup, "pii_replacements": dict(pii_counts),
             "output": {"records": writer.records, "shards": writer.paths}, "seconds": round(seconds, 3),
             "documents_per_second": round(total["documents_in"] / max(seconds, 1e-9), 1),
             "config": json.loads(config.to_json_best_effort())}
@@ -213,6 +227,14 @@ def _markdown(r) -> str:
                      f"{st['kept']['documents'] / n:.1%} |")
         for rule, d in sorted(st["dropped"].items(), key=lambda kv: -kv[1]["documents"]):
             lines.append(f"| {name} | dropped: {rule} | {d['documents']:,} | {d['tokens']:,} | {d['documents'] / n:.1%} |")
+    d = r["dedup"]
+    line = f"Duplicates removed: {d['exact_duplicates']:,} exact, {d['near_duplicates']:,} near"
+    if d["near"] is not None:
+        n = d["near"]
+        line += (f" (exact Jaccard of word {n['ngram']}-gram sets >= {n['threshold']}; candidates from MinHash LSH, "
+                 f"{n['bands']} bands x {n['rows']} rows, which miss a pair at the threshold with probability "
+                 f"{n['miss_probability_at_threshold']:.2%}; {n['jaccard_checks']:,} candidate pairs checked)")
+    lines += ["", line + "."]
     lines += ["", "PII replacements: " + (", ".join(f"{k} {v:,}" for k, v in sorted(r["pii_replacements"].items()))
                                           or "none")]
     bad = t["bad_records"]

@@ -66,10 +66,12 @@ def get_config(arg=None):
     ))
     c.near_dedup = config_dict.ConfigDict(dict(
         enabled=True,
-        threshold=0.8,  # Jaccard similarity of shingle sets above which a document is a near duplicate
+        threshold=0.8,  # exact Jaccard similarity of shingle sets at or above which a document is a near duplicate
         ngram=5,  # shingles are word n-grams
-        num_perm=128,  # MinHash permutations
-        seed=0,
+        num_perm=128,  # MinHash permutations available to the LSH bands that propose candidates (bands x rows <= this)
+        max_miss=0.005,  # bands x rows chosen so a pair at exactly `threshold` escapes the candidates w.p. <= this
+        batch_size=256,  # documents hashed in one vectorised pass (same decisions as one at a time)
+        seed=0,  # MinHash permutations and band keys
     ))
     c.pii = config_dict.ConfigDict(dict(
         enabled=True,
