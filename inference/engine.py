@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from inference import decode_layout as layout_lib
-from inference.sampling import sample
+from inference.sampling import check_sampling, sample
 from models.transformer import init_cache, split_params
 
 
@@ -203,8 +203,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         None decides by `decode_layout.applies` (float32, one CPU device, batch <= 16), True
         forces it (one device), False never. Tokens and log-probs are the same either way.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not valid: expected an integer >= 1")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the output")
     if repetition_penalty <= 0:

@@ -10,11 +10,27 @@ import jax
 import jax.numpy as jnp
 
 
+def check_sampling(*, temperature: float = 0.0, top_k=None, top_p=None, min_p=None) -> None:
+    """ValueError naming the first sampling setting outside its valid range (None means off)."""
+    def bad(name, value, valid):
+        raise ValueError(f"{name}={value!r} is not valid: expected {valid}")
+
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        bad("temperature", temperature, "a number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        bad("top_k", top_k, "an integer >= 0 (0 or None = off)")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        bad("top_p", top_p, "a probability in (0, 1] (None or 1 = off)")
+    if min_p is not None and not (isinstance(min_p, (int, float)) and 0.0 <= min_p < 1.0):
+        bad("min_p", min_p, "a fraction in [0, 1) (None or 0 = off)")
+
+
 def filter_logits(logits_BV, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   min_p: float | None = None):
     """Logits of the sampling distribution (float32), with removed tokens at -inf."""
     if temperature <= 0:
         raise ValueError(f"filter_logits needs temperature > 0; got {temperature} (use greedy for 0)")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     x = logits_BV.astype(jnp.float32) / temperature
     neg = jnp.float32(-jnp.inf)
     if top_k is not None and top_k > 0:

@@ -70,6 +70,22 @@ def test_errors(model):
         generate(model, [[1, 500]], max_new_tokens=2)
 
 
+@pytest.mark.parametrize("bad,message", [
+    (dict(top_p=2.0), r"top_p=2.0 is not valid: expected a probability in \(0, 1\]"),
+    (dict(top_p=0.0), r"top_p=0.0 is not valid"),
+    (dict(top_k=-5), r"top_k=-5 is not valid: expected an integer >= 0"),
+    (dict(min_p=1.0), r"min_p=1.0 is not valid: expected a fraction in \[0, 1\)"),
+    (dict(min_p=-0.1), r"min_p=-0.1 is not valid"),
+    (dict(temperature=-1.0), r"temperature=-1.0 is not valid: expected a number >= 0"),
+    (dict(temperature=float("nan")), r"temperature=nan is not valid"),
+    (dict(max_new_tokens=-3), r"max_new_tokens=-3 is not valid: expected an integer >= 1"),
+])
+def test_bad_sampling_values_name_the_value_and_the_range(model, bad, message):
+    kw = dict(max_new_tokens=2, temperature=1.0) | bad
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2]], **kw)
+
+
 def test_filter_supports():
     logits = jnp.log(jnp.array([[0.4, 0.3, 0.15, 0.1, 0.05]]))
     finite = lambda x: np.isfinite(np.asarray(x))[0]  # noqa: E731
