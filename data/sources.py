@@ -23,8 +23,11 @@ file where it stopped. Random-access formats (array_record, tfds, embedded) are 
 MapDatasets and can be shuffled globally.
 
 Bad input (malformed JSON, bytes that are not UTF-8, a missing or non-string field, an empty
-document) is skipped, counted and logged with file and line; with `strict=True` the first one
-raises `DataError` naming file, line and reason.
+document) is skipped, counted and logged with file and line (the first few of each kind, then a
+count at every power of ten); with `strict=True` the first one raises `DataError` naming file,
+line and reason. A source that yields no document at all raises `EmptySourceError` instead of
+spinning: when it has skipped `MAX_SKIPPED_WITHOUT_DOCUMENT` records without a document, or at
+the end of an epoch without one when another epoch would follow.
 """
 
 from __future__ import annotations
@@ -55,12 +58,21 @@ _EXTENSIONS = {
 }
 
 
+# A source that has skipped this many records without yielding a single document is broken (a
+# wrong format or text_field, a binary file): stop rather than read the rest of it.
+MAX_SKIPPED_WITHOUT_DOCUMENT = 100_000
+
+
 class DataError(ValueError):
     """A bad record, with where it is and why."""
 
     def __init__(self, file: str, line: int, reason: str):
         super().__init__(f"{file}:{line}: {reason}")
         self.file, self.line, self.reason = file, line, reason
+
+
+class EmptySourceError(ValueError):
+    """A source (or one data shard of it) with no usable document, which would otherwise spin forever."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +118,50 @@ BAD_EXAMPLES: dict[str, list[str]] = collections.defaultdict(list)
 
 
 class BadRecords:
-    """Counts bad records per reason; logs the first few of each reason and then every 1000th."""
+    """Counts bad records per reason; logs the first few of each reason, then a count at every
+    power of ten (a garbage file must not flood the log with millions of lines)."""
 
     def __init__(self, source: str, strict: bool):
         self.source, self.strict = source, strict
         self.counts: collections.Counter = collections.Counter()
+        self.first: str | None = None  # "file:line: reason" of the first bad record this process saw
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
     def report(self, file: str, line: int, reason: str, kind: str) -> None:
         if self.strict:
             raise DataError(file, line, reason)
         self.counts[kind] += 1
         BAD_RECORDS[self.source][kind] += 1
+        if self.first is None:
+            self.first = f"{file}:{line}: {reason}"
         if len(BAD_EXAMPLES[self.source]) < 100:
             BAD_EXAMPLES[self.source].append(f"{file}:{line}: {reason}")
         n = self.counts[kind]
-        if n <= 5 or n % 1000 == 0:
+        if n <= 5 or _is_power_of_ten(n):
             logging.warning("data source %r: skipped record %s:%d (%s)%s", self.source, file, line, reason,
                             f" [{n} {kind} so far]" if n > 5 else "")
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+def no_documents_error(spec: SourceSpec, skipped: int, first: str | None, *, num_files: int | None = None,
+                       where: str = "", why: str = "") -> EmptySourceError:
+    """`source 'x' (path) yielded 0 documents; N records skipped (first: file:line: reason)`."""
+    if first is not None:
+        detail = f" (first: {first})"
+    elif skipped == 0 and num_files is not None:
+        detail = f" (its {num_files} file{' holds' if num_files == 1 else 's hold'} no records)"
+    else:
+        detail = ""
+    return EmptySourceError(f"source {spec.name!r} ({spec.path or spec.format + ':' + spec.split}) yielded 0 "
+                            f"documents{where}; {skipped} records skipped{detail}{why}")
 
 
 def get_field(obj: Any, dotted: str):
@@ -399,6 +438,14 @@ class _StreamingIterator(grain.DatasetIterator):
         self.epoch, self.file_pos, self.unit, self.offset, self.counter = 0, 0, 0, 0, 0
         self._gen = None
         self._order = self._epoch_files(0)
+        # Documents seen (before record-level sharding) in this epoch and since this iterator was
+        # made; a restored iterator has seen only part of its epoch, so it cannot call one empty.
+        self._epoch_documents, self._documents, self._whole_epoch, self._restored = 0, 0, True, False
+        self._empty_files: set[str] = set()  # files read whole in an epoch that gave no document
+
+    def _shard_files(self) -> list[str]:
+        """Every file an epoch may give this shard: a shuffled file-level shard gets new ones each epoch."""
+        return self.ds.files if self._file_level and self.ds.shuffle_files else self._order
 
     def _epoch_files(self, epoch: int) -> list[str]:
         files = list(self.ds.files)
@@ -415,7 +462,12 @@ class _StreamingIterator(grain.DatasetIterator):
                     self.epoch += 1
                     if self.ds.num_epochs is not None and self.epoch >= self.ds.num_epochs:
                         raise StopIteration
+                    if self._whole_epoch and self._order and not self._epoch_documents:
+                        self._empty_files.update(self._order)
+                        if self._empty_files.issuperset(self._shard_files()):
+                            raise self.no_documents_error()  # every later epoch would be as empty
                     self._order, self.file_pos, self.unit, self.offset = self._epoch_files(self.epoch), 0, 0, 0
+                    self._epoch_documents, self._whole_epoch = 0, True
                     if not self._order:
                         raise StopIteration
                     continue
@@ -428,7 +480,12 @@ class _StreamingIterator(grain.DatasetIterator):
                 continue
             self.unit, self.offset = unit, offset if offset >= 0 else 0
             if rec is None:
+                if not self._documents and not self._restored and self.bad.total >= MAX_SKIPPED_WITHOUT_DOCUMENT:
+                    raise self.no_documents_error(
+                        why=f"; stopped after {MAX_SKIPPED_WITHOUT_DOCUMENT} bad records without a document")
                 continue
+            self._epoch_documents += 1
+            self._documents += 1
             if not self._file_level:
                 mine = self.counter % self.ds.shard_count == self.ds.shard_index
                 self.counter += 1
@@ -446,6 +503,16 @@ class _StreamingIterator(grain.DatasetIterator):
         self.bad.counts = collections.Counter(state.get("bad", {}))
         self._order = self._epoch_files(self.epoch)
         self._gen = None
+        self._epoch_documents, self._documents, self._whole_epoch, self._restored = 0, 0, False, True
+
+    def no_documents_error(self, why: str = "") -> EmptySourceError:
+        files = self._shard_files()
+        where = ""
+        if len(files) < len(self.ds.files):
+            names = ", ".join(os.path.basename(f) for f in files[:5]) + (", ..." if len(files) > 5 else "")
+            where = f" in data shard {self.ds.shard_index}/{self.ds.shard_count} (its files: {names})"
+        return no_documents_error(self.ds.spec, self.bad.total, self.bad.first, num_files=len(files), where=where,
+                                  why=why)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,9 +522,8 @@ class _StreamingIterator(grain.DatasetIterator):
 class _ParseJsonRecord:
     """ArrayRecord bytes (a UTF-8 JSON object) -> record, or None for a bad record."""
 
-    def __init__(self, spec: SourceSpec, file: str, size: int, keep_fields: bool):
-        self.spec, self.file, self.size, self.keep_fields = spec, file, size, keep_fields
-        self.bad = BadRecords(spec.name, spec.strict)
+    def __init__(self, spec: SourceSpec, file: str, size: int, keep_fields: bool, bad: BadRecords):
+        self.spec, self.file, self.size, self.keep_fields, self.bad = spec, file, size, keep_fields, bad
 
     def __call__(self, index: int, raw: bytes):
         line = index % self.size + 1  # grain passes epoch-extended indices after repeat
@@ -478,9 +544,8 @@ class _ParseJsonRecord:
 
 
 class _TfdsRecord:
-    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool):
-        self.spec, self.size, self.keep_fields = spec, size, keep_fields
-        self.bad = BadRecords(spec.name, spec.strict)
+    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool, bad: BadRecords):
+        self.spec, self.size, self.keep_fields, self.bad = spec, size, keep_fields, bad
         self.file = f"tfds:{spec.path}/{spec.split}"
 
     def __call__(self, index: int, example):
@@ -502,8 +567,11 @@ class _EmbeddedRecord:
         return _record(text, self.spec, path, 1, {"text": text, "path": path}, self.keep_fields)
 
 
-def random_access_source(spec: SourceSpec, *, keep_fields: bool = False) -> grain.MapDataset:
-    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded."""
+def random_access_source(spec: SourceSpec, *, keep_fields: bool = False,
+                         bad: BadRecords | None = None) -> grain.MapDataset:
+    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded;
+    bad records are counted in `bad`."""
+    bad = bad if bad is not None else BadRecords(spec.name, spec.strict)
     if spec.format == "embedded":
         from data import corpus
 
@@ -514,14 +582,14 @@ def random_access_source(spec: SourceSpec, *, keep_fields: bool = False) -> grai
         parts = []
         for f in files:
             src = grain.sources.ArrayRecordDataSource([f])
-            parts.append(grain.MapDataset.source(src).map_with_index(_ParseJsonRecord(spec, f, len(src), keep_fields)))
+            parts.append(grain.MapDataset.source(src).map_with_index(_ParseJsonRecord(spec, f, len(src), keep_fields, bad)))
         return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     if spec.format == "tfds":
         import tensorflow_datasets as tfds
 
         src = tfds.data_source(spec.path, split=spec.split, data_dir=spec.data_dir or None,
                                builder_kwargs={"file_format": "array_record"})
-        return grain.MapDataset.source(src).map_with_index(_TfdsRecord(spec, len(src), keep_fields))
+        return grain.MapDataset.source(src).map_with_index(_TfdsRecord(spec, len(src), keep_fields, bad))
     raise ValueError(f"format {spec.format!r} is streaming; use StreamingSource")
 
 
@@ -536,19 +604,65 @@ def source_dataset(spec: SourceSpec, *, shard_index: int = 0, shard_count: int =
     if spec.format in STREAMING:
         return StreamingSource(spec, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
                                seed=seed, shuffle_files=shuffle, keep_fields=keep_fields)
-    ds = random_access_source(spec, keep_fields=keep_fields)
+    bad = BadRecords(spec.name, spec.strict)
+    ds = random_access_source(spec, keep_fields=keep_fields, bad=bad)
     if len(ds) < shard_count:
         raise ValueError(f"source {spec.name!r} has {len(ds)} records, fewer than the {shard_count} shards")
     ds = ds[shard_index::shard_count]
+    epoch = len(ds)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    return ds.filter(_is_record).to_iter_dataset()
+    return _SkipBadRecords(ds.to_iter_dataset(allow_nones=True), spec, bad, epoch, repeats=num_epochs != 1)
 
 
-def _is_record(r) -> bool:
-    return r is not None
+class _SkipBadRecords(grain.IterDataset):
+    """Drops the None (bad) records of a random-access source, and raises `EmptySourceError` where
+    a repeated source has no document at all (grain's filter would spin forever)."""
+
+    def __init__(self, parent: grain.IterDataset, spec: SourceSpec, bad: BadRecords, epoch: int, repeats: bool):
+        super().__init__(parent)
+        self.spec, self.bad, self.epoch, self.repeats = spec, bad, epoch, repeats
+
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__(), self)
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    # Stateless beyond its parent (checkpoints keep their shape): a restored iterator waits for
+    # two epochs' worth of bad records, which no source with a document can produce in a row
+    # (shuffled epochs put any one record at most 2 * epoch - 2 records apart).
+    def __init__(self, parent, ds: _SkipBadRecords):
+        super().__init__(parent)
+        self.ds, self.bad = ds, ds.bad
+        self.documents, self.skipped, self.restored = 0, 0, False
+
+    def __next__(self):
+        while True:
+            rec = next(self._parent)
+            if rec is not None:
+                self.documents += 1
+                self.skipped = 0
+                return rec
+            self.skipped += 1
+            fresh = not self.documents and not self.restored
+            if fresh and self.skipped >= MAX_SKIPPED_WITHOUT_DOCUMENT:
+                raise self.no_documents_error(
+                    why=f"; stopped after {MAX_SKIPPED_WITHOUT_DOCUMENT} bad records without a document")
+            if self.ds.repeats and self.skipped >= (1 if fresh else 2) * self.ds.epoch:
+                raise self.no_documents_error()
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+        self.skipped, self.restored = 0, True
+
+    def no_documents_error(self, why: str = "") -> EmptySourceError:
+        # records read ahead by grain's threads are counted in `bad`, so count the consumed ones
+        return no_documents_error(self.ds.spec, self.skipped, self.bad.first, why=why)
 
 
 def read_all(spec: SourceSpec, **kw) -> Iterator[dict]:
