@@ -23,7 +23,8 @@ file where it stopped. Random-access formats (array_record, tfds, embedded) are 
 MapDatasets and can be shuffled globally.
 
 Bad input (malformed JSON, bytes that are not UTF-8, a missing or non-string field, an empty
-document) is skipped, counted and logged with file and line (the first few of each kind, then a
+document, a truncated or corrupt `.gz` / `.zst` file, whose lines before the break are kept) is
+skipped, counted and logged with file and line (the first few of each kind, then a
 count at every power of ten); with `strict=True` the first one raises `DataError` naming file,
 line and reason. A source that yields no document at all raises `EmptySourceError` instead of
 spinning: when it has skipped `MAX_SKIPPED_WITHOUT_DOCUMENT` records without a document, or at
@@ -112,33 +113,31 @@ class SourceSpec:
 # Bad records
 
 
-# Every bad record seen by this process, per source: {source: Counter(kind)} and the first examples.
-BAD_RECORDS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-BAD_EXAMPLES: dict[str, list[str]] = collections.defaultdict(list)
-
-
 class BadRecords:
     """Counts bad records per reason; logs the first few of each reason, then a count at every
     power of ten (a garbage file must not flood the log with millions of lines)."""
 
+    MAX_EXAMPLES = 20
+
     def __init__(self, source: str, strict: bool):
         self.source, self.strict = source, strict
         self.counts: collections.Counter = collections.Counter()
-        self.first: str | None = None  # "file:line: reason" of the first bad record this process saw
+        self.examples: list[str] = []  # "file:line: reason" of the first bad records this process saw
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def first(self) -> str | None:
+        return self.examples[0] if self.examples else None
+
     def report(self, file: str, line: int, reason: str, kind: str) -> None:
         if self.strict:
             raise DataError(file, line, reason)
         self.counts[kind] += 1
-        BAD_RECORDS[self.source][kind] += 1
-        if self.first is None:
-            self.first = f"{file}:{line}: {reason}"
-        if len(BAD_EXAMPLES[self.source]) < 100:
-            BAD_EXAMPLES[self.source].append(f"{file}:{line}: {reason}")
+        if len(self.examples) < self.MAX_EXAMPLES:
+            self.examples.append(f"{file}:{line}: {reason}")
         n = self.counts[kind]
         if n <= 5 or _is_power_of_ten(n):
             logging.warning("data source %r: skipped record %s:%d (%s)%s", self.source, file, line, reason,
@@ -221,14 +220,81 @@ def expand_paths(pattern: str, fmt: str) -> list[str]:
 
 
 def open_binary(path: str):
-    """A binary stream of the file's contents, decompressing .gz and .zst."""
+    """A binary stream of the file's contents, decompressing .gz and .zst. A compressed file that
+    ends inside its stream raises EOFError once everything before the cut has been read."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file of one or more frames (skippable ones included).
+
+    zstandard's own stream reader ends quietly where a truncated file ends, so a cut file would
+    pass for a shorter one; this one tracks the frame it is in and raises EOFError if the file
+    ends inside it.
+    """
+
+    def __init__(self, path: str, chunk_bytes: int = 1 << 16):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._file, self._chunk = open(path, "rb"), chunk_bytes
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the current frame's decompressor; None between frames
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos >= len(self._out):
+            data = self._file.read(self._chunk)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._out, self._pos = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # what follows the frame's end belongs to the next frame
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def _broken_stream_errors() -> tuple[type[Exception], ...]:
+    """What reading a truncated or corrupt .gz / .zst file raises."""
+    import zlib
+
+    import zstandard
+
+    return EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError
+
+
+def _report_broken(path: str, line: int, error: Exception, bad: "BadRecords", *, by_line: bool = True) -> None:
+    """A compressed file that breaks before line `line` is complete: counted as one bad record
+    (what came before it is kept), or DataError with `strict`."""
+    suffix = os.path.splitext(path)[1]
+    where = f" after {line - 1} complete lines" if by_line else " inside the document"
+    if isinstance(error, EOFError):
+        bad.report(path, line, f"truncated {suffix} file: the compressed data ends{where} ({error})", "truncated_file")
+    else:
+        bad.report(path, line, f"corrupt {suffix} file{where} ({error})", "corrupt_file")
 
 
 def _seekable(path: str) -> bool:
@@ -245,15 +311,24 @@ def _decode(raw: bytes, file: str, first_line: int, bad: BadRecords) -> str | No
         return None
 
 
-def _iter_lines(path: str, start_unit: int, start_offset: int):
-    """(unit index, line number, raw line, offset after it) from `start_unit` (seek when possible)."""
+def _iter_lines(path: str, start_unit: int, start_offset: int, bad: BadRecords):
+    """(unit index, line number, raw line, offset after it) from `start_unit` (seek when possible).
+    A truncated or corrupt compressed file ends at its last complete line and is reported to `bad`."""
     with open_binary(path) as f:
         unit = 0
         if start_offset > 0 and _seekable(path):
             f.seek(start_offset)
             unit = start_unit
         offset = start_offset if unit else 0
-        for raw in f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _broken_stream_errors() as e:
+                _report_broken(path, unit + 1, e, bad)
+                return
             offset += len(raw)
             if unit >= start_unit:
                 yield unit, unit + 1, raw, offset
@@ -265,8 +340,13 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
     if spec.text_unit == "file":
         if start_unit > 0:
             return
-        with open_binary(path) as f:
-            raw = f.read()
+        try:
+            with open_binary(path) as f:
+                raw = f.read()
+        except _broken_stream_errors() as e:
+            _report_broken(path, 1, e, bad, by_line=False)
+            yield 1, -1, None
+            return
         text = _decode(raw, path, 1, bad)
         if text is not None and not text.strip():
             bad.report(path, 1, "empty document", "empty")
@@ -274,7 +354,7 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
         yield 1, -1, None if text is None else _record(text, spec, path, 1, {"text": text}, keep_fields)
         return
     if spec.text_unit == "line":
-        for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+        for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
             text = _decode(raw.rstrip(b"\r\n"), path, line, bad)
             if text is not None and not text.strip():
                 text = None  # blank lines separate nothing here: not a bad record
@@ -283,7 +363,7 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
         return
     # paragraphs: a unit is a line; a record is emitted at the blank line (or EOF) that ends it
     buf, first, last_unit, last_offset = [], 0, start_unit, start_offset
-    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
         if raw.strip():
             if not buf:
                 first = line
@@ -304,7 +384,7 @@ def _paragraph(lines, first, path, spec, bad, keep_fields):
 
 
 def _jsonl_units(path, spec, start_unit, start_offset, bad, keep_fields):
-    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
         rec = None
         if raw.strip():
             s = _decode(raw, path, line, bad)

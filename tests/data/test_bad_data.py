@@ -177,3 +177,179 @@ def test_tokenizer_cli_on_an_empty_source_prints_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: source 'input'")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "t.model").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated compressed files (issue 18, item 9)
+
+def _compress(data: bytes, kind: str) -> bytes:
+    if kind == "gz":
+        return gzip.compress(data)
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _recoverable(truncated: bytes, kind: str) -> bytes:
+    """What the bytes of a truncated file decompress to (one-shot decompressors, no stream readers)."""
+    import zlib
+
+    if kind == "gz":
+        return zlib.decompressobj(wbits=31).decompress(truncated)
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(truncated)
+
+
+def _jsonl_docs(rng, n):
+    words = ["alpha", "beta", "gamma", "delta", "é", "漢字"]
+    return [" ".join(rng.choice(words, rng.integers(20, 200))) + f" #{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_truncated_compressed_jsonl_keeps_what_was_read_and_counts_the_file(tmp_path, kind):
+    rng = np.random.default_rng(21 if kind == "gz" else 22)
+    docs = _jsonl_docs(rng, 1500)
+    data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
+    packed = _compress(data, kind)
+    cut = int(len(packed) * rng.uniform(0.4, 0.8))
+    p = tmp_path / f"x.jsonl.{kind}"
+    p.write_bytes(packed[:cut])
+    complete = _recoverable(packed[:cut], kind).count(b"\n")
+    assert 0 < complete < len(docs)
+    it = iter(read_all(SourceSpec("z", "jsonl", path=str(p))))
+    assert [r["text"] for r in it] == docs[:complete]
+    assert it.get_state()["bad"] == {"truncated_file": 1}
+    from data.sources import DataError
+
+    with pytest.raises(DataError, match=rf"^{p}:{complete + 1}: truncated .{kind} file: the compressed data ends "
+                                        rf"after {complete} complete lines"):
+        list(read_all(SourceSpec("z", "jsonl", path=str(p), strict=True)))
+
+
+def test_truncated_compressed_text_files(tmp_path):
+    rng = np.random.default_rng(23)
+    docs = _jsonl_docs(rng, 300)
+    whole = "\n".join(docs).encode()
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(whole))
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress(whole)[:-100])  # a whole-file document, cut
+    it = iter(read_all(SourceSpec("t", "text", path=str(tmp_path / "*.gz"))))
+    assert [r["text"] for r in it] == [whole.decode()]
+    assert it.get_state()["bad"] == {"truncated_file": 1}
+    from data.sources import DataError
+
+    with pytest.raises(DataError, match=rf"{tmp_path / 'b.txt.gz'}:1: truncated .gz file"):
+        list(read_all(SourceSpec("t", "text", path=str(tmp_path / "*.gz"), strict=True)))
+
+
+def test_multi_frame_zst_reads_whole_and_truncation_in_a_later_frame_is_found(tmp_path):
+    import struct
+
+    import zstandard
+
+    rng = np.random.default_rng(24)
+    docs = _jsonl_docs(rng, 600)
+    parts = ["".join(json.dumps({"text": d}) + "\n" for d in docs[i:i + 200]).encode() for i in (0, 200, 400)]
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"meta"  # pzstd-style metadata frame
+    frames = [skippable + zstandard.ZstdCompressor(level=3).compress(p) for p in parts]
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    it = iter(read_all(SourceSpec("w", "jsonl", path=str(tmp_path / "whole.jsonl.zst"))))
+    assert [r["text"] for r in it] == docs and it.get_state()["bad"] == {}
+    (tmp_path / "cut.jsonl.zst").write_bytes(b"".join(frames)[:-(len(frames[2]) // 2)])
+    it = iter(read_all(SourceSpec("c", "jsonl", path=str(tmp_path / "cut.jsonl.zst"))))
+    got = [r["text"] for r in it]
+    assert 400 <= len(got) < 600 and got == docs[:len(got)]
+    assert it.get_state()["bad"] == {"truncated_file": 1}
+
+
+def test_corrupt_gzip_is_named_not_a_bare_error(tmp_path):
+    docs = [f"doc {i}" for i in range(50)]
+    data = bytearray(gzip.compress(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in docs)))
+    data[-8] ^= 0xFF  # the trailer's CRC-32 no longer matches the data
+    p = tmp_path / "c.jsonl.gz"
+    p.write_bytes(bytes(data))
+    from data.sources import DataError
+
+    with pytest.raises(DataError, match=rf"^{p}:51: corrupt .gz file after 50 complete lines \(CRC check failed"):
+        list(read_all(SourceSpec("c", "jsonl", path=str(p), strict=True)))
+    it = iter(read_all(SourceSpec("c", "jsonl", path=str(p))))
+    assert [r["text"] for r in it] == docs
+    assert it.get_state()["bad"] == {"corrupt_file": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# data.prepare on a truncated file: counted, or named; never a half-written output (items 9, 14)
+
+def _prepare_config(tmp_path, path, **source):
+    from configs.data import clean as clean_config
+
+    cfg = clean_config.get_config()
+    cfg.source.path, cfg.output_dir = str(path), str(tmp_path / "out")
+    cfg.quality.enabled = False  # the documents here are not prose
+    for k, v in source.items():
+        cfg.source[k] = v
+    return cfg
+
+
+def _cut_gz_jsonl(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    docs = _jsonl_docs(rng, 1200)
+    packed = gzip.compress("".join(json.dumps({"id": i, "text": d}, ensure_ascii=False) + "\n"
+                                   for i, d in enumerate(docs)).encode())
+    cut = packed[:int(len(packed) * 0.6)]
+    p = tmp_path / "in" / "x.jsonl.gz"
+    p.parent.mkdir()
+    p.write_bytes(cut)
+    return p, docs, _recoverable(cut, "gz").count(b"\n")
+
+
+def test_prepare_keeps_the_records_of_a_truncated_file_and_reports_it(tmp_path):
+    from data import prepare
+
+    p, docs, complete = _cut_gz_jsonl(tmp_path, 31)
+    report = prepare.run(_prepare_config(tmp_path, p))
+    st = report["sources"]["input"]
+    assert st["documents_in"] == complete
+    assert st["bad_records"] == {"truncated_file": 1}
+    assert any(e.startswith(f"{p}:{complete + 1}: truncated .gz file") for e in st["bad_examples"])
+    assert "truncated_file 1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _leftovers(tmp_path):
+    return sorted(q.name for q in tmp_path.iterdir() if q.name != "in")
+
+
+def test_prepare_that_fails_leaves_nothing_behind(tmp_path):
+    from data import prepare
+    from data.sources import DataError
+
+    p, docs, complete = _cut_gz_jsonl(tmp_path, 32)
+    cfg = _prepare_config(tmp_path, p, strict=True)
+    cfg.shard_size = 100  # several part files are written before the break
+    with pytest.raises(DataError, match=rf"{p}:{complete + 1}: truncated .gz file"):
+        prepare.run(cfg)
+    assert _leftovers(tmp_path) == []  # no output and no .out.tmp-PID directory
+    # with overwrite, a failed run leaves the previous output whole
+    cfg.source.strict = False
+    first = prepare.run(cfg)
+    before = {q.name: q.read_bytes() for q in (tmp_path / "out").rglob("*") if q.is_file()}
+    cfg.source.strict, cfg.overwrite = True, True
+    with pytest.raises(DataError):
+        prepare.run(cfg)
+    assert _leftovers(tmp_path) == ["out"]
+    assert {q.name: q.read_bytes() for q in (tmp_path / "out").rglob("*") if q.is_file()} == before
+    assert first["output"]["records"] == complete
+
+
+def test_prepare_cli_names_the_truncated_file_in_one_line(tmp_path):
+    from tests.helpers import run_program
+
+    p, _, complete = _cut_gz_jsonl(tmp_path, 33)
+    proc = run_program("data.prepare", "--config=configs/data/clean.py", f"--config.source.path={p}",
+                       f"--config.output_dir={tmp_path / 'out'}", "--config.source.strict=True",
+                       "--config.quality.enabled=False", check=False, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {p}:{complete + 1}: truncated .gz file"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert _leftovers(tmp_path) == []
