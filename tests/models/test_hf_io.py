@@ -162,6 +162,69 @@ def test_missing_and_unexpected_tensors(tmp_path):
         hf.load(tmp_path / "a")
 
 
+def _safetensors_layout(path):
+    """(header length, {name: (begin, end)} of the data section) as the format defines them."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return n, {k: tuple(v["data_offsets"]) for k, v in header.items()}
+
+
+def test_truncated_safetensors_names_the_file_and_the_tensor(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(41)
+    tensors = {"a.weight": rng.standard_normal((16, 8)).astype(np.float32),
+               "b.weight": rng.standard_normal((32, 8)).astype(np.float32),
+               "c.bias": rng.standard_normal((32,)).astype(np.float32)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)  # the reference writer
+    raw = path.read_bytes()
+    n, spans = _safetensors_layout(path)
+    order = sorted(spans, key=spans.get)
+    victim = order[1]  # the cut falls inside the second tensor's bytes: it and the one after are lost
+    cut = 8 + n + spans[victim][0] + 10
+    path.write_bytes(raw[:cut])
+    with pytest.raises(ValueError, match=rf"{path} is truncated: expected {len(raw):,} bytes, found {cut:,}; "
+                                         rf"tensor '{victim}' \(data bytes {spans[victim][0]:,}-"
+                                         rf"{spans[victim][1]:,}\) is cut off, and 1 tensor after it"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw[:8 + n // 2])  # inside the JSON header
+    with pytest.raises(ValueError, match=rf"{path} is truncated: its header is {n:,} bytes long but the file "
+                                         rf"ends after {n // 2:,} of them"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw[:5])
+    with pytest.raises(ValueError, match=rf"{path} is not a safetensors file \(shorter than"):
+        SafetensorsReader(tmp_path)
+    header = json.loads(raw[8:8 + n])
+    header["c.bias"]["shape"] = [33]  # one element more than its bytes hold
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(ValueError, match=rf"{path}: tensor 'c.bias' \(F32 \[33\]\) needs 132 bytes but its "
+                                         rf"data_offsets \[\d+, \d+\] hold 128: the header is corrupt"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw)
+    with SafetensorsReader(tmp_path) as reader:  # the whole file reads back exactly
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(reader.read(k), v)
+
+
+def test_cli_import_of_a_truncated_checkpoint_prints_one_line(gemma2, tmp_path):
+    shutil.copytree(gemma2[1], tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * 0.6)])
+    proc = run_program("models.hf", "import", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'run'}",
+                       check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path} is truncated: expected {len(raw):,} bytes, found {int(len(raw) * 0.6):,}; "
+                           "tensor 'model."), last
+
+
 def test_unsupported_options_fail_clearly():
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
                 num_hidden_layers=1, num_attention_heads=2)
