@@ -662,7 +662,8 @@ def random_access_source(spec: SourceSpec, *, keep_fields: bool = False,
         parts = []
         for f in files:
             src = grain.sources.ArrayRecordDataSource([f])
-            parts.append(grain.MapDataset.source(src).map_with_index(_ParseJsonRecord(spec, f, len(src), keep_fields, bad)))
+            parse = _ParseJsonRecord(spec, f, len(src), keep_fields, bad)
+            parts.append(grain.MapDataset.source(src).map_with_index(parse))
         return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     if spec.format == "tfds":
         import tensorflow_datasets as tfds
