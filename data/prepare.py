@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -30,7 +31,7 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from data import cleaning
-from data.sources import BAD_EXAMPLES, BAD_RECORDS, SourceSpec, read_all
+from data.sources import SourceSpec, read_all
 
 REPORT_JSON, REPORT_MD, HISTOGRAM = "report.json", "report.md", "length_histogram.png"
 
@@ -113,6 +114,34 @@ def run(config) -> dict[str, Any]:
 
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "dropped").mkdir(parents=True)
+    try:
+        report = _clean(config, specs, tmp, count_tokens, unit, quality, exact, near, pii)
+        _publish(tmp, out)
+    except BaseException:  # an interrupted or failed run leaves no partial output behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info("wrote %d records in %d shards to %s (%.1fs)", report["output"]["records"],
+                 len(report["output"]["shards"]), out, report["seconds"])
+    return report
+
+
+def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Renames the finished `tmp` to `out`; a replaced `out` stays whole until the new one is in place."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean(config, specs, tmp: pathlib.Path, count_tokens, unit, quality, exact, near, pii) -> dict[str, Any]:
+    """Runs the steps over every source, writing kept records, dropped samples and the report into `tmp`."""
+    nd = config.near_dedup
     writer = _ShardWriter(tmp, config.shard_size)
     stats = {s.name: _new_stats() for s in specs}
     pii_counts: collections.Counter = collections.Counter()
@@ -120,6 +149,7 @@ def run(config) -> dict[str, Any]:
     lengths = {"kept": [], "dropped": []}
     t0 = time.perf_counter()
     n_seen = 0
+    bad = {}
 
     def drop(rule, rec, tokens, st):
         st["dropped"][rule]["documents"] += 1
@@ -137,7 +167,9 @@ def run(config) -> dict[str, Any]:
         nonlocal n_seen
         for spec in specs:
             st = stats[spec.name]
-            for rec in read_all(spec, keep_fields=True):
+            records = read_all(spec, keep_fields=True)
+            bad[spec.name] = records.bad  # this run's bad records of the source, counted as they come
+            for rec in records:
                 n_seen += 1
                 text = rec["text"]
                 tokens = count_tokens(text)
@@ -175,16 +207,14 @@ def run(config) -> dict[str, Any]:
         if near is not None:
             near.close()
 
+    for spec in specs:
+        stats[spec.name]["bad_records"] = dict(bad[spec.name].counts)
+        stats[spec.name]["bad_examples"] = list(bad[spec.name].examples)
     report = _report(config, specs, stats, pii_counts, writer, unit, time.perf_counter() - t0,
                      near.summary() if near is not None else None)
     (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (tmp / REPORT_MD).write_text(_markdown(report))
     _histogram(lengths, unit, tmp / HISTOGRAM)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    logging.info("wrote %d records in %d shards to %s (%.1fs)", writer.records, len(writer.paths), out,
-                 report["seconds"])
     return report
 
 
@@ -193,8 +223,6 @@ def _report(config, specs, stats, pii_counts, writer, unit, seconds, near_summar
     for spec in specs:
         st = stats[spec.name]
         st["dropped"] = dict(st["dropped"])
-        st["bad_records"] = dict(BAD_RECORDS.get(spec.name, {}))
-        st["bad_examples"] = list(BAD_EXAMPLES.get(spec.name, []))[:20]
         for k in ("documents_in", "tokens_in"):
             total[k] += st[k]
         for k in ("documents", "tokens"):
@@ -272,7 +300,10 @@ def _histogram(lengths, unit, path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
-    report = run(_CONFIG.value)
+    try:
+        report = run(_CONFIG.value)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {e}")
     t = report["total"]
     print(f"kept {t['kept']['documents']:,} of {t['documents_in']:,} documents -> {_CONFIG.value.output_dir}")
 

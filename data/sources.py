@@ -23,8 +23,12 @@ file where it stopped. Random-access formats (array_record, tfds, embedded) are 
 MapDatasets and can be shuffled globally.
 
 Bad input (malformed JSON, bytes that are not UTF-8, a missing or non-string field, an empty
-document) is skipped, counted and logged with file and line; with `strict=True` the first one
-raises `DataError` naming file, line and reason.
+document, a truncated or corrupt `.gz` / `.zst` file, whose lines before the break are kept) is
+skipped, counted and logged with file and line (the first few of each kind, then a
+count at every power of ten); with `strict=True` the first one raises `DataError` naming file,
+line and reason. A source that yields no document at all raises `EmptySourceError` instead of
+spinning: when it has skipped `MAX_SKIPPED_WITHOUT_DOCUMENT` records without a document, or at
+the end of an epoch without one when another epoch would follow.
 """
 
 from __future__ import annotations
@@ -55,12 +59,21 @@ _EXTENSIONS = {
 }
 
 
+# A source that has skipped this many records without yielding a single document is broken (a
+# wrong format or text_field, a binary file): stop rather than read the rest of it.
+MAX_SKIPPED_WITHOUT_DOCUMENT = 100_000
+
+
 class DataError(ValueError):
     """A bad record, with where it is and why."""
 
     def __init__(self, file: str, line: int, reason: str):
         super().__init__(f"{file}:{line}: {reason}")
         self.file, self.line, self.reason = file, line, reason
+
+
+class EmptySourceError(ValueError):
+    """A source (or one data shard of it) with no usable document, which would otherwise spin forever."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +113,54 @@ class SourceSpec:
 # Bad records
 
 
-# Every bad record seen by this process, per source: {source: Counter(kind)} and the first examples.
-BAD_RECORDS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-BAD_EXAMPLES: dict[str, list[str]] = collections.defaultdict(list)
-
-
 class BadRecords:
-    """Counts bad records per reason; logs the first few of each reason and then every 1000th."""
+    """Counts bad records per reason; logs the first few of each reason, then a count at every
+    power of ten (a garbage file must not flood the log with millions of lines)."""
+
+    MAX_EXAMPLES = 20
 
     def __init__(self, source: str, strict: bool):
         self.source, self.strict = source, strict
         self.counts: collections.Counter = collections.Counter()
+        self.examples: list[str] = []  # "file:line: reason" of the first bad records this process saw
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def first(self) -> str | None:
+        return self.examples[0] if self.examples else None
 
     def report(self, file: str, line: int, reason: str, kind: str) -> None:
         if self.strict:
             raise DataError(file, line, reason)
         self.counts[kind] += 1
-        BAD_RECORDS[self.source][kind] += 1
-        if len(BAD_EXAMPLES[self.source]) < 100:
-            BAD_EXAMPLES[self.source].append(f"{file}:{line}: {reason}")
+        if len(self.examples) < self.MAX_EXAMPLES:
+            self.examples.append(f"{file}:{line}: {reason}")
         n = self.counts[kind]
-        if n <= 5 or n % 1000 == 0:
+        if n <= 5 or _is_power_of_ten(n):
             logging.warning("data source %r: skipped record %s:%d (%s)%s", self.source, file, line, reason,
                             f" [{n} {kind} so far]" if n > 5 else "")
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+def no_documents_error(spec: SourceSpec, skipped: int, first: str | None, *, num_files: int | None = None,
+                       where: str = "", why: str = "") -> EmptySourceError:
+    """`source 'x' (path) yielded 0 documents; N records skipped (first: file:line: reason)`."""
+    if first is not None:
+        detail = f" (first: {first})"
+    elif skipped == 0 and num_files is not None:
+        detail = f" (its {num_files} file{' holds' if num_files == 1 else 's hold'} no records)"
+    else:
+        detail = ""
+    return EmptySourceError(f"source {spec.name!r} ({spec.path or spec.format + ':' + spec.split}) yielded 0 "
+                            f"documents{where}; {skipped} records skipped{detail}{why}")
 
 
 def get_field(obj: Any, dotted: str):
@@ -182,14 +220,81 @@ def expand_paths(pattern: str, fmt: str) -> list[str]:
 
 
 def open_binary(path: str):
-    """A binary stream of the file's contents, decompressing .gz and .zst."""
+    """A binary stream of the file's contents, decompressing .gz and .zst. A compressed file that
+    ends inside its stream raises EOFError once everything before the cut has been read."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file of one or more frames (skippable ones included).
+
+    zstandard's own stream reader ends quietly where a truncated file ends, so a cut file would
+    pass for a shorter one; this one tracks the frame it is in and raises EOFError if the file
+    ends inside it.
+    """
+
+    def __init__(self, path: str, chunk_bytes: int = 1 << 16):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._file, self._chunk = open(path, "rb"), chunk_bytes
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the current frame's decompressor; None between frames
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos >= len(self._out):
+            data = self._file.read(self._chunk)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._out, self._pos = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = b""
+            if self._frame.eof:  # what follows the frame's end belongs to the next frame
+                data, self._frame = self._frame.unused_data, None
+        return b"".join(out)
+
+    def close(self):
+        self._file.close()
+        super().close()
+
+
+def _broken_stream_errors() -> tuple[type[Exception], ...]:
+    """What reading a truncated or corrupt .gz / .zst file raises."""
+    import zlib
+
+    import zstandard
+
+    return EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError
+
+
+def _report_broken(path: str, line: int, error: Exception, bad: "BadRecords", *, by_line: bool = True) -> None:
+    """A compressed file that breaks before line `line` is complete: counted as one bad record
+    (what came before it is kept), or DataError with `strict`."""
+    suffix = os.path.splitext(path)[1]
+    where = f" after {line - 1} complete lines" if by_line else " inside the document"
+    if isinstance(error, EOFError):
+        bad.report(path, line, f"truncated {suffix} file: the compressed data ends{where} ({error})", "truncated_file")
+    else:
+        bad.report(path, line, f"corrupt {suffix} file{where} ({error})", "corrupt_file")
 
 
 def _seekable(path: str) -> bool:
@@ -206,15 +311,24 @@ def _decode(raw: bytes, file: str, first_line: int, bad: BadRecords) -> str | No
         return None
 
 
-def _iter_lines(path: str, start_unit: int, start_offset: int):
-    """(unit index, line number, raw line, offset after it) from `start_unit` (seek when possible)."""
+def _iter_lines(path: str, start_unit: int, start_offset: int, bad: BadRecords):
+    """(unit index, line number, raw line, offset after it) from `start_unit` (seek when possible).
+    A truncated or corrupt compressed file ends at its last complete line and is reported to `bad`."""
     with open_binary(path) as f:
         unit = 0
         if start_offset > 0 and _seekable(path):
             f.seek(start_offset)
             unit = start_unit
         offset = start_offset if unit else 0
-        for raw in f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except _broken_stream_errors() as e:
+                _report_broken(path, unit + 1, e, bad)
+                return
             offset += len(raw)
             if unit >= start_unit:
                 yield unit, unit + 1, raw, offset
@@ -226,8 +340,13 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
     if spec.text_unit == "file":
         if start_unit > 0:
             return
-        with open_binary(path) as f:
-            raw = f.read()
+        try:
+            with open_binary(path) as f:
+                raw = f.read()
+        except _broken_stream_errors() as e:
+            _report_broken(path, 1, e, bad, by_line=False)
+            yield 1, -1, None
+            return
         text = _decode(raw, path, 1, bad)
         if text is not None and not text.strip():
             bad.report(path, 1, "empty document", "empty")
@@ -235,7 +354,7 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
         yield 1, -1, None if text is None else _record(text, spec, path, 1, {"text": text}, keep_fields)
         return
     if spec.text_unit == "line":
-        for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+        for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
             text = _decode(raw.rstrip(b"\r\n"), path, line, bad)
             if text is not None and not text.strip():
                 text = None  # blank lines separate nothing here: not a bad record
@@ -244,7 +363,7 @@ def _text_units(path, spec, start_unit, start_offset, bad, keep_fields):
         return
     # paragraphs: a unit is a line; a record is emitted at the blank line (or EOF) that ends it
     buf, first, last_unit, last_offset = [], 0, start_unit, start_offset
-    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
         if raw.strip():
             if not buf:
                 first = line
@@ -265,7 +384,7 @@ def _paragraph(lines, first, path, spec, bad, keep_fields):
 
 
 def _jsonl_units(path, spec, start_unit, start_offset, bad, keep_fields):
-    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset):
+    for unit, line, raw, offset in _iter_lines(path, start_unit, start_offset, bad):
         rec = None
         if raw.strip():
             s = _decode(raw, path, line, bad)
@@ -399,6 +518,14 @@ class _StreamingIterator(grain.DatasetIterator):
         self.epoch, self.file_pos, self.unit, self.offset, self.counter = 0, 0, 0, 0, 0
         self._gen = None
         self._order = self._epoch_files(0)
+        # Documents seen (before record-level sharding) in this epoch and since this iterator was
+        # made; a restored iterator has seen only part of its epoch, so it cannot call one empty.
+        self._epoch_documents, self._documents, self._whole_epoch, self._restored = 0, 0, True, False
+        self._empty_files: set[str] = set()  # files read whole in an epoch that gave no document
+
+    def _shard_files(self) -> list[str]:
+        """Every file an epoch may give this shard: a shuffled file-level shard gets new ones each epoch."""
+        return self.ds.files if self._file_level and self.ds.shuffle_files else self._order
 
     def _epoch_files(self, epoch: int) -> list[str]:
         files = list(self.ds.files)
@@ -415,7 +542,12 @@ class _StreamingIterator(grain.DatasetIterator):
                     self.epoch += 1
                     if self.ds.num_epochs is not None and self.epoch >= self.ds.num_epochs:
                         raise StopIteration
+                    if self._whole_epoch and self._order and not self._epoch_documents:
+                        self._empty_files.update(self._order)
+                        if self._empty_files.issuperset(self._shard_files()):
+                            raise self.no_documents_error()  # every later epoch would be as empty
                     self._order, self.file_pos, self.unit, self.offset = self._epoch_files(self.epoch), 0, 0, 0
+                    self._epoch_documents, self._whole_epoch = 0, True
                     if not self._order:
                         raise StopIteration
                     continue
@@ -428,7 +560,12 @@ class _StreamingIterator(grain.DatasetIterator):
                 continue
             self.unit, self.offset = unit, offset if offset >= 0 else 0
             if rec is None:
+                if not self._documents and not self._restored and self.bad.total >= MAX_SKIPPED_WITHOUT_DOCUMENT:
+                    raise self.no_documents_error(
+                        why=f"; stopped after {MAX_SKIPPED_WITHOUT_DOCUMENT} bad records without a document")
                 continue
+            self._epoch_documents += 1
+            self._documents += 1
             if not self._file_level:
                 mine = self.counter % self.ds.shard_count == self.ds.shard_index
                 self.counter += 1
@@ -446,6 +583,16 @@ class _StreamingIterator(grain.DatasetIterator):
         self.bad.counts = collections.Counter(state.get("bad", {}))
         self._order = self._epoch_files(self.epoch)
         self._gen = None
+        self._epoch_documents, self._documents, self._whole_epoch, self._restored = 0, 0, False, True
+
+    def no_documents_error(self, why: str = "") -> EmptySourceError:
+        files = self._shard_files()
+        where = ""
+        if len(files) < len(self.ds.files):
+            names = ", ".join(os.path.basename(f) for f in files[:5]) + (", ..." if len(files) > 5 else "")
+            where = f" in data shard {self.ds.shard_index}/{self.ds.shard_count} (its files: {names})"
+        return no_documents_error(self.ds.spec, self.bad.total, self.bad.first, num_files=len(files), where=where,
+                                  why=why)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,9 +602,8 @@ class _StreamingIterator(grain.DatasetIterator):
 class _ParseJsonRecord:
     """ArrayRecord bytes (a UTF-8 JSON object) -> record, or None for a bad record."""
 
-    def __init__(self, spec: SourceSpec, file: str, size: int, keep_fields: bool):
-        self.spec, self.file, self.size, self.keep_fields = spec, file, size, keep_fields
-        self.bad = BadRecords(spec.name, spec.strict)
+    def __init__(self, spec: SourceSpec, file: str, size: int, keep_fields: bool, bad: BadRecords):
+        self.spec, self.file, self.size, self.keep_fields, self.bad = spec, file, size, keep_fields, bad
 
     def __call__(self, index: int, raw: bytes):
         line = index % self.size + 1  # grain passes epoch-extended indices after repeat
@@ -478,9 +624,8 @@ class _ParseJsonRecord:
 
 
 class _TfdsRecord:
-    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool):
-        self.spec, self.size, self.keep_fields = spec, size, keep_fields
-        self.bad = BadRecords(spec.name, spec.strict)
+    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool, bad: BadRecords):
+        self.spec, self.size, self.keep_fields, self.bad = spec, size, keep_fields, bad
         self.file = f"tfds:{spec.path}/{spec.split}"
 
     def __call__(self, index: int, example):
@@ -502,8 +647,11 @@ class _EmbeddedRecord:
         return _record(text, self.spec, path, 1, {"text": text, "path": path}, self.keep_fields)
 
 
-def random_access_source(spec: SourceSpec, *, keep_fields: bool = False) -> grain.MapDataset:
-    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded."""
+def random_access_source(spec: SourceSpec, *, keep_fields: bool = False,
+                         bad: BadRecords | None = None) -> grain.MapDataset:
+    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded;
+    bad records are counted in `bad`."""
+    bad = bad if bad is not None else BadRecords(spec.name, spec.strict)
     if spec.format == "embedded":
         from data import corpus
 
@@ -514,14 +662,15 @@ def random_access_source(spec: SourceSpec, *, keep_fields: bool = False) -> grai
         parts = []
         for f in files:
             src = grain.sources.ArrayRecordDataSource([f])
-            parts.append(grain.MapDataset.source(src).map_with_index(_ParseJsonRecord(spec, f, len(src), keep_fields)))
+            parse = _ParseJsonRecord(spec, f, len(src), keep_fields, bad)
+            parts.append(grain.MapDataset.source(src).map_with_index(parse))
         return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     if spec.format == "tfds":
         import tensorflow_datasets as tfds
 
         src = tfds.data_source(spec.path, split=spec.split, data_dir=spec.data_dir or None,
                                builder_kwargs={"file_format": "array_record"})
-        return grain.MapDataset.source(src).map_with_index(_TfdsRecord(spec, len(src), keep_fields))
+        return grain.MapDataset.source(src).map_with_index(_TfdsRecord(spec, len(src), keep_fields, bad))
     raise ValueError(f"format {spec.format!r} is streaming; use StreamingSource")
 
 
@@ -536,19 +685,65 @@ def source_dataset(spec: SourceSpec, *, shard_index: int = 0, shard_count: int =
     if spec.format in STREAMING:
         return StreamingSource(spec, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
                                seed=seed, shuffle_files=shuffle, keep_fields=keep_fields)
-    ds = random_access_source(spec, keep_fields=keep_fields)
+    bad = BadRecords(spec.name, spec.strict)
+    ds = random_access_source(spec, keep_fields=keep_fields, bad=bad)
     if len(ds) < shard_count:
         raise ValueError(f"source {spec.name!r} has {len(ds)} records, fewer than the {shard_count} shards")
     ds = ds[shard_index::shard_count]
+    epoch = len(ds)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    return ds.filter(_is_record).to_iter_dataset()
+    return _SkipBadRecords(ds.to_iter_dataset(allow_nones=True), spec, bad, epoch, repeats=num_epochs != 1)
 
 
-def _is_record(r) -> bool:
-    return r is not None
+class _SkipBadRecords(grain.IterDataset):
+    """Drops the None (bad) records of a random-access source, and raises `EmptySourceError` where
+    a repeated source has no document at all (grain's filter would spin forever)."""
+
+    def __init__(self, parent: grain.IterDataset, spec: SourceSpec, bad: BadRecords, epoch: int, repeats: bool):
+        super().__init__(parent)
+        self.spec, self.bad, self.epoch, self.repeats = spec, bad, epoch, repeats
+
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__(), self)
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    # Stateless beyond its parent (checkpoints keep their shape): a restored iterator waits for
+    # two epochs' worth of bad records, which no source with a document can produce in a row
+    # (shuffled epochs put any one record at most 2 * epoch - 2 records apart).
+    def __init__(self, parent, ds: _SkipBadRecords):
+        super().__init__(parent)
+        self.ds, self.bad = ds, ds.bad
+        self.documents, self.skipped, self.restored = 0, 0, False
+
+    def __next__(self):
+        while True:
+            rec = next(self._parent)
+            if rec is not None:
+                self.documents += 1
+                self.skipped = 0
+                return rec
+            self.skipped += 1
+            fresh = not self.documents and not self.restored
+            if fresh and self.skipped >= MAX_SKIPPED_WITHOUT_DOCUMENT:
+                raise self.no_documents_error(
+                    why=f"; stopped after {MAX_SKIPPED_WITHOUT_DOCUMENT} bad records without a document")
+            if self.ds.repeats and self.skipped >= (1 if fresh else 2) * self.ds.epoch:
+                raise self.no_documents_error()
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+        self.skipped, self.restored = 0, True
+
+    def no_documents_error(self, why: str = "") -> EmptySourceError:
+        # records read ahead by grain's threads are counted in `bad`, so count the consumed ones
+        return no_documents_error(self.ds.spec, self.skipped, self.bad.first, why=why)
 
 
 def read_all(spec: SourceSpec, **kw) -> Iterator[dict]:

@@ -178,17 +178,25 @@ def sources_fingerprint(specs) -> str:
 
 
 def training_texts(specs, num_documents: int) -> list[str]:
-    """Up to `num_documents` texts from the sources, shared by weight (for training a tokenizer)."""
+    """Up to `num_documents` texts from the sources, shared by weight (for training a tokenizer).
+
+    Raises `data.sources.EmptySourceError` naming a source that has no document (sentencepiece
+    would fail with an opaque `[!sentences_.empty()]`)."""
     from data.sources import read_all
 
     total = sum(s.weight for s in specs)
     texts = []
     for spec in specs:
         want = max(1, int(round(num_documents * spec.weight / total)))
-        for i, rec in enumerate(read_all(spec)):
-            if i >= want:
+        records = read_all(spec)
+        n = 0
+        for rec in records:
+            if n >= want:
                 break
             texts.append(rec["text"])
+            n += 1
+        if n == 0:
+            raise records.no_documents_error()
     return texts
 
 

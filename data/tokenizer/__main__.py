@@ -37,7 +37,14 @@ COMMANDS = ("train", "encode")
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m data.tokenizer {{{'|'.join(COMMANDS)}}} [flags]")
-    if argv[1] == "train":
+    try:
+        return _run(argv[1])
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {e}")
+
+
+def _run(command: str) -> int:
+    if command == "train":
         spec = SourceSpec("input", _FORMAT.value, path=_PATH.value, split=_SPLIT.value, text_field=_TEXT_FIELD.value,
                           text_unit=_TEXT_UNIT.value, data_dir=_DATA_DIR.value)
         t = time.perf_counter()

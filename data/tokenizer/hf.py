@@ -164,6 +164,8 @@ class HFTokenizer(_ChatMixin):
         self._json, self.name = tokenizer_json, name
         self.config, self.templates = dict(config or {}), dict(templates or {})
         self._tok = Tokenizer.from_str(tokenizer_json)
+        # transformers' `split_special_tokens`: special tokens written in the text are plain text
+        self._tok.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._init_specials(self._tok.token_to_id, {})
 
@@ -200,7 +202,9 @@ class HFSentencePieceTokenizer(_ChatMixin):
     """A `tokenizer.model` (sentencepiece) with tokenizer_config.json's special and added tokens.
 
     Special / added tokens written in the text (e.g. by a chat template) map to their ids, and the
-    text between them goes through sentencepiece, as transformers' sentencepiece tokenizers do.
+    text between them goes through sentencepiece, as transformers' sentencepiece tokenizers do;
+    with `split_special_tokens` in tokenizer_config.json (as `models.hf export` writes for Loom's
+    own tokenizers) special tokens in the text are plain text, here and in `HFTokenizer`.
     `encode(..., add_special_tokens=True)` adds BOS / EOS as tokenizer_config.json's
     `add_bos_token` / `add_eos_token` say (both off when absent, as in transformers 5).
     """
@@ -232,8 +236,14 @@ class HFSentencePieceTokenizer(_ChatMixin):
                 specials[token] = i
         self._specials = specials
         self._special_ids = {i: t for t, i in specials.items()}
-        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
-                       if specials else None)
+        parsed = specials
+        if self.config.get("split_special_tokens"):
+            special = set(self.special_tokens.values()) | {
+                _content(v) for v in self.config.get("added_tokens_decoder", {}).values()
+                if isinstance(v, dict) and v.get("special")}
+            parsed = {t: i for t, i in specials.items() if t not in special}
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(parsed, key=len, reverse=True))) + ")")
+                       if parsed else None)
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> "HFSentencePieceTokenizer":

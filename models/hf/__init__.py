@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -42,7 +43,8 @@ COMPANION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 COMPANION_DIRS = ("additional_chat_templates",)
 
 __all__ = ["ARCHITECTURES", "COMPANION_FILES", "architecture_of", "copy_companion_files", "from_hf_config",
-           "infer_architecture", "load", "read_hf_config", "representation_errors", "save", "to_hf_config"]
+           "infer_architecture", "load", "read_hf_config", "representation_errors", "save",
+           "save_sentencepiece_tokenizer", "to_hf_config"]
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -288,3 +290,98 @@ def copy_companion_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
             shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
             copied.append(name + "/")
     return copied
+
+
+def save_sentencepiece_tokenizer(model_file: str | os.PathLike, dst: str | os.PathLike, *,
+                                 model_max_length: int | None = None) -> dict[str, int]:
+    """Writes a sentencepiece model (BPE or unigram) as a Hugging Face tokenizer: `tokenizer.model`,
+    an equivalent `tokenizer.json` and a `tokenizer_config.json`, so `transformers.AutoTokenizer`
+    gives the ids sentencepiece (and so Loom's training) gives: byte fallback, user-defined pieces
+    ("\\n") matched whole, special-token strings in the text tokenized as text
+    (`split_special_tokens`), BOS added as Loom's documents start, no EOS.
+
+    Exact for Loom's BPE models (its default). Known differences elsewhere: in a unigram model, or
+    one with a dummy prefix, text that spells a control piece ("<s>") can become that piece when
+    its characters are not pieces of their own; with a dummy prefix (Llama 2's models; Loom's have
+    none), texts that start with whitespace get no extra "▁".
+
+    Returns the special ids for config.json (`bos_token_id`, `eos_token_id`, `pad_token_id`, those
+    the model has).
+    """
+    from sentencepiece import sentencepiece_model_pb2  # read directly: models/ does not import data/
+
+    model_file, dst = pathlib.Path(model_file), pathlib.Path(dst)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    tokenizer, specials = _tokenizers_pipeline(proto, str(model_file))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **{f"{k}_token": p for k, (_, p) in specials.items()},
+              "add_bos_token": "bos" in specials, "add_eos_token": False, "split_special_tokens": True,
+              "clean_up_tokenization_spaces": False}
+    if model_max_length:
+        config["model_max_length"] = int(model_max_length)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_file, dst / "tokenizer.model")
+    tokenizer.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return {f"{k}_token_id": i for k, (i, _) in specials.items() if k != "unk"}
+
+
+def _tokenizers_pipeline(proto, where: str):
+    """A `tokenizers.Tokenizer` equal to the sentencepiece `proto`, and its specials {kind: (id, piece)}."""
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto, TrainerSpec
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kinds = ModelProto.SentencePiece
+    pieces = list(proto.pieces)
+    spec = proto.trainer_spec
+    specials = {k: (i, pieces[i].piece) for k, i in (("bos", spec.bos_id), ("eos", spec.eos_id), ("unk", spec.unk_id),
+                                                      ("pad", spec.pad_id)) if 0 <= i < len(pieces)}
+    unk = specials["unk"][0]
+    if spec.model_type == TrainerSpec.UNIGRAM:
+        # control and byte pieces must never win the Viterbi search on text that spells them
+        low = min(p.score for p in pieces) - 1000.0
+        plain = (kinds.NORMAL, kinds.USER_DEFINED)
+        model = models.Unigram([(p.piece, p.score if p.type in plain else low) for p in pieces], unk_id=unk,
+                               byte_fallback=spec.byte_fallback)
+    elif spec.model_type == TrainerSpec.BPE:
+        model = models.BPE({p.piece: i for i, p in enumerate(pieces)}, _bpe_merges(pieces, kinds.NORMAL, where),
+                           unk_token=pieces[unk].piece, fuse_unk=True, byte_fallback=spec.byte_fallback)
+    else:
+        raise ValueError(f"{where}: a sentencepiece {TrainerSpec.ModelType.Name(spec.model_type)} model; "
+                         "exportable: BPE, UNIGRAM")
+    dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+    if dummy_prefix:
+        logging.warning("%s adds a dummy prefix: transformers gives other ids than sentencepiece for texts that "
+                        "start with whitespace", where)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if dummy_prefix
+                                                 else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if dummy_prefix else []))
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in pieces
+                    if p.type == kinds.USER_DEFINED])
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in pieces
+                            if p.type in (kinds.CONTROL, kinds.UNKNOWN)])
+    if "bos" in specials:
+        bos_id, bos = specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, bos_id)])
+    return tok, specials
+
+
+def _bpe_merges(pieces, normal, where: str) -> list[tuple[str, str]]:
+    """BPE merges of a sentencepiece BPE vocabulary: every split of a piece into two pieces, in the
+    order of the merged piece's rank (sentencepiece merges the best-scored pair first)."""
+    ids = {p.piece: i for i, p in enumerate(pieces)}
+    merges, unreachable = [], 0
+    for i, p in enumerate(pieces):
+        if p.type != normal or len(p.piece) < 2:
+            continue
+        splits = [(ids[p.piece[:k]], ids[p.piece[k:]]) for k in range(1, len(p.piece))
+                  if p.piece[:k] in ids and p.piece[k:] in ids]
+        merges += [(i, left, right) for left, right in splits]
+        unreachable += not splits
+    if unreachable:
+        logging.warning("%s: %d BPE pieces are no merge of two others: transformers never produces them",
+                        where, unreachable)
+    return [(pieces[left].piece, pieces[right].piece) for _, left, right in sorted(merges)]

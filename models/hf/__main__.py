@@ -6,7 +6,10 @@
       and our programs start from) and the tokenizer files in runs/llama3/tokenizer/.
   python -m models.hf export --checkpoint=runs/llama3 --out=path/to/hf_out [--step=N] [--dtype=...]
       writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads, with the
-      tokenizer files of the workdir's tokenizer/ (or --tokenizer_dir) beside the weights.
+      tokenizer files of the workdir's tokenizer/ (or --tokenizer_dir) beside the weights; a
+      pretraining run's own sentencepiece model (<workdir>/tokenizer.model) is written as
+      tokenizer.model, tokenizer.json and tokenizer_config.json (`transformers.AutoTokenizer`
+      gives the ids Loom trained on).
 
 With several local devices the params are sharded over all of them (an fsdp mesh), so a model
 larger than one device's memory converts without a gather.
@@ -36,6 +39,7 @@ flags.DEFINE_integer("max_shard_mb", 5 * 1024, "export: safetensors shard size i
 FLAGS = flags.FLAGS
 
 TOKENIZER_SUBDIR = "tokenizer"
+RUN_TOKENIZER = "tokenizer.model"  # the sentencepiece model a pretraining run keeps in its workdir
 
 
 def _mesh():
@@ -83,9 +87,20 @@ def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | N
     run_config = ckpt.read_run_config(workdir)
     hf_section = run_config.get("hf") or {}
     tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else workdir / TOKENIZER_SUBDIR
+    companion = tokenizer_dir if tokenizer_dir.is_dir() else None
     arch = hf.save(model, out, architecture=architecture, dtype=dtype, hf_config=hf_section.get("config"),
-                   companion_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, max_shard_bytes=max_shard_bytes)
-    print(f"exported {workdir} as {arch} to {out}")
+                   companion_dir=companion, max_shard_bytes=max_shard_bytes)
+    tokenizer = f"tokenizer files from {companion}" if companion else "no tokenizer"
+    if companion is None and (workdir / RUN_TOKENIZER).is_file():
+        ids = hf.save_sentencepiece_tokenizer(workdir / RUN_TOKENIZER, out, model_max_length=cfg.max_seq_len)
+        config_file = pathlib.Path(out) / "config.json"  # generation stops at the tokenizer's EOS
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **ids}, indent=2, sort_keys=True)
+                               + "\n")
+        tokenizer = "tokenizer.model, tokenizer.json, tokenizer_config.json"
+    elif companion is None:
+        logging.warning("%s has no %s/ or %s: the export has no tokenizer (pass --tokenizer_dir)", workdir,
+                        TOKENIZER_SUBDIR, RUN_TOKENIZER)
+    print(f"exported {workdir} as {arch} to {out} ({tokenizer})")
     return arch
 
 

@@ -38,8 +38,38 @@ def _read_header(path: pathlib.Path) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
             raise ValueError(f"{path} is not a safetensors file (header length {n} bytes)")
-        header = json.loads(f.read(n))
+        text = f.read(n)
+    if len(text) < n:
+        raise ValueError(f"{path} is truncated: its header is {n:,} bytes long but the file ends after "
+                         f"{len(text):,} of them")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is a {type(header).__name__}, not an object)")
     return header, 8 + n
+
+
+def _check_extents(path: pathlib.Path, header: dict, data_start: int) -> None:
+    """Every tensor's bytes match its shape and dtype and lie inside the file (a cut download
+    otherwise fails later as `cannot reshape array of size 0`)."""
+    spans = []
+    for key, e in header.items():
+        begin, end = e["data_offsets"]
+        need = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+        if not 0 <= begin <= end or end - begin != need:
+            raise ValueError(f"{path}: tensor {key!r} ({e['dtype']} {list(e['shape'])}) needs {need:,} bytes but "
+                             f"its data_offsets [{begin}, {end}] hold {end - begin:,}: the header is corrupt")
+        spans.append((end, begin, key))
+    size = path.stat().st_size
+    expected = data_start + max((end for end, _, _ in spans), default=0)
+    if size < expected:
+        cut = sorted((begin, end, key) for end, begin, key in spans if data_start + end > size)
+        begin, end, key = cut[0]
+        more = f", and {len(cut) - 1} tensor{'s' if len(cut) > 2 else ''} after it" if len(cut) > 1 else ""
+        raise ValueError(f"{path} is truncated: expected {expected:,} bytes, found {size:,}; tensor {key!r} "
+                         f"(data bytes {begin:,}-{end:,}) is cut off{more}")
 
 
 class SafetensorsReader:
@@ -73,6 +103,8 @@ class SafetensorsReader:
             for key, e in header.items():
                 if e["dtype"] not in DTYPES:
                     raise ValueError(f"{path}: tensor {key!r} has dtype {e['dtype']}; readable: {sorted(DTYPES)}")
+            _check_extents(path, header, data_start)
+            for key, e in header.items():
                 begin, _ = e["data_offsets"]
                 self._entries[key] = (path, DTYPES[e["dtype"]], tuple(e["shape"]), data_start + begin)
 

@@ -162,6 +162,69 @@ def test_missing_and_unexpected_tensors(tmp_path):
         hf.load(tmp_path / "a")
 
 
+def _safetensors_layout(path):
+    """(header length, {name: (begin, end)} of the data section) as the format defines them."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return n, {k: tuple(v["data_offsets"]) for k, v in header.items()}
+
+
+def test_truncated_safetensors_names_the_file_and_the_tensor(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(41)
+    tensors = {"a.weight": rng.standard_normal((16, 8)).astype(np.float32),
+               "b.weight": rng.standard_normal((32, 8)).astype(np.float32),
+               "c.bias": rng.standard_normal((32,)).astype(np.float32)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path)  # the reference writer
+    raw = path.read_bytes()
+    n, spans = _safetensors_layout(path)
+    order = sorted(spans, key=spans.get)
+    victim = order[1]  # the cut falls inside the second tensor's bytes: it and the one after are lost
+    cut = 8 + n + spans[victim][0] + 10
+    path.write_bytes(raw[:cut])
+    with pytest.raises(ValueError, match=rf"{path} is truncated: expected {len(raw):,} bytes, found {cut:,}; "
+                                         rf"tensor '{victim}' \(data bytes {spans[victim][0]:,}-"
+                                         rf"{spans[victim][1]:,}\) is cut off, and 1 tensor after it"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw[:8 + n // 2])  # inside the JSON header
+    with pytest.raises(ValueError, match=rf"{path} is truncated: its header is {n:,} bytes long but the file "
+                                         rf"ends after {n // 2:,} of them"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw[:5])
+    with pytest.raises(ValueError, match=rf"{path} is not a safetensors file \(shorter than"):
+        SafetensorsReader(tmp_path)
+    header = json.loads(raw[8:8 + n])
+    header["c.bias"]["shape"] = [33]  # one element more than its bytes hold
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(ValueError, match=rf"{path}: tensor 'c.bias' \(F32 \[33\]\) needs 132 bytes but its "
+                                         rf"data_offsets \[\d+, \d+\] hold 128: the header is corrupt"):
+        SafetensorsReader(tmp_path)
+    path.write_bytes(raw)
+    with SafetensorsReader(tmp_path) as reader:  # the whole file reads back exactly
+        for k, v in tensors.items():
+            np.testing.assert_array_equal(reader.read(k), v)
+
+
+def test_cli_import_of_a_truncated_checkpoint_prints_one_line(gemma2, tmp_path):
+    shutil.copytree(gemma2[1], tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * 0.6)])
+    proc = run_program("models.hf", "import", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'run'}",
+                       check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path} is truncated: expected {len(raw):,} bytes, found {int(len(raw) * 0.6):,}; "
+                           "tensor 'model."), last
+
+
 def test_unsupported_options_fail_clearly():
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
                 num_hidden_layers=1, num_attention_heads=2)
@@ -285,3 +348,92 @@ def test_gpt2_hub_layout_without_prefix_and_with_buffers(tmp_path):
     model, cfg = hf.load(tmp_path / "hub")
     assert cfg.position_embedding == "learned" and cfg.tie_embeddings
     np.testing.assert_allclose(np.asarray(model(tokens)), hf_logits(model_hf, tokens), atol=1e-4, rtol=0)
+
+
+def _tokenizer_probe_texts(seed):
+    """Code, runs of whitespace, non-ASCII text, characters outside any small vocabulary (byte
+    fallback), literal special-token strings, and random Unicode."""
+    import inspect
+
+    r = np.random.default_rng(seed)
+    source = inspect.getsource(json)
+    texts = ["def f(x):\n    return x + 1\n", "  two  spaces\n\n\ttab\r\n", " leading and trailing  ",
+             "héllo wörld 漢字 12345 🙂", "<s> literal specials </s> <unk> <pad>", "\x00\x7f"]
+    for _ in range(20):
+        i = int(r.integers(0, len(source) - 200))
+        texts.append(source[i:i + int(r.integers(1, 200))])
+    for _ in range(10):
+        texts.append("".join(chr(int(c)) for c in r.integers(1, 0x2FFFF, int(r.integers(1, 20)))
+                             if not 0xD800 <= c < 0xE000))
+    return texts
+
+
+def test_export_of_a_pretraining_run_writes_its_tokenizer(tiny_run, tmp_path):
+    from data.tokenizer import SentencePieceTokenizer, with_specials
+    from data.tokenizer.hf import load_hf_tokenizer
+
+    proc = run_program("models.hf", "export", f"--checkpoint={tiny_run}", f"--out={tmp_path / 'hf'}")
+    assert "tokenizer.model" in proc.stdout, proc.stdout
+    out = tmp_path / "hf"
+    assert (out / "tokenizer.model").read_bytes() == (tiny_run / "tokenizer.model").read_bytes()
+    ours = SentencePieceTokenizer.from_file(tiny_run / "tokenizer.model")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ids = {"bos": ours.bos_id, "eos": ours.eos_id, "pad": ours.pad_id}
+    assert {k: getattr(theirs, f"{k}_token_id") for k in ids} == ids
+    assert {k: json.loads((out / "config.json").read_text())[f"{k}_token_id"] for k in ids} == ids
+    loom_hf = load_hf_tokenizer(out)  # what Loom's programs use on a Hugging Face directory
+    for text in _tokenizer_probe_texts(51):
+        expected = ours.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == expected, repr(text)
+        assert theirs(text)["input_ids"] == with_specials(ours, expected), repr(text)  # BOS, as Loom trains
+        assert theirs.decode(expected) == text == ours.decode(expected), repr(text)
+        assert loom_hf.encode(text) == expected, repr(text)
+
+
+def _spm_model(kind, seed):
+    """A sentencepiece model trained here: Loom's (BPE, unigram) or a Llama-2-like one (dummy prefix, no pad)."""
+    import inspect
+    import io
+
+    import sentencepiece as spm
+
+    from data.tokenizer import train_sentencepiece
+
+    r = np.random.default_rng(seed)
+    source = inspect.getsource(json) + inspect.getsource(shutil)
+    texts = [source[i:i + 3000] for i in r.integers(0, len(source) - 3000, 40)]
+    if kind != "dummy_prefix":
+        return train_sentencepiece(texts, vocab_size=int(r.integers(600, 900)), model_type=kind)._proto
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(texts).splitlines()), model_writer=model,
+                                   vocab_size=400, normalization_rule_name="identity", byte_fallback=True,
+                                   add_dummy_prefix=True, remove_extra_whitespaces=False, minloglevel=2,
+                                   hard_vocab_limit=False)
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "dummy_prefix"])
+def test_exported_sentencepiece_tokenizer_gives_sentencepiece_ids(kind, tmp_path):
+    import sentencepiece as spm
+
+    from data.tokenizer.hf import load_hf_tokenizer
+
+    proto = _spm_model(kind, seed=53)
+    (tmp_path / "m.model").write_bytes(proto)
+    ids = hf.save_sentencepiece_tokenizer(tmp_path / "m.model", tmp_path / "hf", model_max_length=128)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert ids == {"bos_token_id": 1, "eos_token_id": 2, **({"pad_token_id": 0} if kind != "dummy_prefix" else {})}
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.model_max_length) == (1, 2, 128)
+    loom_hf = load_hf_tokenizer(tmp_path / "hf")
+    texts = _tokenizer_probe_texts(54)
+    if kind != "bpe":  # documented differences: a control piece spelled in the text (tokenizers matches it
+        texts = [t for t in texts if "<s>" not in t]  # when its characters are not pieces of their own) ...
+    if kind == "dummy_prefix":  # ... and no "▁" added before leading whitespace
+        texts = [t for t in texts if t[:1].strip()]
+    for t in texts:
+        expected = sp.encode(t)
+        assert theirs(t, add_special_tokens=False)["input_ids"] == expected, repr(t)
+        assert theirs(t)["input_ids"] == [1] + expected, repr(t)
+        assert loom_hf.encode(t) == expected, repr(t)
+        assert theirs.decode(expected) == sp.decode(expected), repr(t)
