@@ -84,6 +84,40 @@ def train_worker(preset: str):
     return w, cfg["batch"] * cfg["seq"]
 
 
+def run_preset(preset: str, args) -> dict:
+    fns = {f"{k} workers": pipeline_timer(preset, k, args.batches) for k in WORKERS}
+    worker = None
+    if not args.skip_train:
+        worker, tokens = train_worker(preset)
+        fns["train"] = lambda: {"step_s": worker.steps(args.train_steps)}
+    try:
+        samples = records.interleaved(fns, args.rounds, warmup=0, pause=args.pause)
+    finally:
+        if worker:
+            worker.close()
+    if worker:
+        for s in samples["train"]:
+            s["tokens_per_s"] = tokens * len(s["step_s"]) / sum(s["step_s"])
+    return samples
+
+
+def preset_rows(preset: str, samples: dict) -> list[list]:
+    train = [s["tokens_per_s"] for s in samples["train"]] if "train" in samples else None
+    rows = []
+    for k in WORKERS:
+        runs = samples[f"{k} workers"]
+        toks = [r["tokens_per_s"] for r in runs]
+        row = [preset, k, records.spread(records.summarize([r["rows_per_s"] for r in runs])),
+               records.spread(records.summarize(toks), "{:,.0f}")]
+        if train:
+            row += [records.spread(records.summarize(train), "{:,.0f}"),
+                    records.spread(records.ratio_summary(toks, train), "{:,.0f}x")]
+        else:
+            row += ["-", "-"]
+        rows.append(row)
+    return rows
+
+
 def dedup_comparison(seed: int = 0):
     from datasketch import MinHash, MinHashLSH
 
@@ -117,40 +151,6 @@ def dedup_comparison(seed: int = 0):
             kept_sigs[i] = m
     t_theirs = time.perf_counter() - t
     return len(docs), (t_ours, *score(ours)), (t_theirs, *score(theirs))
-
-
-def run_preset(preset: str, args) -> dict:
-    fns = {f"{k} workers": pipeline_timer(preset, k, args.batches) for k in WORKERS}
-    worker = None
-    if not args.skip_train:
-        worker, tokens = train_worker(preset)
-        fns["train"] = lambda: {"step_s": worker.steps(args.train_steps)}
-    try:
-        samples = records.interleaved(fns, args.rounds, warmup=0, pause=args.pause)
-    finally:
-        if worker:
-            worker.close()
-    if worker:
-        for s in samples["train"]:
-            s["tokens_per_s"] = tokens * len(s["step_s"]) / sum(s["step_s"])
-    return samples
-
-
-def preset_rows(preset: str, samples: dict) -> list[list]:
-    train = [s["tokens_per_s"] for s in samples["train"]] if "train" in samples else None
-    rows = []
-    for k in WORKERS:
-        runs = samples[f"{k} workers"]
-        toks = [r["tokens_per_s"] for r in runs]
-        row = [preset, k, records.spread(records.summarize([r["rows_per_s"] for r in runs])),
-               records.spread(records.summarize(toks), "{:,.0f}")]
-        if train:
-            row += [records.spread(records.summarize(train), "{:,.0f}"),
-                    records.spread(records.ratio_summary(toks, train), "{:,.0f}x")]
-        else:
-            row += ["-", "-"]
-        rows.append(row)
-    return rows
 
 
 def main(argv=None):
