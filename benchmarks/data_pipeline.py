@@ -153,7 +153,7 @@ def dedup_comparison(seed: int = 0):
     return len(docs), (t_ours, *score(ours)), (t_theirs, *score(theirs))
 
 
-def main(argv=None):
+def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 5 for a record)")
@@ -164,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--name", default="data_pipeline", help="record name")
     ap.add_argument("--records-dir", default=str(records.RECORDS), help="where the JSON record goes")
-    args = ap.parse_args(argv)
+    args = ap.parse_args()
     if args.rounds < 1 or args.train_steps < 1:
         ap.error(f"--rounds={args.rounds} and --train-steps={args.train_steps} must be >= 1")
     results, rows = {}, []
