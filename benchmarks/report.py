@@ -24,6 +24,18 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 NOTES = REPO / "benchmarks" / "notes"
 # sections in this order (by record-name prefix); others follow alphabetically
 ORDER = ("train_step", "decode", "dedup", "data_pipeline", "memory", "parallelism", "attention", "gpu")
+# Records the benchmarks are meant to produce and the command that produces each: one missing is
+# listed under "Pending" (its figures appear only once a run has written it).
+GPU_NOTE = " on one GPU; then copy `$OUT/records/*.json` into `benchmarks/records/`"
+EXPECTED = {
+    "train_step_cpu": "`.venv/bin/python benchmarks/train_step.py`",
+    "data_pipeline": "`.venv/bin/python benchmarks/data_pipeline.py`",
+    "memory": "`.venv/bin/python benchmarks/memory.py`",
+    "parallelism": "`.venv/bin/python benchmarks/parallelism.py`",
+    "gpu_kernel_check_gpu": "`STEPS=check bash benchmarks/gpu_session.sh`" + GPU_NOTE,
+    "attention_gpu": "`STEPS=attention bash benchmarks/gpu_session.sh`" + GPU_NOTE,
+    "train_step_gpu": "`STEPS=train bash benchmarks/gpu_session.sh`" + GPU_NOTE,
+}
 
 HEADER = """# Benchmark results
 
@@ -61,11 +73,21 @@ def render(record: dict) -> str:
     return "\n\n".join(parts)
 
 
+def pending(records: list[dict]) -> str:
+    """The "Pending" section: expected records that no run has written yet, with their commands."""
+    have = {r["name"] for r in records}
+    missing = [f"- `{name}`: {cmd}" for name, cmd in EXPECTED.items() if name not in have]
+    intro = ("Each of these is listed until a run writes its record; figures quoted before records existed "
+             "(e.g. the H200 session of 2026-11-26: `1b` train step, attention, kernel check) are not shown.")
+    return f"## Pending (no record yet)\n\n{intro}\n\n" + "\n".join(missing) if missing else ""
+
+
 def generate(records_dir: pathlib.Path = RECORDS) -> str:
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    if not records:
-        return HEADER + "\nNo records yet: run the benchmarks.\n"
-    return HEADER + "\n" + "\n\n".join(render(r) for r in sorted(records, key=_sort_key)) + "\n"
+    parts = [render(r) for r in sorted(records, key=_sort_key)] or ["No records yet: run the benchmarks."]
+    if pending(records):
+        parts.append(pending(records))
+    return HEADER + "\n" + "\n\n".join(parts) + "\n"
 
 
 def main():

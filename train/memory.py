@@ -56,8 +56,8 @@ bound of what XLA keeps, tight for the blockwise / flash path; on the masked pat
 T = 128). XLA's own fragmentation, collective buffers and the optimizer update's temporaries
 are not modelled. Pipeline stages (`stage` > 1) are planned as the GPipe schedule of
 models/pipeline.py runs: each device holds num_layers / stage layers and, for the backward pass,
-their residuals for every one of the M + S - 1 ticks (benchmarks/parallelism.py prints the plan
-beside XLA's figure for `pp_fsdp`).
+their residuals for every one of the M + S - 1 ticks. benchmarks/memory.py reports the plan's
+signed error against XLA's figure for every strategy (`pp_fsdp` included) and remat policy.
 """
 
 from __future__ import annotations
