@@ -28,7 +28,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
 from benchmarks import records  # noqa: E402
 
 WORKERS = (0, 1, 2)
