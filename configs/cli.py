@@ -7,6 +7,10 @@ import sys
 from absl import flags
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; programs print it as one line."""
+
+
 def _one_line(e: BaseException) -> str:
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     text = text.strip().strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")

@@ -12,9 +12,7 @@ import logging
 import pathlib
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; programs print it as one line."""
+from configs.cli import ConfigError
 
 
 def checkpoint_kind(path: str | pathlib.Path) -> str:
@@ -89,10 +87,8 @@ def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype:
                 raise FileNotFoundError(f"{path} has no tokenizer.model and its config names no tokenizer; "
                                         "pass --config.tokenizer=<file>")
     else:
-        try:
-            from models import hf
-        except ImportError as e:
-            raise RuntimeError(f"{path} is a Hugging Face model directory, but models.hf is unavailable ({e})") from e
+        from models import hf
+
         if step is not None:
             raise ConfigError(f"step={step} applies to Loom workdirs only; {path} is a Hugging Face directory")
         model, cfg = hf.load(path, dtype=dtype)

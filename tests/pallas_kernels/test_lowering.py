@@ -2,7 +2,8 @@
 
 At the production shape (batch 1, 8k tokens, 32 query heads over 8 kv heads, head_dim 128,
 bf16), forward and gradient, so block-shape, layout and dtype errors show without hardware.
-CUDA lowering from a CPU-only process needs an abstract GPU mesh (see GOTCHAS.md).
+CUDA lowering from a CPU-only process needs an abstract mesh of GPU devices (`AbstractMesh` with
+an `AbstractDevice` of platform "gpu"): without one, Mosaic GPU has no device to lower for.
 """
 
 import jax
