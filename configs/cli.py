@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from absl import flags
@@ -9,6 +10,16 @@ from absl import flags
 
 class ConfigError(ValueError):
     """A config value that cannot work; programs print it as one line."""
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: "1h02m03s", "2m03s", "45s"; "?" when unknown (not finite)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _one_line(e: BaseException) -> str:

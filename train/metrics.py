@@ -16,17 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from configs.cli import format_duration
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-
-
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _si(x: float) -> str:
@@ -96,7 +89,7 @@ class MetricsWriter:
         if metrics.get("mfu") is not None:
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
         parts.append(f"{rate:.2f} step/s" if math.isfinite(rate) else "- step/s")
-        parts.append(f"ETA {_fmt_duration(eta)}")
+        parts.append(f"ETA {format_duration(eta)}")
         line = " | ".join(parts)
         if self.enabled:
             logging.info("%s", line)
