@@ -10,15 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.logprobs import token_nll
 from models.transformer import apply
-
-
-def token_nll(logits_BTV, targets_BT):
-    """Negative log-likelihood per token and log Z (float32): nll = logsumexp(logits) - logit[target]."""
-    logits = logits_BTV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
 
 
 def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
