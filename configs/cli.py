@@ -1,8 +1,11 @@
-"""Command-line plumbing shared by the absl programs (here because every package may import `configs`)."""
+"""What the programs share (here because every package may import `configs`): flag parsing with
+one-line errors, `ConfigError`, the duration format of progress lines, the cache directory."""
 
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 import sys
 
 from absl import flags
@@ -10,6 +13,12 @@ from absl import flags
 
 class ConfigError(ValueError):
     """A config value that cannot work; programs print it as one line."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where derived artefacts (trained tokenizers, the measured matmul peak) are cached:
+    $LOOM_CACHE, or ~/.cache/loom."""
+    return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")
 
 
 def format_duration(seconds: float) -> str:
