@@ -46,12 +46,6 @@ def load_tokenizer(path: str | pathlib.Path):
     return load_hf_tokenizer(path)
 
 
-def _newest_step(workdir: pathlib.Path) -> int | None:
-    d = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
-    return steps[-1] if steps else None
-
-
 def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None,
                     tokenizer: str | None = None, quantize: str | None = None):
     """(model, tokenizer, info) of a Loom workdir or a Hugging Face model directory.
@@ -64,11 +58,10 @@ def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype:
         from models import checkpoint as ckpt
         from models.transformer import abstract_model, merge_params, split_params
 
-        model, cfg = ckpt.load(path, step=step)
+        model, cfg, info["step"] = ckpt.load(path, step=step, return_step=True)
         if dtype and dtype != cfg.dtype:  # same params, another compute dtype
             cfg = cfg.replace(dtype=dtype)
             model = merge_params(split_params(abstract_model(cfg))[0], split_params(model)[1])
-        info["step"] = step if step is not None else _newest_step(path)
         tok_path = tokenizer or path / "tokenizer.model"
         if not pathlib.Path(tok_path).exists():
             data_cfg = ckpt.read_run_config(path).get("data", {})

@@ -70,7 +70,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     ea = [m["eval_loss"] for m in a if "eval_loss" in m]
     eb = [m["eval_loss"] for m in b if "eval_loss" in m]
     np.testing.assert_allclose(eb, ea, rtol=1e-6)
-    pa, pb = restore_params(straight), restore_params(broken)
+    (pa, _), (pb, _) = restore_params(straight), restore_params(broken)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
 
