@@ -193,6 +193,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     tokenizer, train_specs, eval_specs = load_data(config, workdir)
     dc = config.data
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
+    # before the mesh is set: the peak is one device's matmul, which a multi-process mesh would not let run
+    peak = system_peak_flops(model_cfg.dtype)
 
     with jax.set_mesh(mesh), use_rules(rules):
         offload = tc.offload_optimizer
@@ -244,7 +246,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             loss = tot / max(n, 1.0)
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-        peak = system_peak_flops(model_cfg.dtype)
         tokens_per_step = tc.batch_size * seq
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
         summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
