@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from models.checkpoint import restore_params
 from tests.helpers import run_program
@@ -42,6 +43,53 @@ def test_run_outputs(tiny_run):
     assert (tiny_run / "tokenizer.model").is_file()
     assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (tiny_run / "checkpoints" / "30" / "params").is_dir()
+
+
+MIXTURE_CONFIG = """
+from ml_collections import config_dict
+
+from configs.pretrain import get_config as pretrain_config, source
+
+
+def get_config(arg=None):
+    c = pretrain_config("tiny")
+    c.data.sources = config_dict.ConfigDict({{"a": source(format="jsonl", path="{a}", weight=3.0),
+                                              "b": source(format="jsonl", path="{b}", weight=1.0)}})
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def mixture_run(tmp_path_factory):
+    """A micro model on two JSONL sources mixed 3:1, 40 steps logged every 10, evaluated at step 29
+    (not a multiple of log_every) on 150 held-out batches, so evaluation takes longer than 10 steps."""
+    tmp = tmp_path_factory.mktemp("mixture")
+    r = np.random.default_rng(0)
+    words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"])
+    for name, n in (("a", 1500), ("b", 500)):
+        docs = (" ".join(r.choice(words, r.integers(20, 60))) for _ in range(n))
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config = tmp / "mixture.py"
+    config.write_text(MIXTURE_CONFIG.format(a=tmp / "a.jsonl", b=tmp / "b.jsonl"))
+    micro_model = [a for a in MICRO[1:] if a.startswith(("--config.model", "--config.data")) and "dropout" not in a]
+    run_program("train.pretrain", f"--config={config}", *micro_model, "--config.model.dropout_rate=0.0",
+                "--config.data.tokenizer.vocab_size=512", "--config.train.batch_size=16",
+                "--config.train.steps=40", "--config.train.log_every=10", "--config.train.eval_every=29",
+                "--config.train.eval_batches=150", "--config.train.checkpoint_every=0",
+                "--config.train.num_samples=0", f"--workdir={tmp / 'run'}")
+    return tmp / "run"
+
+
+def test_train_lines_count_real_tokens_per_source(mixture_run):
+    """Concat packing has no padding: each line's per-source tokens add up to every position of its
+    10 steps (batch 16 x 64), and over the run source a (weight 3) has about 3/4 of them."""
+    train = [m for m in read_metrics(mixture_run) if "loss" in m]
+    for m in train:
+        assert m["padding_fraction"] == 0.0
+        assert m["tokens_a"] > 0 and m["tokens_b"] > 0
+        assert m["tokens_a"] + m["tokens_b"] == 10 * 16 * 64
+    share_a = sum(m["tokens_a"] for m in train) / sum(m["tokens_a"] + m["tokens_b"] for m in train)
+    assert 0.65 < share_a < 0.85, share_a
 
 
 def test_rerunning_a_complete_run_does_nothing(tiny_run):
