@@ -282,12 +282,15 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 writer.write(done, line)
                 writer.progress(done, line)
             if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
+                jax.block_until_ready(state)  # the steps dispatched so far are training time
+                eval_start = time.perf_counter()
                 ev = evaluate(state.params)
                 writer.write(done, ev)
                 writer.progress(done, ev)
                 last_eval = done
-                last_t = time.perf_counter()  # evaluation time is not training throughput
                 writer.plot()
+                # the next line's interval keeps its steps but not this time: tokens_per_sec is training throughput
+                last_t += time.perf_counter() - eval_start
             if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
                 ckpt.save(state, data_iter)
             if done == kill_after:

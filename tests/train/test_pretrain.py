@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from models.checkpoint import restore_params
+from models.config import ModelConfig, flops_per_token
 from tests.helpers import run_program
+from train.flops import system_peak_flops
 from train.metrics import read_metrics
 
 MICRO = ["--config=configs/pretrain.py:tiny", "--config.model.num_layers=2", "--config.model.hidden_size=64",
@@ -30,13 +32,18 @@ def test_tiny_lowers_the_validation_loss_clearly(tiny_run):
 def test_run_outputs(tiny_run):
     train = [m for m in read_metrics(tiny_run) if "loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30]  # the tiny preset logs every 10 steps
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    # MFU = model FLOPs per second / the matmul peak of the compute dtype, measured once per machine
+    # (the run cached it; this reads that cache)
+    flops_tok = flops_per_token(ModelConfig.from_dict(cfg["model"]), cfg["data"]["seq_len"])["train"]
+    peak = system_peak_flops(cfg["model"]["dtype"])
     for m in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(m)
-        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1.5
+        assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * flops_tok / peak, rel=1e-6)
+        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1  # no run beats the machine's matmul peak
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (tiny_run / "samples.txt").read_text()
     assert samples.count("=== prompt ===") == 2 and "continuation" in samples
-    cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["hidden_size"] == 256 and cfg["train"]["steps"] == 30
     assert cfg["mesh"]["shape"] == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 1}
     assert cfg["optimizer"]["warmup_steps"] == 2  # derived from train.steps at run time
@@ -78,6 +85,19 @@ def mixture_run(tmp_path_factory):
                 "--config.train.eval_batches=150", "--config.train.checkpoint_every=0",
                 "--config.train.num_samples=0", f"--workdir={tmp / 'run'}")
     return tmp / "run"
+
+
+def test_tokens_per_sec_counts_training_not_evaluation(mixture_run):
+    """tokens_per_sec is tokens over the training time of the steps since the previous line: the
+    line at 30 (steps 21-30, an evaluation after step 29) agrees with the line at 40 (no evaluation).
+    Counting all 10 steps' tokens over the time after the evaluation gives ~10x; counting the
+    evaluation's time as training gives a fraction. (The lines at 10 and 20 carry compilation and
+    first-call costs, so they are not the comparison.)"""
+    lines = {m["step"]: m for m in read_metrics(mixture_run) if "loss" in m}
+    assert sorted(lines) == [10, 20, 30, 40]
+    assert [m["step"] for m in read_metrics(mixture_run) if "eval_loss" in m] == [0, 29, 40]
+    ratio = lines[30]["tokens_per_sec"] / lines[40]["tokens_per_sec"]
+    assert 0.4 < ratio < 2.5, ratio
 
 
 def test_train_lines_count_real_tokens_per_source(mixture_run):
