@@ -7,7 +7,6 @@ accumulation can weight micro-batches exactly (see train/state.py).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from models.logprobs import token_nll
@@ -35,17 +34,3 @@ def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
         return ce + z, metrics
 
     return loss_fn
-
-
-def mean_loss(model, batches) -> float:
-    """Token-weighted mean cross-entropy of a model (e.g. a quantized one) over batches."""
-    from models.transformer import split_params
-
-    graphdef, params = split_params(model)
-    loss_fn = jax.jit(lm_loss_fn(graphdef))
-    total = count = 0.0
-    for batch in batches:
-        _, m = loss_fn(params, batch, None)
-        total += float(m["loss"]) * float(m["num_tokens"])
-        count += float(m["num_tokens"])
-    return total / max(count, 1.0)
