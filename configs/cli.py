@@ -1,10 +1,34 @@
-"""Command-line plumbing shared by the absl programs (here because every package may import `configs`)."""
+"""What the programs share (here because every package may import `configs`): flag parsing with
+one-line errors, `ConfigError`, the duration format of progress lines, the cache directory."""
 
 from __future__ import annotations
 
+import math
+import os
+import pathlib
 import sys
 
 from absl import flags
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; programs print it as one line."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where derived artefacts (trained tokenizers, the measured matmul peak) are cached:
+    $LOOM_CACHE, or ~/.cache/loom."""
+    return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: "1h02m03s", "2m03s", "45s"; "?" when unknown (not finite)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _one_line(e: BaseException) -> str:

@@ -152,7 +152,9 @@ def get_config(arg=None):
     c.mesh = config_dict.ConfigDict(dict(
         # all six axes; at most one -1 (resolved from the device count)
         shape=config_dict.ConfigDict(dict(data=-1, stage=1, fsdp=1, tensor=1, sequence=1, expert=1)),
-        strategy="",  # "" (use shape) | "dp" | "fsdp" | "fsdp_tp" | "tp": picks the shape for the devices present
+        # "" (use shape) | "dp" | "fsdp" | "fsdp_tp" | "tp" | "fsdp_sp" | "pp_fsdp": picks the shape for the
+        # devices present (train/mesh.py)
+        strategy="",
         rules=(),  # overrides of the logical-axis table, e.g. (("embed", None),)
     ))
 

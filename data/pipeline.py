@@ -131,24 +131,6 @@ def pack(docs: grain.IterDataset, *, seq_len: int, packing: str = "concat", num_
     return rows.map(to_batch_format)
 
 
-def packed_rows(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, seed: int = 0, shuffle: bool = True,
-                repeat: bool = True, shard_index: int = 0, shard_count: int = 1, shuffle_window: int = 0,
-                packing: str = "concat", num_packing_bins: int = 64) -> grain.IterDataset:
-    """Packed rows of in-memory documents (texts), for this shard."""
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
-    if len(texts) < shard_count:
-        raise ValueError(f"{len(texts)} documents cannot be split over {shard_count} shards")
-    ds = grain.MapDataset.source(list(texts))[shard_index::shard_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)  # before repeat: a fresh order every epoch
-    if repeat:
-        ds = ds.repeat(None)
-    docs = ds.map(TokenizeDocument(tokenizer)).to_iter_dataset()
-    return pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
-                shuffle_window=shuffle_window if shuffle else 0)
-
-
 def _batched(rows: grain.IterDataset, batch_size: int, num_workers: int, drop_remainder: bool):
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
@@ -160,19 +142,6 @@ def _batched(rows: grain.IterDataset, batch_size: int, num_workers: int, drop_re
             flags.FLAGS.mark_as_parsed()  # (a notebook, a script) nobody has parsed them
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
-
-
-def batches(texts: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-            shuffle: bool = True, repeat: bool = True, shard_index: int = 0, shard_count: int = 1,
-            shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True, packing: str = "concat",
-            num_packing_bins: int = 64) -> grain.IterDataset:
-    """Batches of `batch_size` rows of in-memory documents (this process's part of the global batch)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    rows = packed_rows(texts, tokenizer, seq_len=seq_len, seed=seed, shuffle=shuffle, repeat=repeat,
-                       shard_index=shard_index, shard_count=shard_count, shuffle_window=shuffle_window,
-                       packing=packing, num_packing_bins=num_packing_bins)
-    return _batched(rows, batch_size, num_workers, drop_remainder)
 
 
 def mixture_docs(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int = 0, shuffle: bool = True,
@@ -200,16 +169,6 @@ def source_batches(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seq_len
     rows = pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
                 shuffle_window=shuffle_window if shuffle else 0)
     return _batched(rows, batch_size, num_workers, drop_remainder)
-
-
-def padding_fraction(batch: dict[str, np.ndarray]) -> float:
-    return float(1.0 - np.mean(batch["loss_mask_BT"]))
-
-
-def source_token_counts(batch: dict[str, np.ndarray], num_sources: int) -> np.ndarray:
-    """Real (loss-bearing) tokens per source in a batch, [num_sources] int64."""
-    src = batch["source_BT"][batch["loss_mask_BT"] > 0]
-    return np.bincount(src[src >= 0], minlength=num_sources)[:num_sources]
 
 
 def process_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:

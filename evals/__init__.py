@@ -4,7 +4,7 @@
 
 Modules (each usable from Python):
   scoring          token_logprobs(model, sequences): the batched, jitted scorer everything shares
-  perplexity       perplexity / bits per byte of documents, in windows of the model's context
+  perplexity       perplexity / bits per byte of documents, in windows of the model's context; mean_loss of batches
   multiple_choice  MMLU / HellaSwag / ARC / TruthfulQA-MC1 formats, acc and acc_norm as the harness
   generation       decoding through `inference.generate`, stop strings, exact match / BLEU / ROUGE
   fewshot          few-shot context construction and seeded shot selection

@@ -19,14 +19,19 @@ log-likelihood), nll_per_token, perplexity = exp(nats / tokens), bits_per_byte =
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data.tokenizer import special, start_ids
 from evals.scoring import token_logprobs
+from models.logprobs import token_nll
+from models.transformer import apply, split_params
 
 
 def windows(ids: Sequence[int], max_length: int, stride: int | None = None) -> list[tuple[list[int], int]]:
@@ -94,3 +99,22 @@ def perplexity(model, tokenizer, texts: Iterable[str], *, max_length: int = 0, s
         "tokens_per_sec": tokens / max(seconds, 1e-9),
         "seconds": seconds,
     }
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _nll_sum(graphdef, params, batch):
+    nll_BT, _ = token_nll(apply(graphdef, params, batch), batch["targets_BT"])
+    mask_BT = batch["loss_mask_BT"].astype(jnp.float32)
+    return (nll_BT * mask_BT).sum(), mask_BT.sum()
+
+
+def mean_loss(model, batches: Iterable[dict]) -> float:
+    """Token-weighted mean cross-entropy (nats per target) of `model` over batches in the batch
+    format (`inputs_BT`, `targets_BT`, `positions_BT`, `segment_ids_BT`, `loss_mask_BT`, as
+    `data.pipeline` makes them), e.g. a quantized model against the original."""
+    graphdef, params = split_params(model)
+    total = count = 0.0
+    for batch in batches:
+        s, n = jax.device_get(_nll_sum(graphdef, params, batch))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)

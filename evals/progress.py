@@ -6,12 +6,7 @@ import logging
 import sys
 import time
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+from configs.cli import format_duration
 
 
 class Progress:
@@ -45,7 +40,7 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             logging.info("%s: %d/%d %s (%.1f %s/s, ETA %s)", self.desc, self.done, self.total, self.unit, rate,
-                         self.unit, _duration(eta))
+                         self.unit, format_duration(eta))
 
     def close(self) -> float:
         """Closes the bar; returns the elapsed seconds."""
@@ -53,7 +48,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         if self.enabled:
-            logging.info("%s: %d %s in %s (%.1f %s/s)", self.desc, self.done, self.unit, _duration(elapsed),
+            logging.info("%s: %d %s in %s (%.1f %s/s)", self.desc, self.done, self.unit, format_duration(elapsed),
                          self.done / max(elapsed, 1e-9), self.unit)
         return elapsed
 

@@ -33,7 +33,8 @@ from data import synthetic
 from data.sources import get_field
 from evals import fewshot, generation, multiple_choice, perplexity
 from evals.records import check_source, read_records
-from inference.loading import ConfigError, load_checkpoint
+from configs.cli import ConfigError
+from inference.loading import load_checkpoint
 
 KINDS = ("perplexity", "multiple_choice", "generation")
 RESULTS_JSON, RESULTS_MD, SAMPLES_DIR = "results.json", "results.md", "samples"

@@ -2,8 +2,9 @@
 
     lps = token_logprobs(model, [[1, 5, 9, 2], [1, 7]])   # [array([lp(5|1), lp(9|1 5), lp(2|1 5 9)]), array([lp(7|1)])]
 
-Sequences are sorted by length, right-padded to a length bucket (powers of two from
-`min_bucket`, capped at the model's `max_seq_len`) and batched so that a batch holds about
+Sequences are sorted by length, right-padded to a length bucket (`inference.engine.bucket`, as
+decoding pads prompts: powers of two from `min_bucket` up to 256, then multiples of 256; capped
+at the model's `max_seq_len`) and batched so that a batch holds about
 `max_tokens_per_batch` tokens; the batch size of a bucket's last, partial batch is rounded up to
 a power of two. Compilations are therefore bounded by (number of buckets) x (log2 of the batch
 size) whatever the data. Padding carries segment id 0 and position 0, so it never reaches a
@@ -21,26 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from evals.progress import Progress
+from inference.engine import bucket
+from models.logprobs import token_nll
 from models.transformer import apply, split_params
-
-
-def length_bucket(n: int, max_len: int, min_bucket: int = 32) -> int:
-    """The padded length for `n` input tokens: the next power of two >= max(n, min_bucket), capped at max_len."""
-    if n > max_len:
-        raise ValueError(f"a sequence of {n} input tokens exceeds the model's max_seq_len={max_len}")
-    b = max(min_bucket, 1 << max(n - 1, 0).bit_length())
-    return min(b, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(graphdef, params, inputs_BT, targets_BT, positions_BT, segment_ids_BT):
     logits_BTV = apply(graphdef, params, {"inputs_BT": inputs_BT, "positions_BT": positions_BT,
-                                          "segment_ids_BT": segment_ids_BT}).astype(jnp.float32)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    lp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+                                          "segment_ids_BT": segment_ids_BT})
+    nll_BT, _ = token_nll(logits_BTV, targets_BT)
     greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     real_BT = segment_ids_BT > 0
-    return jnp.where(real_BT, lp_BT, 0.0), greedy_BT & real_BT
+    return jnp.where(real_BT, -nll_BT, 0.0), greedy_BT & real_BT
 
 
 def token_logprobs(model, sequences: Sequence[Sequence[int]], *, max_tokens_per_batch: int = 16384,
@@ -63,6 +57,9 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], *, max_tokens_per_
     lengths = np.array([len(s) - 1 for s in sequences], np.int64)
     if len(sequences) and lengths.min() < 1:
         raise ValueError(f"sequence {int(lengths.argmin())} has {int(lengths.min()) + 1} tokens; scoring needs >= 2")
+    if len(sequences) and lengths.max() > max_len:
+        raise ValueError(f"sequence {int(lengths.argmax())} has {int(lengths.max())} input tokens, more than the "
+                         f"model's max_seq_len={max_len}")
     vocab = int(model.config.vocab_size)
     for i, s in enumerate(sequences):
         if len(s) and (min(s) < 0 or max(s) >= vocab):
@@ -73,7 +70,7 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], *, max_tokens_per_
     order = np.argsort(-lengths, kind="stable")
     buckets: dict[int, list[int]] = {}
     for i in order:
-        buckets.setdefault(length_bucket(int(lengths[i]), max_len, min_bucket), []).append(int(i))
+        buckets.setdefault(min(bucket(int(lengths[i]), min_bucket), max_len), []).append(int(i))
     with Progress(len(sequences), desc, enabled=progress) as bar:
         for t, members in sorted(buckets.items(), reverse=True):
             rows = max(1, max_tokens_per_batch // t)

@@ -12,9 +12,7 @@ import logging
 import pathlib
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; programs print it as one line."""
+from configs.cli import ConfigError
 
 
 def checkpoint_kind(path: str | pathlib.Path) -> str:
@@ -48,12 +46,6 @@ def load_tokenizer(path: str | pathlib.Path):
     return load_hf_tokenizer(path)
 
 
-def _newest_step(workdir: pathlib.Path) -> int | None:
-    d = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
-    return steps[-1] if steps else None
-
-
 def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None,
                     tokenizer: str | None = None, quantize: str | None = None):
     """(model, tokenizer, info) of a Loom workdir or a Hugging Face model directory.
@@ -66,11 +58,10 @@ def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype:
         from models import checkpoint as ckpt
         from models.transformer import abstract_model, merge_params, split_params
 
-        model, cfg = ckpt.load(path, step=step)
+        model, cfg, info["step"] = ckpt.load(path, step=step, return_step=True)
         if dtype and dtype != cfg.dtype:  # same params, another compute dtype
             cfg = cfg.replace(dtype=dtype)
             model = merge_params(split_params(abstract_model(cfg))[0], split_params(model)[1])
-        info["step"] = step if step is not None else _newest_step(path)
         tok_path = tokenizer or path / "tokenizer.model"
         if not pathlib.Path(tok_path).exists():
             data_cfg = ckpt.read_run_config(path).get("data", {})
@@ -89,10 +80,8 @@ def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype:
                 raise FileNotFoundError(f"{path} has no tokenizer.model and its config names no tokenizer; "
                                         "pass --config.tokenizer=<file>")
     else:
-        try:
-            from models import hf
-        except ImportError as e:
-            raise RuntimeError(f"{path} is a Hugging Face model directory, but models.hf is unavailable ({e})") from e
+        from models import hf
+
         if step is not None:
             raise ConfigError(f"step={step} applies to Loom workdirs only; {path} is a Hugging Face directory")
         model, cfg = hf.load(path, dtype=dtype)

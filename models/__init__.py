@@ -1,4 +1,5 @@
-"""Models: one configurable decoder (Llama / GPT-2 families), attention, sharding names, checkpoints."""
+"""Models: one configurable decoder (the Llama, Mistral, Qwen, Gemma and GPT-2 families), attention,
+sharding names, checkpoints, Hugging Face import and export."""
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig, flops_per_token, param_count

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.ring_attention import ring_attention, sequence_shards
+from pallas_kernels import flash_attention
 from pallas_kernels.reference import (MASK_VALUE, check_qkv, attention_mask, default_positions, masked_attention,
                                       masked_softmax, split_pair)
 
@@ -204,11 +205,6 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
     if impl == "cudnn":
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **kw, explicit_positions=positions is not None,
                                 explicit_segments=segment_ids is not None)
-    try:
-        from pallas_kernels import flash_attention  # lower layer; lands with the Pallas issue
-    except ImportError as e:
-        raise ValueError("attention impl='pallas' needs pallas_kernels.flash_attention, which is not "
-                         f"available in this checkout ({e}); use impl='xla'") from e
     return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids, positions=positions,
                            causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +23,7 @@ from models.config import ModelConfig
 CHECKPOINTS = "checkpoints"
 PARAMS = "params"
 CONFIG_FILE = "config.json"
+T = TypeVar("T")
 
 
 def checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -43,17 +44,43 @@ def _steps(ckpt_dir: pathlib.Path) -> list[int]:
     return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
+def restore_newest(steps: Iterable[int], restore: Callable[[int], T], *, where) -> tuple[T, int]:
+    """(restore(step), step) for the newest of `steps` that restores.
+
+    The one fall-back loop of Loom's checkpoints (params here, the whole train state in
+    train/checkpoint.py): a step that fails to restore (a truncated or corrupted checkpoint; any
+    exception) is reported and the previous one is tried; RuntimeError naming every failure
+    when none restores.
+    """
+    errors = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore(step), step
+        except Exception as e:  # noqa: BLE001  (any failure: fall back to the previous step)
+            first = str(e).splitlines()[0] if str(e) else ""
+            logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+                            step, where, type(e).__name__, first)
+            errors.append(f"step {step}: {type(e).__name__}: {first}")
+    raise RuntimeError(f"no readable checkpoint in {where} (delete the unreadable ones to start afresh):\n  "
+                       + "\n  ".join(errors or ["no committed steps"]))
+
+
 def _restore_item(path: pathlib.Path, target):
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target) if target is not None else ckptr.restore(path)
 
 
+def _step_of(step_dir: pathlib.Path) -> int | None:
+    return int(step_dir.name) if step_dir.name.isdigit() else None
+
+
 def restore_params(workdir_or_path: str | pathlib.Path, *, step: int | None = None, target=None):
-    """Parameters from a workdir (latest good step, or `step`), a step directory or a params directory.
+    """(params, step) from a workdir (its newest readable step, or `step`), a step directory or a
+    params directory; `step` is the one loaded (None for a params directory outside a step's).
 
     `target` is a pytree of `jax.ShapeDtypeStruct`s with shardings (arrays land on those devices);
-    None restores onto the default device. A step whose params fail to load (a truncated or
-    corrupted checkpoint) is reported and the previous one is used.
+    None restores onto the default device. In a workdir, a step whose params fail to load (a
+    truncated or corrupted checkpoint) is reported and the previous one is used (`restore_newest`).
     """
     path = pathlib.Path(workdir_or_path).resolve()
     if (path / CHECKPOINTS).is_dir():
@@ -66,22 +93,12 @@ def restore_params(workdir_or_path: str | pathlib.Path, *, step: int | None = No
             if step not in steps:
                 raise FileNotFoundError(f"no checkpoint for step {step} in {path}; found steps {sorted(steps)}")
             steps = [step]
-        candidates = [path / str(s) / PARAMS for s in steps]
-    elif (path / PARAMS).is_dir():  # one step's directory
-        candidates = [path / PARAMS]
-    elif path.is_dir():  # a params item itself
-        candidates = [path]
-    else:
-        raise FileNotFoundError(f"{path} is neither a workdir, a checkpoints directory nor a params checkpoint")
-    errors = []
-    for c in candidates:
-        try:
-            return _restore_item(c, target)
-        except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
-            logging.warning("could not restore params from %s (%s: %s); trying an earlier checkpoint",
-                            c, type(e).__name__, e)
-            errors.append(f"{c}: {type(e).__name__}: {e}")
-    raise RuntimeError("no readable params checkpoint:\n  " + "\n  ".join(errors))
+        return restore_newest(steps, lambda s: _restore_item(path / str(s) / PARAMS, target), where=path)
+    if (path / PARAMS).is_dir():  # one step's directory
+        return _restore_item(path / PARAMS, target), _step_of(path)
+    if path.is_dir():  # a params item itself
+        return _restore_item(path, target), _step_of(path.parent)
+    raise FileNotFoundError(f"{path} is neither a workdir, a checkpoints directory nor a params checkpoint")
 
 
 def save_params(path: str | pathlib.Path, params) -> None:
@@ -91,13 +108,16 @@ def save_params(path: str | pathlib.Path, params) -> None:
         ckptr.save(path, params, force=True)
 
 
-def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None):
-    """(model, model_config) of a run: its `config.json` model section and its params."""
+def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None,
+         return_step: bool = False):
+    """(model, model_config) of a run: its `config.json` model section and the params of its newest
+    readable step (or `step`); with `return_step=True`, (model, model_config, the step loaded)."""
     from models.transformer import abstract_params_and_shardings, merge_params
 
     # a pipelined run's model is the same model: loaded for evaluation or decoding, it runs unpipelined
     cfg = ModelConfig.from_dict(read_run_config(workdir)["model"]).replace(pipeline_stages=1)
     graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
-    params = restore_params(workdir, step=step, target=target)
-    return merge_params(graphdef, params), cfg
+    params, loaded = restore_params(workdir, step=step, target=target)
+    model = merge_params(graphdef, params)
+    return (model, cfg, loaded) if return_step else (model, cfg)

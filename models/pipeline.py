@@ -55,8 +55,11 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
 
 def split_microbatches(x, n: int):
     """[B, ...] -> [n, B/n, ...]: micro-batch m takes rows m, m+n, m+2n, ..., so each micro-batch
-    keeps the batch's data/fsdp sharding (every shard holds rows of every micro-batch)."""
+    keeps the batch's data/fsdp sharding (every shard holds rows of every micro-batch) rather
+    than living on a few devices. Used by GPipe here and by gradient accumulation (train/state.py)."""
     b = x.shape[0]
+    if b % n:
+        raise ValueError(f"batch size {b} is not divisible by {n} micro-batches")
     return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
 
 

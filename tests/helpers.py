@@ -25,6 +25,15 @@ def random_tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
     return rng.integers(0, vocab, size=shape, dtype=np.int32)
 
 
+def corrupt_params(step_dir: pathlib.Path) -> None:
+    """Zeroes the array data of a checkpoint step's params (orbax's OCDBT `d/` files), as a bad
+    disk or a half-copied directory would leave them: the metadata still reads, the arrays do not."""
+    files = [p for p in (pathlib.Path(step_dir) / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no array data under {step_dir}/params"
+    for p in files:
+        p.write_bytes(b"\0" * 7)
+
+
 def run_program(module: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = True):
     """Runs `python -m module args...` from the repo root in a fresh process (1 CPU device)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("XLA_FLAGS")}

@@ -18,7 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from models.checkpoint import PARAMS, checkpoints_dir
+from models.checkpoint import PARAMS, checkpoints_dir, restore_newest
 from train.state import TrainState
 
 TRAIN_STATE, DATA_ITER = "train_state", "data_iter"
@@ -51,26 +51,27 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def restore(self, target: TrainState, data_iter=None) -> TrainState | None:
-        """The newest readable checkpoint into `target`'s shardings (and `data_iter` in place), or None."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        """The newest readable checkpoint into `target`'s shardings (and `data_iter` in place); None
+        when there is no checkpoint; RuntimeError when none of them is readable."""
+
+        def restore_step(step: int) -> TrainState:
             items = {PARAMS: ocp.args.StandardRestore(target.params),
                      TRAIN_STATE: ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
                                                             "rng": target.rng})}
             if data_iter is not None:
                 items[DATA_ITER] = _data_args(data_iter, save=False)
-            try:
-                r = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001  (any failure: fall back to the previous step)
-                logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                continue
+            r = self.manager.restore(step, args=ocp.args.Composite(**items))
             ts = r[TRAIN_STATE]
             if int(jax.device_get(ts["step"])) != step:
-                logging.warning("checkpoint directory %d holds step %d; skipping it", step, int(ts["step"]))
-                continue
-            logging.info("restored step %d from %s", step, self.directory)
+                raise ValueError(f"checkpoint directory {step} holds step {int(ts['step'])}")
             return TrainState(step=ts["step"], params=r[PARAMS], opt_state=ts["opt_state"], rng=ts["rng"])
-        return None
+
+        steps = self.manager.all_steps()
+        if not steps:
+            return None
+        state, step = restore_newest(steps, restore_step, where=self.directory)
+        logging.info("restored step %d from %s", step, self.directory)
+        return state
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from data.tokenizer import cache_dir
+from configs.cli import cache_dir
 
 DEFAULT_SHAPE = {"cpu": (2048, 2048, 2048), "gpu": (8192, 8192, 8192), "tpu": (8192, 8192, 8192)}
 

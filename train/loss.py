@@ -7,18 +7,10 @@ accumulation can weight micro-batches exactly (see train/state.py).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from models.logprobs import token_nll
 from models.transformer import apply
-
-
-def token_nll(logits_BTV, targets_BT):
-    """Negative log-likelihood per token and log Z (float32): nll = logsumexp(logits) - logit[target]."""
-    logits = logits_BTV.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
 
 
 def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
@@ -42,17 +34,3 @@ def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
         return ce + z, metrics
 
     return loss_fn
-
-
-def mean_loss(model, batches) -> float:
-    """Token-weighted mean cross-entropy of a model (e.g. a quantized one) over batches."""
-    from models.transformer import split_params
-
-    graphdef, params = split_params(model)
-    loss_fn = jax.jit(lm_loss_fn(graphdef))
-    total = count = 0.0
-    for batch in batches:
-        _, m = loss_fn(params, batch, None)
-        total += float(m["loss"]) * float(m["num_tokens"])
-        count += float(m["num_tokens"])
-    return total / max(count, 1.0)

@@ -14,19 +14,13 @@ import pathlib
 import time
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+
+from configs.cli import format_duration
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-
-
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def _si(x: float) -> str:
@@ -34,6 +28,19 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.1f}"
+
+
+def batch_stats(source_BT, loss_mask_BT, num_sources: int):
+    """(real tokens per source [num_sources] float32, padding fraction) of a batch, for the train lines.
+
+    `source_BT` holds each position's source index in the data mixture (-1 on padding; see
+    data/pipeline.py) and `loss_mask_BT` is 1.0 where a position has a target: a source's count
+    is its loss-bearing tokens; the padding fraction is the share of positions without a target.
+    jit it with `num_sources` fixed; given global arrays it counts the global batch.
+    """
+    idx = jnp.where(source_BT >= 0, source_BT, num_sources).reshape(-1)
+    counts = jnp.zeros((num_sources,), jnp.float32).at[idx].add(loss_mask_BT.reshape(-1), mode="drop")
+    return counts, 1.0 - loss_mask_BT.mean()
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -96,7 +103,7 @@ class MetricsWriter:
         if metrics.get("mfu") is not None:
             parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
         parts.append(f"{rate:.2f} step/s" if math.isfinite(rate) else "- step/s")
-        parts.append(f"ETA {_fmt_duration(eta)}")
+        parts.append(f"ETA {format_duration(eta)}")
         line = " | ".join(parts)
         if self.enabled:
             logging.info("%s", line)

@@ -12,6 +12,7 @@ checkpoint, `loss.png`, and `samples.txt`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from train.checkpoint import Checkpointer, saved_data_shards
 from configs.cli import parse_flags
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
-from train.metrics import MetricsWriter, quiet_library_logs
+from train.metrics import MetricsWriter, batch_stats, quiet_library_logs
 from train.optimizer import make_optimizer, warmup_steps
 from train.state import (abstract_state, create_state, make_eval_step, make_train_step, on_device,
                          state_shardings)
@@ -110,17 +111,6 @@ def load_data(config, workdir: pathlib.Path):
                  ", ".join(f"{s.name} ({s.format}, weight {s.weight:g})" for s in train_specs),
                  ", ".join(s.name for s in eval_specs), tokenizer)
     return tokenizer, train_specs, eval_specs
-
-
-def _source_stats(n: int):
-    """Per-source real tokens [n] and the padding fraction of a global batch (on device)."""
-
-    def f(source_BT, loss_mask_BT):
-        idx = jnp.where(source_BT >= 0, source_BT, n)
-        counts = jnp.zeros((n,), jnp.float32).at[idx.reshape(-1)].add(loss_mask_BT.reshape(-1), mode="drop")
-        return counts, 1.0 - loss_mask_BT.mean()
-
-    return jax.jit(f)
 
 
 def _data_shards(configured: int, ckpt: Checkpointer, workdir: pathlib.Path) -> int:
@@ -193,6 +183,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     tokenizer, train_specs, eval_specs = load_data(config, workdir)
     dc = config.data
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
+    # before the mesh is set: the peak is one device's matmul, which a multi-process mesh would not let run
+    peak = system_peak_flops(model_cfg.dtype)
 
     with jax.set_mesh(mesh), use_rules(rules):
         offload = tc.offload_optimizer
@@ -222,7 +214,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
-        source_stats = _source_stats(len(train_specs))
+        source_stats = jax.jit(functools.partial(batch_stats, num_sources=len(train_specs)))
         train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches,
                                              use_dropout=model_cfg.dropout_rate > 0,
                                              opt_device_shardings=on_device(shardings.opt_state) if offload else None),
@@ -244,7 +236,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             loss = tot / max(n, 1.0)
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-        peak = system_peak_flops(model_cfg.dtype)
         tokens_per_step = tc.batch_size * seq
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
         summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
@@ -291,12 +282,15 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 writer.write(done, line)
                 writer.progress(done, line)
             if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
+                jax.block_until_ready(state)  # the steps dispatched so far are training time
+                eval_start = time.perf_counter()
                 ev = evaluate(state.params)
                 writer.write(done, ev)
                 writer.progress(done, ev)
                 last_eval = done
-                last_t = time.perf_counter()  # evaluation time is not training throughput
                 writer.plot()
+                # the next line's interval keeps its steps but not this time: tokens_per_sec is training throughput
+                last_t += time.perf_counter() - eval_start
             if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
                 ckpt.save(state, data_iter)
             if done == kill_after:

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.config import ModelConfig
+from models.pipeline import split_microbatches
 from models.sharding import constrain, named_shardings
 from models.transformer import abstract_model, init_params, logical_axes
 
@@ -74,15 +75,6 @@ def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=Non
     rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)), shardings.rng)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return graphdef, TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
-
-
-def split_microbatches(x, n: int):
-    """[B, ...] -> [n, B/n, ...], micro-batch m taking rows m, m+n, m+2n, ... so that each
-    micro-batch is spread over every data shard rather than living on a few devices."""
-    b = x.shape[0]
-    if b % n:
-        raise ValueError(f"batch size {b} is not divisible by {n} micro-batches")
-    return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, microbatches: int = 1,

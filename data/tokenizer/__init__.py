@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
 
+from configs.cli import cache_dir
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
 
@@ -47,11 +49,6 @@ def start_ids(tokenizer: Tokenizer) -> list[int]:
     """What a scored or generated text starts with: [bos], or [eos] for a tokenizer without a BOS
     (lm-evaluation-harness's convention: its end-of-text token is the prefix), or []."""
     return special(tokenizer.bos_id) or special(tokenizer.eos_id)
-
-
-def cache_dir() -> pathlib.Path:
-    """Where trained tokenizers (and other derived artefacts) are cached: $LOOM_CACHE or ~/.cache/loom."""
-    return pathlib.Path(os.environ.get("LOOM_CACHE") or pathlib.Path.home() / ".cache" / "loom")
 
 
 class SentencePieceTokenizer:

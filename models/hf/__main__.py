@@ -53,6 +53,21 @@ def _mesh():
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def _tokenizer_vocab_size(directory: pathlib.Path) -> int | None:
+    """Ids of the tokenizer in `directory`: tokenizer.json (preferred, as transformers does) with its
+    added tokens, else tokenizer.model's sentencepiece pieces; None without either. Read with the
+    tokenizer libraries themselves: `models` does not import `data`."""
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    if (directory / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).get_piece_size()
+    return None
+
+
 def import_(hf_dir: str, out: str, dtype: str | None = None) -> pathlib.Path:
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
     model, cfg = hf.load(hf_dir, mesh=_mesh(), dtype=dtype)
@@ -65,15 +80,11 @@ def import_(hf_dir: str, out: str, dtype: str | None = None) -> pathlib.Path:
     run_config = {"model": cfg.to_dict(), "hf": {"architecture": hf.architecture_of(hf_config), "config": hf_config}}
     (out / ckpt.CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
     copied = hf.copy_companion_files(hf_dir, out / TOKENIZER_SUBDIR)
-    if any(name in copied for name in ("tokenizer.json", "tokenizer.model")):
-        from data.tokenizer.hf import load_hf_tokenizer  # the CLI may use data/; the library may not
-
-        tok = load_hf_tokenizer(out / TOKENIZER_SUBDIR)
-        if tok.vocab_size > cfg.vocab_size:
-            logging.warning("the tokenizer has %d ids but the model only %d embedding rows", tok.vocab_size,
-                            cfg.vocab_size)
-    else:
+    vocab = _tokenizer_vocab_size(out / TOKENIZER_SUBDIR)
+    if vocab is None:
         logging.warning("no tokenizer.json or tokenizer.model in %s: the workdir has no tokenizer", hf_dir)
+    elif vocab > cfg.vocab_size:
+        logging.warning("the tokenizer has %d ids but the model only %d embedding rows", vocab, cfg.vocab_size)
     print(f"imported {run_config['hf']['architecture']} ({cfg.param_dtype}) from {hf_dir} into {out}: "
           f"config.json, checkpoints/0/params, {TOKENIZER_SUBDIR}/ ({', '.join(copied) or 'nothing'})")
     return out

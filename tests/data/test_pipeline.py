@@ -2,10 +2,12 @@
 
 import json
 
+import grain
 import numpy as np
 import pytest
 
 from data import pipeline
+from data.sources import SourceSpec
 
 
 class CharTokenizer:
@@ -39,10 +41,16 @@ def _unpack(rows):
     return out
 
 
+def _rows(docs, tok, **pack_kw):
+    """Packed rows of in-memory documents through the training path's tokenizer and packer."""
+    tokenized = grain.MapDataset.source(list(docs)).map(pipeline.TokenizeDocument(tok)).to_iter_dataset()
+    return list(pipeline.pack(tokenized, **pack_kw))
+
+
 def test_rows_have_the_batch_format_and_lose_nothing():
     docs = _docs(40)
     tok = CharTokenizer()
-    rows = list(pipeline.packed_rows(docs, tok, seq_len=32, shuffle=False, repeat=False))
+    rows = _rows(docs, tok, seq_len=32)
     assert set(rows[0]) == set(pipeline.BATCH_KEYS) | {"source_BT"}
     for r in rows:
         assert all(v.shape == (32,) for v in r.values())
@@ -59,57 +67,33 @@ def test_rows_have_the_batch_format_and_lose_nothing():
 
 
 def test_long_documents_are_split_not_dropped():
-    docs = ["x" * 200, "short"]
-    rows = list(pipeline.packed_rows(docs, CharTokenizer(), seq_len=16, shuffle=False, repeat=False))
+    rows = _rows(["x" * 200, "short"], CharTokenizer(), seq_len=16)
     assert sum(r["loss_mask_BT"].sum() for r in rows) == 201 + 6
 
 
-def test_shards_are_disjoint_and_cover_everything():
-    docs = [f"doc{i:03d}" for i in range(37)]
-    tok = CharTokenizer()
-    seen = []
-    for i in range(3):
-        rows = list(pipeline.packed_rows(docs, tok, seq_len=8, shuffle=False, repeat=False, shard_index=i,
-                                         shard_count=3))
-        text = tok.decode(np.concatenate([t for _, t in _unpack(rows)]))
-        seen.append({text[j:j + 6] for j in range(0, len(text), 6)})
-    assert set.union(*seen) == set(docs) and sum(map(len, seen)) == len(docs)
-
-
-@pytest.mark.parametrize("num_workers,window,consumed", [(0, 16, 5), (2, 16, 5), (0, 64, 8), (0, 0, 3)])
-def test_resume_from_iterator_state_is_exact(num_workers, window, consumed):
-    """The state goes through JSON, as in a checkpoint; (64, 8) resumes inside the first window."""
-    docs = _docs(200, seed=1)
-    kw = dict(seq_len=24, batch_size=4, seed=3, shuffle_window=window, num_workers=num_workers)
-    it = iter(pipeline.batches(docs, CharTokenizer(), **kw))
-    for _ in range(consumed):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))
-    expected = [next(it) for _ in range(6)]
-    it2 = iter(pipeline.batches(docs, CharTokenizer(), **kw))
-    it2.set_state(state)
-    for a, b in zip(expected, (next(it2) for _ in range(6))):
-        for k in pipeline.BATCH_KEYS:
-            np.testing.assert_array_equal(a[k], b[k])
-
-
-def test_shuffle_is_seeded_and_epochs_differ():
-    docs = [f"d{i}" for i in range(20)]
-    tok = CharTokenizer()
+def test_shuffle_is_seeded_and_epochs_differ(tmp_path):
+    spec = _jsonl_source(tmp_path, "s", 40, files=10)
 
     def first(seed, n):
-        it = iter(pipeline.packed_rows(docs, tok, seq_len=4, seed=seed))
+        it = iter(pipeline.source_batches([spec], CharTokenizer(), seq_len=8, batch_size=2, seed=seed))
         return np.stack([next(it)["inputs_BT"] for _ in range(n)])
 
     np.testing.assert_array_equal(first(1, 30), first(1, 30))
     assert not np.array_equal(first(1, 30), first(2, 30))
+    # each epoch visits every document once, in a fresh order
+    docs = iter(pipeline.mixture_docs([spec], CharTokenizer(), seed=1))
+    epochs = [[CharTokenizer().decode(next(docs)["targets"]) for _ in range(40)] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"s-{i}" for i in range(40))
+    assert epochs[0] != epochs[1]
 
 
-def test_errors():
-    with pytest.raises(ValueError, match="shard_index=3"):
-        pipeline.packed_rows(["a"], CharTokenizer(), seq_len=4, shard_index=3, shard_count=2)
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="seq_len=0"):
+        _rows(["a"], CharTokenizer(), seq_len=0)
+    with pytest.raises(ValueError, match="packing='greedy'"):
+        _rows(["a"], CharTokenizer(), seq_len=4, packing="greedy")
     with pytest.raises(ValueError, match="batch_size=0"):
-        pipeline.batches(["a"], CharTokenizer(), seq_len=4, batch_size=0)
+        pipeline.source_batches([_jsonl_source(tmp_path, "a", 3)], CharTokenizer(), seq_len=4, batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,11 +105,10 @@ def test_best_fit_loses_nothing_keeps_documents_whole_and_pads_less_than_first_f
     tok = CharTokenizer()
     pads = {}
     for packing in ("best_fit", "first_fit", "concat"):
-        rows = list(pipeline.packed_rows(docs, tok, seq_len=48, shuffle=False, repeat=False, packing=packing,
-                                         num_packing_bins=16))
+        rows = _rows(docs, tok, seq_len=48, packing=packing, num_packing_bins=16)
         total = sum(r["loss_mask_BT"].sum() for r in rows)
         assert total == sum(len(d) + 1 for d in docs), packing  # every target of every document
-        pads[packing] = float(np.mean([pipeline.padding_fraction(r) for r in rows]))
+        pads[packing] = float(np.mean([(r["segment_ids_BT"] == 0).mean() for r in rows]))
         if packing != "concat":  # a document that fits a row is never split across rows
             pieces = [len(t) for _, t in _unpack(rows)]
             short = sorted(len(d) + 1 for d in docs if len(d) + 1 <= 48)
@@ -138,14 +121,10 @@ def _jsonl_source(tmp_path, name, n, files=1, weight=1.0):
     d.mkdir()
     for f in range(files):
         (d / f"{f}.jsonl").write_text("".join(json.dumps({"text": f"{name}-{i}"}) + "\n" for i in range(f, n, files)))
-    from data.sources import SourceSpec
-
     return SourceSpec(name, "jsonl", path=str(d / "*.jsonl"), weight=weight)
 
 
-def test_mixture_proportions_and_per_source_tokens(tmp_path):
-    from data.sources import SourceSpec
-
+def test_mixture_proportions(tmp_path):
     specs = [_jsonl_source(tmp_path, "a", 300, files=3, weight=0.5),
              _jsonl_source(tmp_path, "b", 200, weight=0.3),
              SourceSpec("c", "embedded", split="validation", weight=0.2)]
@@ -153,17 +132,17 @@ def test_mixture_proportions_and_per_source_tokens(tmp_path):
     sources = np.array([int(next(docs)["source"][0]) for _ in range(10_000)])
     freq = np.bincount(sources, minlength=3) / sources.size
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.02)
-    batch = next(iter(pipeline.source_batches(specs, CharTokenizer(), seq_len=64, batch_size=8)))
-    counts = pipeline.source_token_counts(batch, 3)
-    assert counts.sum() == batch["loss_mask_BT"].sum() and (counts > 0).sum() >= 2
 
 
-@pytest.mark.parametrize("num_workers,packing", [(0, "concat"), (2, "best_fit")])
-def test_source_pipeline_resume_is_exact(tmp_path, num_workers, packing):
+@pytest.mark.parametrize("num_workers,packing,window,consumed",
+                         [(0, "concat", 16, 5), (2, "concat", 16, 5), (0, "concat", 64, 8), (0, "concat", 0, 3),
+                          (2, "best_fit", 32, 7)])
+def test_source_pipeline_resume_is_exact(tmp_path, num_workers, packing, window, consumed):
+    """The state goes through JSON, as in a checkpoint; (64, 8) resumes inside the first window."""
     specs = [_jsonl_source(tmp_path, "a", 500, files=4, weight=2.0), _jsonl_source(tmp_path, "b", 300, weight=1.0)]
-    kw = dict(seq_len=16, batch_size=4, seed=5, shuffle_window=32, num_workers=num_workers, packing=packing)
+    kw = dict(seq_len=16, batch_size=4, seed=5, shuffle_window=window, num_workers=num_workers, packing=packing)
     it = iter(pipeline.source_batches(specs, CharTokenizer(), **kw))
-    for _ in range(7):
+    for _ in range(consumed):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(5)]

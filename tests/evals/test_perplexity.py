@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from evals.perplexity import document_ids, perplexity, windows
+from evals.perplexity import document_ids, mean_loss, perplexity, windows
 from models import transformer as T
 from tests.evals.stubs import VOCAB, CharTokenizer
 from tests.helpers import tiny_model_config
@@ -81,3 +81,20 @@ def test_errors(model):
         perplexity(model, CharTokenizer(), ["x"], max_length=512, progress=False)
     with pytest.raises(ValueError, match="stride=9"):
         windows([1, 2, 3], 8, 9)
+
+
+def test_mean_loss_weights_tokens_by_the_loss_mask(model):
+    """Batches in the training batch format: the mean over masked-in targets of a float64
+    log-softmax of each row's own logits (packed rows: positions restart per segment)."""
+    r = np.random.default_rng(4)
+    batches, nll = [], []
+    for b, t in ((2, 24), (3, 16)):
+        inputs = r.integers(0, VOCAB, (b, t), dtype=np.int32)
+        targets = r.integers(0, VOCAB, (b, t), dtype=np.int32)
+        mask = (r.random((b, t)) < 0.7).astype(np.float32)
+        batches.append({"inputs_BT": inputs, "targets_BT": targets, "loss_mask_BT": mask,
+                        "positions_BT": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+                        "segment_ids_BT": np.ones((b, t), np.int32)})
+        for i in range(b):
+            nll += list(-_logp(model, inputs[i], targets[i])[mask[i] > 0])
+    assert mean_loss(model, batches) == pytest.approx(float(np.mean(nll)), rel=1e-5)

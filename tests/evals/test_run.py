@@ -1,6 +1,5 @@
 """`python -m evals.run` end to end on a tiny workdir; local JSONL / Parquet items; a Hugging Face directory."""
 
-import importlib.util
 import json
 
 import pyarrow as pa
@@ -107,7 +106,6 @@ def test_config_errors_before_loading(tmp_path):
         checkpoint_kind(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("models.hf") is None, reason="models.hf is not available")
 def test_hugging_face_directory(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

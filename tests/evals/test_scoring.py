@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from evals.scoring import length_bucket, token_logprobs
+from evals import scoring
+from evals.scoring import token_logprobs
 from models import transformer as T
 from tests.helpers import random_tokens, tiny_model_config
 
@@ -43,9 +44,19 @@ def test_batch_composition_does_not_change_scores(model):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_buckets_and_errors(model):
-    assert [length_bucket(n, 64) for n in (1, 32, 33, 64)] == [32, 32, 64, 64]
-    assert length_bucket(100, 256, min_bucket=16) == 128
+def test_lengths_in_one_bucket_share_one_program(model):
+    """Inputs of 9, 20 and 31 tokens pad to the 32-token bucket: one compilation; 39 tokens
+    pad to 64 (inference.engine.bucket, capped at max_seq_len): one more."""
+    r = np.random.default_rng(2)
+    scoring._score.clear_cache()
+    for n in (10, 21, 32):
+        token_logprobs(model, [random_tokens(r, (n,), 97).tolist()], progress=False)
+    assert scoring._score._cache_size() == 1
+    token_logprobs(model, [random_tokens(r, (40,), 97).tolist()], progress=False)
+    assert scoring._score._cache_size() == 2
+
+
+def test_errors(model):
     with pytest.raises(ValueError, match="max_seq_len=64"):
         token_logprobs(model, [[1] * 66], progress=False)
     with pytest.raises(ValueError, match="needs >= 2"):

@@ -266,16 +266,23 @@ def test_both_config_spellings(spelling):
 
 
 def test_cli_import_then_export(gemma2, tmp_path):
+    from tokenizers import Tokenizer, models
+
     model_hf, path, tokens, ref = gemma2
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    # 300 ids for 256 embedding rows: the importer warns
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0")).save(str(path / "tokenizer.json"))
     try:
         proc = run_program("models.hf", "import", f"--hf_dir={path}", f"--out={tmp_path / 'run'}")
     finally:
         (path / "tokenizer_config.json").unlink()
+        (path / "tokenizer.json").unlink()
     assert "imported Gemma2ForCausalLM (float32)" in proc.stdout
+    assert "the tokenizer has 300 ids but the model only 256 embedding rows" in proc.stderr
     run = json.loads((tmp_path / "run" / "config.json").read_text())
     assert run["hf"]["architecture"] == "Gemma2ForCausalLM" and run["model"]["post_norms"] is True
     assert (tmp_path / "run" / "tokenizer" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
     model, cfg = ckpt.load(tmp_path / "run")  # what our programs start from
     np.testing.assert_allclose(np.asarray(model(tokens)), ref, atol=1e-4, rtol=0)
 

@@ -186,11 +186,31 @@ def test_dropout_keeps_the_expectation():
 
 
 def test_qk_norm_changes_the_function_and_runs():
+    """qk_norm normalises q and k per head: with the same weights the logits differ from
+    qk_norm=False, and scaling the q and k projections leaves them unchanged, as it does not
+    without qk_norm."""
     cfg = tiny_model_config(qk_norm=True)
-    model = T.build(cfg, seed=9)
-    out = model(random_tokens(np.random.default_rng(9), (1, 8), cfg.vocab_size))
-    assert np.isfinite(np.asarray(out)).all()
-    assert "q_norm" in T.split_params(model)[1]["layers"]["attn"]
+    graphdef, params = T.split_params(T.build(cfg, seed=9))
+    r = np.random.default_rng(9)
+    attn = params["layers"]["attn"]
+    for name in ("q_norm", "k_norm"):  # random scales: the init (ones) would hide an unused weight
+        attn[name]["scale"] = jnp.asarray(1 + 0.3 * r.standard_normal(attn[name]["scale"].shape), jnp.float32)
+    plain_graphdef, _ = T.split_params(T.abstract_model(cfg.replace(qk_norm=False)))
+    plain = {**params, "layers": {**params["layers"], "attn": {k: v for k, v in attn.items()
+                                                               if k not in ("q_norm", "k_norm")}}}
+
+    def logits(graphdef, params, qk_scale=1.0):
+        a = params["layers"]["attn"]
+        a = {**a, "q": {"kernel": a["q"]["kernel"] * qk_scale}, "k": {"kernel": a["k"]["kernel"] * qk_scale}}
+        params = {**params, "layers": {**params["layers"], "attn": a}}
+        return np.asarray(T.apply(graphdef, params, {"inputs_BT": x}))
+
+    x = random_tokens(r, (2, 16), cfg.vocab_size)
+    normed, unnormed = logits(graphdef, params), logits(plain_graphdef, plain)
+    assert np.isfinite(normed).all()
+    assert np.abs(normed - unnormed).max() > 1e-2
+    np.testing.assert_allclose(logits(graphdef, params, qk_scale=5.0), normed, atol=2e-4, rtol=0)
+    assert np.abs(logits(plain_graphdef, plain, qk_scale=5.0) - unnormed).max() > 1e-2
 
 
 def test_config_validation_errors():

@@ -2,10 +2,14 @@
 
 At the production shape (batch 1, 8k tokens, 32 query heads over 8 kv heads, head_dim 128,
 bf16), forward and gradient, so block-shape, layout and dtype errors show without hardware.
-CUDA lowering from a CPU-only process needs an abstract GPU mesh (see GOTCHAS.md).
+CUDA lowering from a CPU-only process needs an abstract mesh of GPU devices (`AbstractMesh` with
+an `AbstractDevice` of platform "gpu"): without one, Mosaic GPU has no device to lower for.
 """
 
+import re
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
@@ -65,15 +69,62 @@ def test_cuda_lowering_other_head_dims(head_dim):
     assert text.count("mosaic_gpu") >= 3
 
 
-def test_tpu_lowering_head_dim_64_uses_heads_major_layout():
-    text = _lower("tpu", 64, True)
-    assert "loom_flash_dkv" in text and "transpose" in text
+def _kernel_operands(text: str) -> list[str]:
+    """The operand types of each Mosaic TPU kernel call in lowered StableHLO, one string per call."""
+    lines = [line for line in text.splitlines() if "stablehlo.custom_call @tpu_custom_call(" in line]
+    return [re.search(r"\} : \((tensor<[^()]*)\) ->", line).group(1) for line in lines]
+
+
+@pytest.mark.parametrize("head_dim,q_type,kv_type", [
+    (64, f"tensor<{B}x{N}x{T}x64xbf16>", f"tensor<{B}x{K}x{T}x64xbf16>"),  # [B, N, T, H]: heads major
+    (128, f"tensor<{B}x{T}x{N * 128}xbf16>", f"tensor<{B}x{T}x{K * 128}xbf16>"),  # [B, T, N*H]: a free reshape
+], ids=["64-heads-major", "128-flat-contrast"])
+def test_tpu_lowering_head_dim_64_uses_heads_major_layout(head_dim, q_type, kv_type):
+    """A head_dim that is not a multiple of 128 cannot be a (1, H) block of [B, T, N, H]: the
+    kernels (forward, dQ, dK/dV) take q, k and v transposed to [B, N, T, H]; head_dim 128 keeps
+    the flat [B, T, N*H] view."""
+    calls = _kernel_operands(_lower("tpu", head_dim, True))
+    assert len(calls) == 3
+    for operands in calls:
+        assert operands.count(q_type) >= 1 and operands.count(kv_type) == 2, operands
+        assert f"tensor<{B}x{T}x{N}x{head_dim}xbf16>" not in operands  # never the model's [B, T, N, H]
+
+
+def _dot_precisions(jaxpr) -> dict[str, list]:
+    """kernel name -> the precision of every dot_general in that Pallas kernel's body."""
+    out: dict[str, list] = {}
+
+    def walk(j, kernel):
+        for e in j.eqns:
+            if e.primitive.name == "pallas_call":
+                walk(e.params["jaxpr"], e.params["name"])
+                continue
+            if e.primitive.name == "dot_general" and kernel is not None:
+                out.setdefault(kernel, []).append(e.params["precision"])
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else (p,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr, kernel)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub, kernel)
+
+    walk(jaxpr.jaxpr, None)
+    return out
 
 
 def test_tpu_lowering_float32_grad():
-    """f32 inputs take full-precision MXU passes (Precision.HIGHEST) in every matmul."""
-    q = jax.ShapeDtypeStruct((B, T, N, 128), jnp.float32)
-    k = jax.ShapeDtypeStruct((B, T, K, 128), jnp.float32)
-    f = jax.grad(lambda q, k, v: flash_attention(q, k, v, backend="tpu", interpret=False).sum(), argnums=(0, 1, 2))
-    text = jax.jit(f).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
-    assert "loom_flash_dkv" in text
+    """f32 inputs take full-precision MXU passes (Precision.HIGHEST) in every matmul of the
+    forward, dQ and dK/dV kernels; bf16 inputs take the default single pass."""
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    for dtype, expected in ((jnp.float32, highest), (jnp.bfloat16, (jax.lax.Precision.DEFAULT,) * 2)):
+        q = jax.ShapeDtypeStruct((B, T, N, 128), dtype)
+        k = jax.ShapeDtypeStruct((B, T, K, 128), dtype)
+        f = jax.grad(lambda q, k, v: flash_attention(q, k, v, backend="tpu", interpret=False)
+                     .astype(jnp.float32).sum(), argnums=(0, 1, 2))
+        if dtype == jnp.float32:  # it lowers for TPU
+            text = jax.jit(f).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
+            assert len(_kernel_operands(text)) == 3
+        precisions = _dot_precisions(jax.make_jaxpr(f)(q, k, k))
+        assert sorted(precisions) == ["loom_flash_dkv", "loom_flash_dq", "loom_flash_fwd"]
+        for kernel, ps in precisions.items():
+            assert ps and all(p == expected for p in ps), (dtype, kernel, ps)

@@ -4,9 +4,12 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from models.checkpoint import restore_params
+from models.config import ModelConfig, flops_per_token
 from tests.helpers import run_program
+from train.flops import system_peak_flops
 from train.metrics import read_metrics
 
 MICRO = ["--config=configs/pretrain.py:tiny", "--config.model.num_layers=2", "--config.model.hidden_size=64",
@@ -29,19 +32,84 @@ def test_tiny_lowers_the_validation_loss_clearly(tiny_run):
 def test_run_outputs(tiny_run):
     train = [m for m in read_metrics(tiny_run) if "loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30]  # the tiny preset logs every 10 steps
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    # MFU = model FLOPs per second / the matmul peak of the compute dtype, measured once per machine
+    # (the run cached it; this reads that cache)
+    flops_tok = flops_per_token(ModelConfig.from_dict(cfg["model"]), cfg["data"]["seq_len"])["train"]
+    peak = system_peak_flops(cfg["model"]["dtype"])
     for m in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(m)
-        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1.5
+        assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * flops_tok / peak, rel=1e-6)
+        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1  # no run beats the machine's matmul peak
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (tiny_run / "samples.txt").read_text()
     assert samples.count("=== prompt ===") == 2 and "continuation" in samples
-    cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["hidden_size"] == 256 and cfg["train"]["steps"] == 30
     assert cfg["mesh"]["shape"] == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 1}
     assert cfg["optimizer"]["warmup_steps"] == 2  # derived from train.steps at run time
     assert (tiny_run / "tokenizer.model").is_file()
     assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (tiny_run / "checkpoints" / "30" / "params").is_dir()
+
+
+MIXTURE_CONFIG = """
+from ml_collections import config_dict
+
+from configs.pretrain import get_config as pretrain_config, source
+
+
+def get_config(arg=None):
+    c = pretrain_config("tiny")
+    c.data.sources = config_dict.ConfigDict({{"a": source(format="jsonl", path="{a}", weight=3.0),
+                                              "b": source(format="jsonl", path="{b}", weight=1.0)}})
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def mixture_run(tmp_path_factory):
+    """A micro model on two JSONL sources mixed 3:1, 40 steps logged every 10, evaluated at step 29
+    (not a multiple of log_every) on 150 held-out batches, so evaluation takes longer than 10 steps."""
+    tmp = tmp_path_factory.mktemp("mixture")
+    r = np.random.default_rng(0)
+    words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"])
+    for name, n in (("a", 1500), ("b", 500)):
+        docs = (" ".join(r.choice(words, r.integers(20, 60))) for _ in range(n))
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    config = tmp / "mixture.py"
+    config.write_text(MIXTURE_CONFIG.format(a=tmp / "a.jsonl", b=tmp / "b.jsonl"))
+    micro_model = [a for a in MICRO[1:] if a.startswith(("--config.model", "--config.data")) and "dropout" not in a]
+    run_program("train.pretrain", f"--config={config}", *micro_model, "--config.model.dropout_rate=0.0",
+                "--config.data.tokenizer.vocab_size=512", "--config.train.batch_size=16",
+                "--config.train.steps=40", "--config.train.log_every=10", "--config.train.eval_every=29",
+                "--config.train.eval_batches=150", "--config.train.checkpoint_every=0",
+                "--config.train.num_samples=0", f"--workdir={tmp / 'run'}")
+    return tmp / "run"
+
+
+def test_tokens_per_sec_counts_training_not_evaluation(mixture_run):
+    """tokens_per_sec is tokens over the training time of the steps since the previous line: the
+    line at 30 (steps 21-30, an evaluation after step 29) agrees with the line at 40 (no evaluation).
+    Counting all 10 steps' tokens over the time after the evaluation gives ~10x; counting the
+    evaluation's time as training gives a fraction. (The lines at 10 and 20 carry compilation and
+    first-call costs, so they are not the comparison.)"""
+    lines = {m["step"]: m for m in read_metrics(mixture_run) if "loss" in m}
+    assert sorted(lines) == [10, 20, 30, 40]
+    assert [m["step"] for m in read_metrics(mixture_run) if "eval_loss" in m] == [0, 29, 40]
+    ratio = lines[30]["tokens_per_sec"] / lines[40]["tokens_per_sec"]
+    assert 0.4 < ratio < 2.5, ratio
+
+
+def test_train_lines_count_real_tokens_per_source(mixture_run):
+    """Concat packing has no padding: each line's per-source tokens add up to every position of its
+    10 steps (batch 16 x 64), and over the run source a (weight 3) has about 3/4 of them."""
+    train = [m for m in read_metrics(mixture_run) if "loss" in m]
+    for m in train:
+        assert m["padding_fraction"] == 0.0
+        assert m["tokens_a"] > 0 and m["tokens_b"] > 0
+        assert m["tokens_a"] + m["tokens_b"] == 10 * 16 * 64
+    share_a = sum(m["tokens_a"] for m in train) / sum(m["tokens_a"] + m["tokens_b"] for m in train)
+    assert 0.65 < share_a < 0.85, share_a
 
 
 def test_rerunning_a_complete_run_does_nothing(tiny_run):
@@ -70,7 +138,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     ea = [m["eval_loss"] for m in a if "eval_loss" in m]
     eb = [m["eval_loss"] for m in b if "eval_loss" in m]
     np.testing.assert_allclose(eb, ea, rtol=1e-6)
-    pa, pb = restore_params(straight), restore_params(broken)
+    (pa, _), (pb, _) = restore_params(straight), restore_params(broken)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.sharding import use_rules
-from tests.helpers import random_tokens, tiny_model_config
+from tests.helpers import corrupt_params, random_tokens, tiny_model_config
 from train import mesh as M
 from train.checkpoint import Checkpointer
 from train.loss import lm_loss_fn
@@ -106,28 +106,40 @@ def test_checkpoint_round_trip_and_fallback_to_previous(tmp_path):
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[4])):
         np.testing.assert_array_equal(a, b)
     # corrupt the newest checkpoint: its array data disappears -> step 2 is used
-    for p in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
-        if p.is_file() and "d" in p.parent.name:
-            p.write_bytes(b"\0" * 7)
+    corrupt_params(tmp_path / "checkpoints" / "4")
     shutil.rmtree(tmp_path / "checkpoints" / "4" / "train_state")
     restored = Checkpointer(tmp_path).restore(target)
     assert int(restored.step) == 2
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[2])):
         np.testing.assert_array_equal(a, b)
+    # none readable: an error naming each step, not a silent fresh start
+    corrupt_params(tmp_path / "checkpoints" / "2")
+    with pytest.raises(RuntimeError, match=r"no readable checkpoint(.|\n)*step 4(.|\n)*step 2"):
+        Checkpointer(tmp_path).restore(target)
 
 
 def test_models_checkpoint_reads_params_without_train(tmp_path):
     from models.checkpoint import restore_params
 
     _, _, _, saved = _save_states(tmp_path)
-    params = restore_params(tmp_path)
+    params, step = restore_params(tmp_path)
+    assert step == 4
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[4])):
         np.testing.assert_array_equal(np.asarray(a), b)
-    params2 = restore_params(tmp_path, step=2)
+    params2, step2 = restore_params(tmp_path, step=2)
+    assert step2 == 2
     for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(saved[2])):
         np.testing.assert_array_equal(np.asarray(a), b)
+    assert restore_params(tmp_path / "checkpoints" / "2")[1] == 2  # one step's directory
+    assert restore_params(tmp_path / "checkpoints" / "2" / "params")[1] == 2  # its params item
     with pytest.raises(FileNotFoundError, match="step 3"):
         restore_params(tmp_path, step=3)
+    # the newest is unreadable: the previous step's params, and that step, come back
+    corrupt_params(tmp_path / "checkpoints" / "4")
+    params, step = restore_params(tmp_path)
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[2])):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @pytest.mark.parametrize("opt", ["adafactor", "lion", "sgd", "lamb"])
