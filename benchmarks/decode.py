@@ -213,7 +213,7 @@ def quantize_section(target_dir):
     from data.tokenizer import SentencePieceTokenizer
     from models.checkpoint import load
     from models.quant import param_bytes, quantize_model
-    from train.loss import mean_loss
+    from evals.perplexity import mean_loss
 
     _ensure_run(target_dir)
     model, cfg = load(target_dir)

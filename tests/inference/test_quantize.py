@@ -7,7 +7,7 @@ import pytest
 from models import transformer as T
 from models.quant import dequantize, param_bytes, quantize_array, quantize_model
 from tests.helpers import random_tokens, tiny_model_config
-from train.loss import mean_loss
+from evals.perplexity import mean_loss
 
 
 @pytest.mark.parametrize("mode,bound", [("int8", 1 / 127 / 2), ("int4", 1 / 7 / 2)])
