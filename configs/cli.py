@@ -1,5 +1,6 @@
 """What the programs share (here because every package may import `configs`): flag parsing with
-one-line errors, `ConfigError`, the duration format of progress lines, the cache directory."""
+one-line errors, `ConfigError`, quiet library logs, the duration format of progress lines, the
+cache directory."""
 
 from __future__ import annotations
 
@@ -60,3 +61,47 @@ def parse_flags(argv: list[str]) -> list[str]:
             text = f"no such config field. {hint}".strip()
         print(f"error: {where}{text}", file=sys.stderr)
     sys.exit(2)
+
+
+class _LibraryFilter:
+    """Drops the INFO chatter of the checkpointing, data and JAX-backend libraries (their warnings
+    still show), and asyncio's "Task exception was never retrieved" dumps of an orbax restore that
+    failed (the failure itself is reported in one line by whoever tried it)."""
+
+    NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/", "/rouge_score/", "xla_bridge.py")
+
+    def filter(self, record) -> bool:
+        import logging as py_logging
+
+        if record.name == "asyncio" and "never retrieved" in record.getMessage():
+            return False
+        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Installs `_LibraryFilter` on absl's logger and on every handler of the root logger (records
+    of other libraries' loggers reach absl's handler through the root)."""
+    import logging as py_logging
+
+    from absl import logging as absl_logging
+
+    for target in (absl_logging.get_absl_logger(), *py_logging.getLogger().handlers):
+        if not any(isinstance(f, _LibraryFilter) for f in target.filters):
+            target.addFilter(_LibraryFilter())
+    if not getattr(sys.unraisablehook, "_loom", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+def _quiet_unraisable(previous):
+    """orbax's background event loop may be closed before its last callback at interpreter exit
+    ("Exception ignored ... RuntimeError: Event loop is closed"): a shutdown-order artefact, not
+    an error of the program; everything else goes to the previous hook."""
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._loom = True
+    return hook

@@ -125,6 +125,8 @@ def get_config(arg=None):
         keep_checkpoints=3,  # newest checkpoints kept
         async_checkpoint=True,  # write checkpoints in the background
         offload_optimizer=False,  # keep the optimizer state in host memory (pinned_host) between steps
+        nan_policy="skip",  # non-finite loss / gradient: "skip" the update (stop after nan_max_skips in a row) | "stop"
+        nan_max_skips=10,  # "skip": consecutive skipped updates that stop the run (with a checkpoint)
         num_samples=4,  # prompts sampled into samples.txt at the end (0 = none)
         sample_tokens=96,  # new tokens per sample
     ))

@@ -298,6 +298,9 @@ def _histogram(lengths, unit, path):
 
 
 def main(argv):
+    from configs.cli import quiet_library_logs
+
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
     try:

@@ -751,6 +751,18 @@ def read_all(spec: SourceSpec, **kw) -> Iterator[dict]:
     return iter(source_dataset(spec, num_epochs=1, **kw))
 
 
+def check_paths(specs: list[SourceSpec]) -> None:
+    """FileNotFoundError naming the source when a file-based source's path matches no file (before
+    a program writes anything, rather than deep inside a reader)."""
+    for spec in specs:
+        if spec.format in ("embedded", "tfds"):
+            continue
+        try:
+            _source_files(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"source {spec.name!r}: {e}") from None
+
+
 def specs_from_config(sources) -> list[SourceSpec]:
     """SourceSpecs from a config mapping {name: {format, path, ...}} (ConfigDict or dict)."""
     items = sources.items() if hasattr(sources, "items") else sources

@@ -312,25 +312,18 @@ def run(config, checkpoint: str | pathlib.Path, *, model=None, tokenizer=None, i
     return results
 
 
-class _LibraryFilter(logging.Filter):
-    """Drops INFO chatter of the checkpoint, data and metric libraries (their warnings still show)."""
-
-    NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/", "/rouge_score/", "xla_bridge.py")
-
-    def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
     from absl import app
-    from absl import logging as absl_logging
+
+    from configs.cli import quiet_library_logs
+    from models.checkpoint import UnreadableCheckpoint
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; everything else is set through --config.*")
-    absl_logging.get_absl_handler().addFilter(_LibraryFilter())
+    quiet_library_logs()
     try:
         results = run(_CONFIG.value, _CHECKPOINT.value)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, UnreadableCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(markdown(results))

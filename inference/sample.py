@@ -31,6 +31,18 @@ def _printer(tok, prompt: str):
 
 
 def main(argv):
+    from configs.cli import quiet_library_logs
+    from models.checkpoint import UnreadableCheckpoint
+
+    quiet_library_logs()
+    try:
+        _sample(argv)
+    except (ValueError, FileNotFoundError, UnreadableCheckpoint) as e:  # bad values, missing / corrupt checkpoints
+        print(f"error: {str(e).strip()}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sample(argv):
     del argv
     from data.tokenizer import special, with_specials
     from inference import generate

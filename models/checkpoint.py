@@ -44,6 +44,15 @@ def _steps(ckpt_dir: pathlib.Path) -> list[int]:
     return sorted((int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
+def committed_steps(workdir: str | pathlib.Path) -> list[int]:
+    """A workdir's committed checkpoint steps, oldest first (read without creating anything)."""
+    return sorted(_steps(checkpoints_dir(workdir)))
+
+
+class UnreadableCheckpoint(RuntimeError):
+    """No checkpoint asked for could be restored; the message names each one and why (one line each)."""
+
+
 def restore_newest(steps: Iterable[int], restore: Callable[[int], T], *, where) -> tuple[T, int]:
     """(restore(step), step) for the newest of `steps` that restores.
 
@@ -53,16 +62,27 @@ def restore_newest(steps: Iterable[int], restore: Callable[[int], T], *, where) 
     when none restores.
     """
     errors = []
-    for step in sorted(steps, reverse=True):
+    ordered = sorted(steps, reverse=True)
+    for i, step in enumerate(ordered):
         try:
             return restore(step), step
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the previous step)
-            first = str(e).splitlines()[0] if str(e) else ""
-            logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
-                            step, where, type(e).__name__, first)
-            errors.append(f"step {step}: {type(e).__name__}: {first}")
-    raise RuntimeError(f"no readable checkpoint in {where} (delete the unreadable ones to start afresh):\n  "
-                       + "\n  ".join(errors or ["no committed steps"]))
+            reason = failure_reason(e)
+            if i + 1 < len(ordered):
+                logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one",
+                                step, where, reason)
+            errors.append(f"step {step}: {reason}")
+    raise UnreadableCheckpoint(f"no readable checkpoint in {where} (delete the unreadable ones to start afresh): "
+                               + "; ".join(errors or ["no committed steps"]))
+
+
+def failure_reason(e: BaseException, limit: int = 240) -> str:
+    """`Type: first line` of an exception, without TensorStore's JSON spec dump, at most `limit` chars."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" [tensorstore_spec", 1)[0]
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _restore_item(path: pathlib.Path, target):

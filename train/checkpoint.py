@@ -3,7 +3,11 @@
 Layout (see models/checkpoint.py): `<workdir>/checkpoints/<step>/{params,train_state,data_iter}`.
 Saving is asynchronous (training continues while the files are written) and keeps the newest
 `max_to_keep`. Restoring walks back from the newest step: a checkpoint that fails to load is
-reported and the previous one is used, so a crash mid-write never strands a run.
+reported, set aside as `checkpoints/unreadable-<step>` (kept for inspection, no longer counted
+towards `max_to_keep`, so it cannot push out a good one) and the previous one is used, so a
+crash mid-write never strands a run. When no checkpoint restores, nothing is set aside and the
+error names each one (a run whose checkpoints do not fit its config is stopped earlier, by
+train/lifecycle.py's workdir check).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from models.checkpoint import PARAMS, checkpoints_dir, restore_newest
 from train.state import TrainState
 
 TRAIN_STATE, DATA_ITER = "train_state", "data_iter"
+UNREADABLE = "unreadable-"  # prefix of a step directory set aside because it failed to restore
 
 
 def _data_args(data_iter, *, save: bool):
@@ -45,6 +50,9 @@ class Checkpointer:
                                                      "rng": state.rng})}
         if data_iter is not None:
             items[DATA_ITER] = _data_args(data_iter, save=True)
+        if step in self.manager.all_steps():
+            logging.warning("a checkpoint of step %d already exists in %s: kept, not overwritten", step, self.directory)
+            return False
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def steps(self) -> list[int]:
@@ -70,8 +78,32 @@ class Checkpointer:
         if not steps:
             return None
         state, step = restore_newest(steps, restore_step, where=self.directory)
+        unreadable = [s for s in steps if s > step]
+        if unreadable:
+            self._set_aside(unreadable)
         logging.info("restored step %d from %s", step, self.directory)
         return state
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to `unreadable-<step>` (process 0, after every
+        process has tried them), so they neither count as checkpoints nor block a new save."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("loom_checkpoint_set_aside")
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{UNREADABLE}{step}"
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = self.directory / f"{UNREADABLE}{step}.{n}"
+                (self.directory / str(step)).rename(target)
+                logging.warning("set the unreadable checkpoint of step %d aside as %s (not counted towards "
+                                "train.keep_checkpoints; delete it once inspected)", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("loom_checkpoint_set_aside_done")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

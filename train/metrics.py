@@ -1,7 +1,9 @@
 """Run outputs: metrics.jsonl, TensorBoard events, a progress line with rate and ETA, loss.png.
 
-Only process 0 writes. On resume, lines past the restored step are dropped from metrics.jsonl
-(they came from steps the run is about to redo), so the file reads as one clean run.
+Only process 0 writes. metrics.jsonl is only ever appended to: a run that resumes at step s (or
+starts again from 0 over an earlier history) first writes a marker line `{"step": s, "event":
+"resume"}`, and `read_metrics` reads the file as the current run's history: lines of earlier
+attempts past a later marker's step are superseded, nothing is deleted from the file.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 import time
 from typing import Any, Mapping
@@ -43,11 +44,28 @@ def batch_stats(source_BT, loss_mask_BT, num_sources: int):
     return counts, 1.0 - loss_mask_BT.mean()
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | pathlib.Path, *, raw: bool = False) -> list[dict[str, Any]]:
+    """The run's metrics lines in order: its current history (see the module doc), or with
+    `raw=True` every line of the file, markers and superseded attempts included."""
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+    if raw:
+        return lines
+    current: list[dict[str, Any]] = []
+    for m in lines:
+        if m.get("event") == "resume":
+            current = [c for c in current if c.get("step", 0) < m["step"]
+                       or (c.get("step", 0) == m["step"] and m["step"] > 0)]
+        else:
+            current.append(m)
+    return current
 
 
 class MetricsWriter:
@@ -63,11 +81,9 @@ class MetricsWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # a fresh start (resume_step 0) keeps nothing: an earlier attempt may have logged step 0
-        kept = [m for m in read_metrics(self.workdir) if m.get("step", 0) <= resume_step] if resume_step else []
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, self.path)
+        if self.path.is_file() and self.path.stat().st_size:  # earlier attempts' lines stay; later ones supersede
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": int(resume_step), "event": "resume"}) + "\n")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -146,22 +162,3 @@ def plot_losses(workdir: str | pathlib.Path) -> pathlib.Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-class _LibraryFilter:
-    """Drops INFO chatter of the checkpointing and data libraries (their warnings still show)."""
-
-    NOISY = ("/orbax/", "/grain/", "/tensorstore/", "/etils/", "xla_bridge.py")
-
-    def filter(self, record) -> bool:
-        import logging as py_logging
-
-        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
-
-
-def quiet_library_logs() -> None:
-    from absl import logging as absl_logging
-
-    logger = absl_logging.get_absl_logger()
-    if not any(isinstance(f, _LibraryFilter) for f in logger.filters):
-        logger.addFilter(_LibraryFilter())

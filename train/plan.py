@@ -122,9 +122,9 @@ def report(config, *, num_devices: int, mesh_shape=None, hbm_gib: float | None =
 
 def main(argv):
     del argv
-    import logging
+    from configs.cli import quiet_library_logs
 
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
+    quiet_library_logs()  # e.g. "Unable to initialize backend 'tpu'"
     config = _CONFIG.value
     model_cfg = ModelConfig.from_dict(config.model.to_dict())
     s = summarize(model_cfg, config.data.seq_len)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import pathlib
-import signal
+import sys
 import time
 from typing import Any
 
@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data import pipeline
-from data.sources import read_all, specs_from_config
+from data.sources import check_paths, read_all, specs_from_config
 from data.tokenizer import SentencePieceTokenizer, special, with_specials
 from data.tokenizer import from_config as tokenizer_from_config
 from inference import generate
@@ -37,21 +37,20 @@ from models.sharding import use_rules
 from models.pipeline import bubble_fraction, num_microbatches
 from models.transformer import abstract_model, merge_params, split_params
 from models.ring_attention import zigzag_order
-from train import distributed
+from models.checkpoint import committed_steps
+from train import distributed, lifecycle
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, saved_data_shards
-from configs.cli import parse_flags
+from configs.cli import parse_flags, quiet_library_logs
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
-from train.metrics import MetricsWriter, batch_stats, quiet_library_logs
+from train.metrics import MetricsWriter, batch_stats
 from train.optimizer import make_optimizer, warmup_steps
 from train.state import (abstract_state, create_state, make_eval_step, make_train_step, on_device,
                          state_shardings)
 
 TOKENIZER_FILE = "tokenizer.model"
 SAMPLES_FILE = "samples.txt"
-# Test-only fault injection: SIGKILL this process right after the given step (see tests/train).
-KILL_ENV = "LOOM_FAULT_KILL_AFTER_STEP"
 
 
 def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
@@ -91,8 +90,9 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
 def load_data(config, workdir: pathlib.Path):
     """(tokenizer, train source specs, eval source specs) from the config's `data` section.
 
-    A sentencepiece run keeps its own copy of the tokenizer (`<workdir>/tokenizer.model`), so a
-    resumed or sampled run always uses the tokenizer it was trained with.
+    A sentencepiece run keeps its own copy of the tokenizer (`<workdir>/tokenizer.model`, written
+    by `run` once the start is valid), so a resumed or sampled run always uses the tokenizer it
+    was trained with.
     """
     train_specs = specs_from_config(config.data.sources)
     eval_specs = specs_from_config(config.data.eval_sources)
@@ -102,8 +102,6 @@ def load_data(config, workdir: pathlib.Path):
         tokenizer = SentencePieceTokenizer.from_file(own)
     else:
         tokenizer = tokenizer_from_config(tok_cfg, train_specs)
-    if jax.process_index() == 0 and not own.is_file() and isinstance(tokenizer, SentencePieceTokenizer):
-        tokenizer.save(own)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than model.vocab_size="
                          f"{config.model.vocab_size}")
@@ -160,17 +158,34 @@ def _write_samples(path: pathlib.Path, model, tokenizer, prompts: list[str], *, 
 
 
 def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains per `config` in `workdir`; returns a summary (final losses, steps, throughput)."""
+    """Trains per `config` in `workdir`; returns a summary (final losses, steps, throughput, and
+    `exit_code`: 0, or 128 + the signal that stopped it).
+
+    Nothing is written before the config is validated (ConfigError), the workdir checked against
+    it (lifecycle.WorkdirMismatch) and the tokenizer built: a failed start leaves a new workdir
+    empty and an old one as it was.
+    """
     workdir = pathlib.Path(workdir)
     distributed.initialize(config.distributed)
     is_main = jax.process_index() == 0
-    model_cfg, mesh_spec, resolved = resolve_config(config, jax.device_count())
+    tc, seq = config.train, config.data.seq_len
+    with lifecycle.config_errors():
+        model_cfg, mesh_spec, resolved = resolve_config(config, jax.device_count())
+        tx, schedule = make_optimizer(config.optimizer, tc.steps)
+        guard = lifecycle.NanGuard(tc.nan_policy, tc.nan_max_skips)
+        check_paths(specs_from_config(config.data.sources) + specs_from_config(config.data.eval_sources))
+        if config.data.tokenizer.path and not pathlib.Path(config.data.tokenizer.path).exists():
+            raise FileNotFoundError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
+    lifecycle.check_workdir(workdir, resolved, committed_steps(workdir))
+    tokenizer, train_specs, eval_specs = load_data(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        if isinstance(tokenizer, SentencePieceTokenizer) and not (workdir / TOKENIZER_FILE).is_file():
+            tokenizer.save(workdir / TOKENIZER_FILE)
+    runlog = lifecycle.RunLog(workdir, enabled=is_main)
     mesh = mesh_lib.make_mesh(mesh_spec["shape"])
     rules = mesh_spec["rules"]
-    tc, seq = config.train, config.data.seq_len
     n_params = param_count(model_cfg)
     flops_tok = flops_per_token(model_cfg, seq)["train"]
     logging.info("model %s: %s parameters, %.3g train FLOPs/token; mesh %s", config.name, f"{n_params:,}",
@@ -179,10 +194,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         s_, m_ = model_cfg.pipeline_stages, num_microbatches(model_cfg.pipeline_stages, model_cfg.pipeline_microbatches)
         logging.info("pipeline: GPipe, %d stages x %d layers, %d micro-batches, bubble fraction %.3f", s_,
                      model_cfg.num_layers // s_, m_, bubble_fraction(s_, m_))
-
-    tokenizer, train_specs, eval_specs = load_data(config, workdir)
     dc = config.data
-    tx, schedule = make_optimizer(config.optimizer, tc.steps)
     # before the mesh is set: the peak is one device's matmul, which a multi-process mesh would not let run
     peak = system_peak_flops(model_cfg.dtype)
 
@@ -204,13 +216,14 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         if restored is not None:
             state = restored
         start = int(jax.device_get(state.step))
-        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
         if start >= tc.steps and restored is not None:
             logging.info("run in %s is already complete (step %d of %d)", workdir, start, tc.steps)
-            writer.plot()
-            writer.close()
+            runlog.event("exit", reason="already complete", step=start)
             ckpt.close()
-            return {"step": start, "resumed_from": start, "complete": True}
+            return {"step": start, "resumed_from": start, "complete": True, "exit_code": 0}
+        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
+        runlog.event("resume" if restored is not None else "start", step=start, steps=tc.steps,
+                     command=lifecycle.command_line())
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
@@ -237,7 +250,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
         tokens_per_step = tc.batch_size * seq
-        kill_after = int(os.environ.get(KILL_ENV, "-1"))
+        faults = lifecycle.Faults.from_env()
         summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
 
         last_eval = -1
@@ -248,54 +261,82 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             summary["initial_eval_loss"] = ev["eval_loss"]
             last_eval = 0
 
+        stops = lifecycle.StopRequests(distributed=jax.process_count() > 1)
         last_t, last_step = time.perf_counter(), start
-        metrics, running = None, None
-        for step in range(start, tc.steps):
-            local = layout(next(data_iter))
-            batch = _global_batch(_device_keys(local), batch_sharding)
-            src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
-            state, metrics = train_step(state, batch)
-            counts, pad = source_stats(src, batch["loss_mask_BT"])
-            metrics = dict(metrics, source_tokens=counts, padding_fraction=pad)
-            # sums stay on the device: no host sync between log lines
-            running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                host = jax.device_get(running)
-                per_source = host.pop("source_tokens")
-                m = {k: float(v) / (done - last_step) for k, v in host.items()}
-                running = None
-                now = time.perf_counter()
-                tps = (done - last_step) * tokens_per_step / (now - last_t)
-                last_t, last_step = now, done
-                # loss, accuracy and grad norm are means over the steps since the previous line
-                line = {"loss": m["loss"], "lr": float(schedule(step)), "grad_norm": m["grad_norm"],
-                        "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "accuracy": m["accuracy"]}
-                line["padding_fraction"] = m["padding_fraction"]
-                if len(train_specs) > 1:  # tokens per source over the interval (summing lines gives totals)
-                    line.update({f"tokens_{s.name}": float(c) for s, c in zip(train_specs, per_source)})
-                if tc.z_loss:
-                    line["z_loss"] = m["z_loss"]
-                if not math.isfinite(line["loss"]):
-                    raise FloatingPointError(f"loss is {line['loss']} at step {done}; lower optimizer.lr "
-                                             f"(={config.optimizer.lr}) or check the data")
-                writer.write(done, line)
-                writer.progress(done, line)
-            if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
-                jax.block_until_ready(state)  # the steps dispatched so far are training time
-                eval_start = time.perf_counter()
-                ev = evaluate(state.params)
-                writer.write(done, ev)
-                writer.progress(done, ev)
-                last_eval = done
-                writer.plot()
-                # the next line's interval keeps its steps but not this time: tokens_per_sec is training throughput
-                last_t += time.perf_counter() - eval_start
-            if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
-                ckpt.save(state, data_iter)
-            if done == kill_after:
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
+        running, stopped, done = None, None, start
+
+        def log_line(done: int) -> dict[str, float]:
+            """Writes the train line of the steps since the previous one."""
+            nonlocal running, last_t, last_step
+            host = jax.device_get(running)
+            running = None
+            per_source = host.pop("source_tokens")
+            steps, good, skipped = done - last_step, float(host.pop("good_steps")), float(host.pop("nonfinite"))
+            # loss, accuracy and grad norm are means over the interval's good steps (None if it has none)
+            m = {k: (float(v) / good if good else None) if k in lifecycle.NanGuard.MASKED else float(v) / steps
+                 for k, v in host.items()}
+            now = time.perf_counter()
+            tps = steps * tokens_per_step / (now - last_t)
+            last_t, last_step = now, done
+            line = {"loss": m["loss"], "lr": float(schedule(done - 1)), "grad_norm": m["grad_norm"],
+                    "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "accuracy": m["accuracy"],
+                    "padding_fraction": m["padding_fraction"]}
+            if len(train_specs) > 1:  # tokens per source over the interval (summing lines gives totals)
+                line.update({f"tokens_{s.name}": float(c) for s, c in zip(train_specs, per_source)})
+            if tc.z_loss:
+                line["z_loss"] = m["z_loss"]
+            if skipped:
+                line["skipped_steps"] = skipped
+            writer.write(done, line)
+            writer.progress(done, line)
+            return line
+
+        try:
+            for step in range(start, tc.steps):
+                local = layout(next(data_iter))
+                batch = _global_batch(_device_keys(local), batch_sharding)
+                src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
+                state, metrics = train_step(state, faults.corrupt(batch, step + 1))
+                counts, pad = source_stats(src, batch["loss_mask_BT"])
+                metrics = guard.observe(dict(metrics, source_tokens=counts, padding_fraction=pad))
+                # sums stay on the device: no host sync between log lines (the `stop` policy syncs)
+                running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
+                done = step + 1
+                if done % tc.log_every == 0 or done == tc.steps:
+                    log_line(done)
+                stopped = guard.verdict(done, at_log_line=done % tc.log_every == 0)
+                if stopped:
+                    break
+                if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
+                    jax.block_until_ready(state)  # the steps dispatched so far are training time
+                    eval_start = time.perf_counter()
+                    ev = evaluate(state.params)
+                    writer.write(done, ev)
+                    writer.progress(done, ev)
+                    last_eval = done
+                    writer.plot()
+                    # the next line's interval keeps its steps but not this time: tokens_per_sec is training throughput
+                    last_t += time.perf_counter() - eval_start
+                if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
+                    ckpt.save(state, data_iter)
+                faults.after_step(done, ckpt)
+                if stops.should_stop(done):
+                    stopped = {"reason": stops.reason, "exit_code": stops.exit_code}
+                    break
+        finally:
+            stops.close()
+
+        if stopped:  # a signal, a preemption notice or the NaN guard: keep every step done so far
+            if running is not None:
+                log_line(done)
+            ckpt.save(state, data_iter, force=True)
+            ckpt.close()
+            writer.plot()
+            writer.close()
+            runlog.event("exit", step=done, **{k: v for k, v in stopped.items() if k != "exit_code"})
+            logging.warning("stopped at step %d of %d (%s); checkpoint saved in %s: re-run the same command to "
+                            "resume", done, tc.steps, stopped.get("message", stopped["reason"]), workdir)
+            return {**summary, "step": done, "complete": False, **stopped}
 
         if eval_batches and last_eval != tc.steps:
             ev = evaluate(state.params)
@@ -312,9 +353,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             _write_samples(workdir / SAMPLES_FILE, model, tokenizer, prompts,
                            max_new_tokens=tc.sample_tokens, seed=tc.seed)
         writer.close()
-        summary.update(step=tc.steps, complete=True)
+        summary.update(step=tc.steps, complete=True, exit_code=0)
         if metrics is not None:
             summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
+        runlog.event("exit", reason="finished", step=tc.steps, final_eval_loss=summary.get("final_eval_loss"))
         logging.info("done: %s", summary)
         return summary
 
@@ -325,7 +367,7 @@ def main(argv):
     quiet_library_logs()
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    run(config, workdir)
+    sys.exit(lifecycle.run_program(run, config, workdir))
 
 
 if __name__ == "__main__":

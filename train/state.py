@@ -81,6 +81,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
                     use_dropout: bool = False, opt_device_shardings=None):
     """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
 
+    An update whose loss or gradient norm is not finite is not applied (`metrics["nonfinite"]`
+    is 1 for that step; the step counter still advances with the data).
+
     With k micro-batches the gradient is accumulated in float32 with each micro-batch weighted by
     its token count, which equals the gradient of one batch of k times the size exactly (up to
     float summation order). `opt_device_shardings` (with an offloaded optimizer state): where the
@@ -116,14 +119,21 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             grads = jax.tree.map(lambda x, p: (x / jnp.maximum(n, 1.0)).astype(p.dtype), g, state.params)
             aux = jax.tree.map(lambda x: x.mean(), ms)
         grad_norm = optax.tree.norm(grads)
+        loss = loss_sum / jnp.maximum(n, 1.0)
         opt_state = state.opt_state
         if opt_device_shardings is not None:  # host -> device for the update; out_shardings take it back
             opt_state = jax.device_put(opt_state, opt_device_shardings)
-        updates, opt_state = tx.update(grads, opt_state, state.params)
+        updates, new_opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / jnp.maximum(n, 1.0), "grad_norm": grad_norm, "num_tokens": n,
-                   "accuracy": aux["accuracy"], "z_loss": aux["z_loss"]}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+        # a non-finite loss or gradient is never applied: parameters and optimizer state stay
+        # (selected here rather than by optax.apply_if_finite, whose extra state would change the
+        # checkpoint layout); the step counter and the data advance, train/lifecycle.NanGuard counts it
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, new_opt_state = keep(params, state.params), keep(new_opt_state, opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "num_tokens": n, "accuracy": aux["accuracy"],
+                   "z_loss": aux["z_loss"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return TrainState(step=state.step + 1, params=params, opt_state=new_opt_state, rng=rng), metrics
 
     return train_step
 

@@ -35,6 +35,9 @@ COMMANDS = ("train", "encode")
 
 
 def main(argv):
+    from configs.cli import quiet_library_logs
+
+    quiet_library_logs()
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m data.tokenizer {{{'|'.join(COMMANDS)}}} [flags]")
     try:

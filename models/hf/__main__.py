@@ -116,6 +116,10 @@ def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | N
 
 
 def main(argv):
+    from configs.cli import quiet_library_logs
+    from models.checkpoint import UnreadableCheckpoint
+
+    quiet_library_logs()
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         print("usage: python -m models.hf import --hf_dir=DIR --out=WORKDIR [--dtype=D]\n"
               "       python -m models.hf export --checkpoint=WORKDIR --out=DIR [--step=N] [--dtype=D] "
@@ -133,7 +137,7 @@ def main(argv):
                 sys.exit("error: export needs --checkpoint")
             export(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, architecture=FLAGS.architecture,
                    tokenizer_dir=FLAGS.tokenizer_dir, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, UnreadableCheckpoint) as e:  # bad input: one clear line, no traceback
         sys.exit(f"error: {e}")
 
 

@@ -1,13 +1,16 @@
 """Train-step equivalences (accumulation, meshes) and checkpoint restore with fallback."""
 
+import dataclasses
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from models.sharding import use_rules
 from tests.helpers import corrupt_params, random_tokens, tiny_model_config
+from models.checkpoint import UnreadableCheckpoint
 from train import mesh as M
 from train.checkpoint import Checkpointer
 from train.loss import lm_loss_fn
@@ -66,6 +69,30 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_a_non_finite_update_is_not_applied(microbatches):
+    """A NaN loss (here: a NaN in the loss mask) leaves parameters and optimizer state as they
+    were, advances the step, and says so; the next finite batch trains as if it never happened."""
+    cfg = tiny_model_config()
+    mesh = M.make_mesh(M.resolve_shape({}, 1), devices=jax.devices()[:1])
+    tx, _ = make_optimizer(OPT, 10)
+    with jax.set_mesh(mesh):
+        graphdef, state = create_state(cfg, tx, seed=0, mesh=mesh)
+        step = jax.jit(make_train_step(lm_loss_fn(graphdef), tx, microbatches=microbatches))
+        state, m = step(state, _batch(0))
+        before = jax.device_get((state.params, state.opt_state))
+        poisoned = dict(_batch(1), loss_mask_BT=_batch(1)["loss_mask_BT"] * np.float32("nan"))
+        bad_state, m_bad = step(state, poisoned)
+        assert float(m["nonfinite"]) == 0 and float(m_bad["nonfinite"]) == 1 and int(bad_state.step) == 2
+        for a, b in zip(jax.tree.leaves(jax.device_get((bad_state.params, bad_state.opt_state))),
+                        jax.tree.leaves(before)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        after_bad, _ = step(bad_state, _batch(2))
+        clean, _ = step(state, _batch(2))
+        for a, b in zip(jax.tree.leaves(after_bad.params), jax.tree.leaves(clean.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_data_fsdp_tensor_mesh_equals_one_device(one_device_run):
     """8 fake devices as data=2, fsdp=2, tensor=2: the same loss trajectory as 1 device."""
     ref_l, ref_g, _, _ = one_device_run
@@ -105,17 +132,43 @@ def test_checkpoint_round_trip_and_fallback_to_previous(tmp_path):
     assert int(restored.step) == 4
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[4])):
         np.testing.assert_array_equal(a, b)
-    # corrupt the newest checkpoint: its array data disappears -> step 2 is used
+    # corrupt the newest checkpoint: its array data disappears -> step 2 is used, and step 4 is
+    # set aside (kept for inspection, no longer a checkpoint)
     corrupt_params(tmp_path / "checkpoints" / "4")
     shutil.rmtree(tmp_path / "checkpoints" / "4" / "train_state")
-    restored = Checkpointer(tmp_path).restore(target)
+    ckpt = Checkpointer(tmp_path)
+    restored = ckpt.restore(target)
     assert int(restored.step) == 2
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[2])):
         np.testing.assert_array_equal(a, b)
-    # none readable: an error naming each step, not a silent fresh start
+    assert ckpt.steps() == [2] and (tmp_path / "checkpoints" / "unreadable-4" / "params").is_dir()
+    ckpt.close()
+    # none readable: an error naming each step, not a silent fresh start, and nothing set aside
     corrupt_params(tmp_path / "checkpoints" / "2")
-    with pytest.raises(RuntimeError, match=r"no readable checkpoint(.|\n)*step 4(.|\n)*step 2"):
+    with pytest.raises(UnreadableCheckpoint, match=r"no readable checkpoint.*step 2: "):
         Checkpointer(tmp_path).restore(target)
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_an_unreadable_checkpoint_never_pushes_out_a_good_one(tmp_path):
+    """keep 2: steps 2 (good) and 4 (corrupt). After the fallback to 2, saving 6 and 8 keeps the
+    newest good ones (6, 8; 2 goes as the oldest good one), and a new save at step 4, the
+    corrupt step, is written rather than skipped."""
+    cfg, tx, shardings, saved = _save_states(tmp_path)
+    corrupt_params(tmp_path / "checkpoints" / "4")
+    target = abstract_state(cfg, tx, shardings)
+    ckpt = Checkpointer(tmp_path, max_to_keep=2, async_save=False)
+    state = ckpt.restore(target)
+    assert int(state.step) == 2 and ckpt.steps() == [2]
+    state = dataclasses.replace(state, step=state.step + 2)  # the run redoes steps 3 and 4
+    assert ckpt.save(state)
+    assert ckpt.steps() == [2, 4]
+    assert not ckpt.save(state)  # the same step again: kept, not overwritten (and said so)
+    for s_ in (6, 8):
+        assert ckpt.save(dataclasses.replace(state, step=jnp.asarray(s_, jnp.int32)))
+    assert ckpt.steps() == [6, 8]
+    assert (tmp_path / "checkpoints" / "unreadable-4").is_dir()
+    ckpt.close()
 
 
 def test_models_checkpoint_reads_params_without_train(tmp_path):
