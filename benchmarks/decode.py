@@ -2,6 +2,7 @@
 refactor; speculative decoding; weight-only quantization; the CPU decode layout.
 
     .venv/bin/python benchmarks/decode.py --sections=decode        # ~15 min on a quiet 2-core CPU
+                                                                   # (28 min with other processes running)
     .venv/bin/python benchmarks/decode.py --sections=layout,speculative,quantize
     .venv/bin/python benchmarks/decode.py --sections=decode --batches=1,8 --bf16_batches= \\
         --large=none --rounds=2 --new=16 --no_record               # a quick check
@@ -44,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -327,9 +329,14 @@ def run_group(path: pathlib.Path, model_name: str, dtype: str, batches: list[int
             layout = {name: workers[name].request(op="layout", variant="default", rows=b)["layout"]
                       for name in ("loom", "baseline") if name in workers}
             print(f"# {key}: warm-up, then {args.rounds} rounds over {len(sides)} sides ...", flush=True)
-            t = time.perf_counter()
+            t, load_before = time.perf_counter(), os.getloadavg()
             samples, warm, failures = run_config(workers, sides, prompts, args.new, args.rounds, args.pause)
-            print(f"#   {time.perf_counter() - t:.0f}s", flush=True)
+            load_after = os.getloadavg()
+            print(f"#   {time.perf_counter() - t:.0f}s (load average {load_before[0]:.1f} before, "
+                  f"{load_after[0]:.1f} after)", flush=True)
+            # other processes on the machine: torch's OpenMP regions stall many-fold when another
+            # process holds a core, so a reader needs to know how quiet the machine was
+            results["load_average"][key] = {"before": load_before, "after": load_after}
             results["samples"][key] = {k: [{"t1": s["t1"], "tn": s["tn"]} for s in v] for k, v in samples.items()}
             results["warmup_seconds"][key] = warm
             results["failures"][key] = failures
@@ -351,7 +358,7 @@ def decode_section(args) -> dict:
                  else "llama-cpp-python is installed, but Loom has no GGUF exporter yet")
     rng = np.random.default_rng(0)
     results = {"shapes": {}, "samples": {}, "warmup_seconds": {}, "failures": {}, "tokens": {}, "layout": {},
-               "workers": {}, "baseline_commit": baseline_sha}
+               "load_average": {}, "workers": {}, "baseline_commit": baseline_sha}
     configs = []
     with tempfile.TemporaryDirectory(prefix="loom_decode_") as tmp:
         for model_name, dtype, batches in groups:
@@ -488,7 +495,9 @@ def decode_method(args, results, variants, baseline_sha, llama_cpp) -> str:
         f"(model, dtype) group; after one untimed warm-up call pair per side (compilation), {args.rounds} "
         f"rounds call every side once in turn (round r starting at the r-th side), {args.pause} s apart, so "
         f"every side has {args.rounds} samples from the same spells of the machine; figures are medians with "
-        f"the min–max spread, ratios are per-round ratios.",
+        f"the min–max spread, ratios are per-round ratios. The machine's 1/5/15-minute load averages before "
+        f"and after each configuration are in the record's results (`load_average`): other processes slow "
+        f"the peers unequally (torch's OpenMP regions stall when another process holds a core).",
         f"Loom: `inference.generate(model, prompts, max_new_tokens=n)` on `models.hf.load(dir, dtype=...)`, with "
         f"`decode_layout=True` and `False` (the CPU decode layout of inference/decode_layout.py; 'default' marks "
         f"what `generate` picks by itself: float32 at batch <= 16 on one CPU device). jax {loom_info.get('jax')}, "
