@@ -645,7 +645,7 @@ def quantize_section(args) -> dict:
     records.print_table(table)
     method = ("The trained `tiny` run (see decode_speculative); `models.quant.quantize_model(model, mode)`: int8 "
               "per output channel, int4 in groups of 64; perplexity = exp of the mean token loss "
-              "(`train.loss.mean_loss`) over 8 batches of 8 x 256 tokens of the embedded corpus's validation split; "
+              "(`evals.perplexity.mean_loss`) over 8 batches of 8 x 256 tokens of the embedded corpus's validation split; "
               "bytes = `models.quant.param_bytes`. No timing.")
     return {"name": "decode_quantize", "title": "Weight-only quantization — `benchmarks/decode.py "
                                                 "--sections=quantize`",
