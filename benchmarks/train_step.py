@@ -82,9 +82,12 @@ class LoomRunner:
     """Loom's train step on one device, compiled and warmed up."""
 
     def __init__(self, spec: dict):
+        if spec.get("repo"):  # an earlier commit's tree (--baseline): its packages first on the path
+            sys.path.insert(0, spec["repo"])
         import jax
         import jax.numpy as jnp
 
+        import models
         from models.config import ModelConfig
         from train import mesh as mesh_lib
         from train.loss import lm_loss_fn
@@ -99,7 +102,7 @@ class LoomRunner:
         tx, _ = make_optimizer(spec["optimizer"], 1000)
         graphdef, self.state = create_state(cfg, tx, seed=spec["seed"], mesh=mesh)
         self.info = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-                     "jax": jax.__version__}
+                     "jax": jax.__version__, "loom_tree": str(pathlib.Path(models.__file__).parents[1])}
         if spec.get("export_dir"):  # the initial weights every PyTorch process loads
             import models.hf
             from models.transformer import merge_params
@@ -328,6 +331,8 @@ def _specs(preset: str, cfg: dict, args, export_dir: str | None) -> dict[str, di
             for impl in impls:
                 name = f"loom {SHORT.get(dt, dt)}" + ("" if len(remats) == len(impls) == 1 else f" {remat}/{impl}")
                 specs[name] = loom_spec(cfg, dt, remat=remat, attention=impl, warmup=args.warmup)
+                if args.baseline:  # the same step from an earlier commit's tree, in a process of its own
+                    specs[f"{name} @ {args.baseline}"] = dict(specs[name], repo=str(records.checkout(args.baseline)))
     common = dict(model=cfg["model"], optimizer=cfg["optimizer"], batch=cfg["batch"], seq=cfg["seq"], seed=0,
                   warmup=args.warmup)
     if not args.no_torch:
@@ -421,6 +426,9 @@ def preset_table(preset: str, res: dict, peaks: dict) -> dict:
     if accel:
         cols.append("MFU (spec peak)")
     cols += [f"vs best PyTorch ({best})" if best else "vs best PyTorch", "first-step loss"]
+    baseline = {n.split(" @ ")[0]: n for n in per_round if " @ " in n}  # this tree's row -> the baseline's
+    if baseline:
+        cols.append("vs baseline commit")
     rows = []
     for name, w in res["workers"].items():
         dt = w["spec"]["dtype"]
@@ -439,6 +447,10 @@ def preset_table(preset: str, res: dict, peaks: dict) -> dict:
                        if spec else "n/a")
         row.append(records.spread(records.ratio_summary(per_round[best], secs), "{:.2f}x") if best else "-")
         row.append(f"{w['info']['loss0']:.6f}")
+        if baseline:  # > 1: this tree's step is faster than the baseline commit's (paired per round)
+            twin = baseline.get(name)
+            row.append(records.spread(records.ratio_summary(per_round[twin], secs), "{:.2f}x")
+                       if twin and twin in per_round else "-")
         rows.append(row)
     caption = (f"{preset}: {cfg['batch']} x {cfg['seq']} tokens per step, one {peaks['_device']} device; "
                f"median (min–max) over {len(next(iter(per_round.values())))} interleaved rounds of "
@@ -549,6 +561,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=0, help="override the preset's sequence length (0: keep)")
     ap.add_argument("--remat", default="", help="comma-separated remat policies (default: the preset's)")
     ap.add_argument("--attention", default="", help="comma-separated attention impls (default: the preset's)")
+    ap.add_argument("--baseline", default="", help="also time Loom's step from this earlier commit's tree "
+                    "(records.checkout), e.g. 3451f03, the commit before the one-model-path refactor")
     ap.add_argument("--name", default="", help="record name (default: train_step_<platform>)")
     ap.add_argument("--records-dir", default=str(records.RECORDS), help="where the JSON record goes")
     args = ap.parse_args(argv)
