@@ -322,12 +322,8 @@ class NanGuard:
         self._last = None
 
     def observe(self, metrics: dict) -> dict:
-        bad = metrics["nonfinite"]
         self._last = {k: metrics[k] for k in ("loss", "grad_norm", "nonfinite")}
-        self._streak = jnp.where(bad > 0, self._streak + 1, 0)
-        self._longest = jnp.maximum(self._longest, self._streak)
-        out = {k: (jnp.where(bad > 0, 0.0, v) if k in self.MASKED else v) for k, v in metrics.items()}
-        out["good_steps"] = 1.0 - bad
+        out, self._streak, self._longest = _observe(metrics, self._streak, self._longest)
         return out
 
     def verdict(self, step: int, *, at_log_line: bool) -> dict[str, Any] | None:
@@ -349,6 +345,16 @@ class NanGuard:
                                    f"the last good parameters; lower optimizer.lr or check the data"}
             self._longest = self._streak
         return None
+
+
+@jax.jit
+def _observe(metrics: dict, streak, longest):
+    """One dispatch per step: the masked metrics, `good_steps`, and the run-length counters."""
+    bad = metrics["nonfinite"]
+    streak = jnp.where(bad > 0, streak + 1, 0)
+    out = {k: (jnp.where(bad > 0, 0.0, v) if k in NanGuard.MASKED else v) for k, v in metrics.items()}
+    out["good_steps"] = 1.0 - bad
+    return out, streak, jnp.maximum(longest, streak)
 
 
 # --------------------------------------------------------------------------------------------

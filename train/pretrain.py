@@ -223,7 +223,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             return {"step": start, "resumed_from": start, "complete": True, "exit_code": 0}
         writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
         runlog.event("resume" if restored is not None else "start", step=start, steps=tc.steps,
-                     command=lifecycle.command_line())
+                     command=lifecycle.command_line(), peak_flops=peak)
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}

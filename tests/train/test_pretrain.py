@@ -9,7 +9,7 @@ import pytest
 from models.checkpoint import restore_params
 from models.config import ModelConfig, flops_per_token
 from tests.helpers import run_program
-from train.flops import system_peak_flops
+from train.lifecycle import RunLog
 from train.metrics import read_metrics
 
 MICRO = ["--config=configs/pretrain.py:tiny", "--config.model.num_layers=2", "--config.model.hidden_size=64",
@@ -33,14 +33,17 @@ def test_run_outputs(tiny_run):
     train = [m for m in read_metrics(tiny_run) if "loss" in m]
     assert [m["step"] for m in train] == [10, 20, 30]  # the tiny preset logs every 10 steps
     cfg = json.loads((tiny_run / "config.json").read_text())
-    # MFU = model FLOPs per second / the matmul peak of the compute dtype, measured once per machine
-    # (the run cached it; this reads that cache)
+    # MFU = model FLOPs per second / the matmul peak of the compute dtype the run measured (its
+    # runs.jsonl start line). Both are wall-clock figures, so nothing is asserted of their ratio
+    # beyond being positive: a peak measured while another process held the cores is low.
     flops_tok = flops_per_token(ModelConfig.from_dict(cfg["model"]), cfg["data"]["seq_len"])["train"]
-    peak = system_peak_flops(cfg["model"]["dtype"])
+    start = [r for r in RunLog(tiny_run).read() if r["event"] == "start"]
+    assert len(start) == 1
+    peak = start[0]["peak_flops"]
     for m in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(m)
         assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * flops_tok / peak, rel=1e-6)
-        assert m["tokens_per_sec"] > 0 and 0 < m["mfu"] < 1  # no run beats the machine's matmul peak
+        assert m["tokens_per_sec"] > 0 and m["mfu"] > 0
     assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (tiny_run / "samples.txt").read_text()
     assert samples.count("=== prompt ===") == 2 and "continuation" in samples
