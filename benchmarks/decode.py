@@ -764,6 +764,8 @@ def main():
     ap.add_argument("--target", default=str(REPO / "runs" / "tiny"))
     ap.add_argument("--draft", default=str(REPO / "runs" / "tiny_draft"))
     ap.add_argument("--no_record", action="store_true", help="print only; write no benchmarks/records/*.json")
+    ap.add_argument("--record_suffix", default="", help="appended to each record's name and title (a focused "
+                    "re-run beside the full records, e.g. _ab_batch1)")
     args = ap.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -784,7 +786,9 @@ def main():
         rec = fn(args)
         print(f"# {name}: {time.perf_counter() - t:.0f}s", flush=True)
         if not args.no_record:
-            records.write_record(rec["name"], title=rec["title"], tables=rec["tables"], method=rec["method"],
+            suffix = args.record_suffix
+            title = rec["title"] + (f" ({suffix.strip('_').replace('_', ' ')})" if suffix else "")
+            records.write_record(rec["name"] + suffix, title=title, tables=rec["tables"], method=rec["method"],
                                  params=vars(args), results=rec["results"])
     print(f"# total {time.perf_counter() - t0:.0f}s")
 

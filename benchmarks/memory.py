@@ -144,7 +144,7 @@ def accuracy(args) -> tuple[list[dict], dict]:
     if errs:
         caption += f"; error range {min(errs):+.1%} to {max(errs):+.1%} over {len(errs)} cases"
     return [records.table(caption, ["preset", "strategy", "mesh", "remat", "compiled MiB (args + temp)",
-                                    "planned MiB (state + batch and activations)", "error", ""], rows)], raw
+                                    "planned MiB (state + batch and activations)", "error", "direction"], rows)], raw
 
 
 def scale(args) -> tuple[list[dict], dict]:

@@ -55,11 +55,13 @@ def _sort_key(record: dict) -> tuple:
     return (len(ORDER), name)
 
 
-def render(record: dict) -> str:
+def render(record: dict, *, same_title: bool = False) -> str:
+    """One record as a section; `same_title`: another record has this title, so the heading
+    names the record too."""
     v = record.get("versions", {})
     versions = ", ".join(f"{k} {v[k]}" for k in v)
     commit = (record.get("commit") or "?")[:10] + (" (uncommitted changes)" if record.get("dirty") else "")
-    parts = [f"## {record['title']}",
+    parts = [f"## {record['title']}" + (f" — record `{record['name']}`" if same_title else ""),
              f"`{record['command']}` — {record['date']}, commit {commit}  \n"
              f"Machine: {describe_machine(record.get('machine', {}))}  \n"
              f"Software: {versions}"]
@@ -84,7 +86,9 @@ def pending(records: list[dict]) -> str:
 
 def generate(records_dir: pathlib.Path = RECORDS) -> str:
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    parts = [render(r) for r in sorted(records, key=_sort_key)] or ["No records yet: run the benchmarks."]
+    titles = [r["title"] for r in records]
+    parts = [render(r, same_title=titles.count(r["title"]) > 1)
+             for r in sorted(records, key=_sort_key)] or ["No records yet: run the benchmarks."]
     if pending(records):
         parts.append(pending(records))
     return HEADER + "\n" + "\n\n".join(parts) + "\n"
