@@ -86,7 +86,7 @@ class PanelKernel(nnx.Module):
             return kernel
         return cls(to_panels(w.reshape(math.prod(in_features), n), panel), in_features, out_features)
 
-    def einsum(self, spec: str, x, dtype, out_dtype):
+    def einsum(self, spec: str, x, dtype, out_dtype, rng=None):
         return panel_matmul(x, self.panels[...], len(self.in_features), self.out_features, dtype, out_dtype)
 
     def dense(self, dtype):

@@ -4,8 +4,11 @@ A projection is `Einsum(spec, ...)`: y = einsum(spec, x, W) (+ bias), with x cas
 dtype, float32 accumulation and the output in `out_dtype`. It never reads W itself; it asks its
 `kernel`, any object with
 
-    kernel.einsum(spec, x, dtype, out_dtype) -> y     the product einsum(spec, x, W)
-    kernel.dense(dtype) -> W                          the float weight it stands for
+    kernel.einsum(spec, x, dtype, out_dtype, rng=None) -> y     the product einsum(spec, x, W)
+    kernel.dense(dtype) -> W                                    the float weight it stands for
+
+(`rng` is the projection's dropout key while training, None otherwise; plain weights ignore it,
+LoRA's dropout on its input path uses it.)
 
 The model is built with plain `Kernel`s (an `nnx.Param` holding W). A variant is another kernel
 put in a plain one's place with `map_kernels(model, fn)`; the model code does not change and has
@@ -13,7 +16,8 @@ no branch for it:
 
     models/quant.py              QuantKernel: int8 / packed int4 weights, dequantized where used
     inference/decode_layout.py   PanelKernel: W as column panels for memory-bound CPU decode steps
-    adapters (LoRA, QLoRA)       a kernel that wraps another as `base` and adds (x A) B
+    models/lora.py               LoraKernel: wraps another kernel (plain, or NF4 for QLoRA) as
+                                 `base` and adds scale * (x A) B
 
 A kernel that wraps another keeps it as its `base` attribute, so a transformation of plain
 kernels (the decode layout re-lays them; RL rollouts re-lay them for every new set of weights)
@@ -91,10 +95,18 @@ def contract_axes(spec: str) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(w) if c not in out)
 
 
+def dropout(x, rate: float, rng):
+    """Inverted dropout of `x` at `rate` with key `rng`; the identity when rng is None or rate 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class Kernel(nnx.Param):
     """A plain weight W: `einsum` multiplies by it, `dense` returns it."""
 
-    def einsum(self, spec: str, x, dtype, out_dtype):
+    def einsum(self, spec: str, x, dtype, out_dtype, rng=None):
         return mixed_einsum(spec, x, self[...], dtype, out_dtype)
 
     def dense(self, dtype):
@@ -111,7 +123,8 @@ class Embedding(Kernel):
 class Einsum(nnx.Module):
     """A projection `einsum(spec, x, W) (+ bias)` with W from `self.kernel` (see the module doc):
     inputs in the compute dtype, float32 accumulation, output in `out_dtype` (the compute dtype
-    unless asked otherwise). The output is named "proj" for the `save_dots` remat policy."""
+    unless asked otherwise). `rng`: the dropout key a kernel may use while training (LoRA's).
+    The output is named "proj" for the `save_dots` remat policy."""
 
     def __init__(self, spec: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
                  bias_shape=None, bias_axes=None, out_dtype=None):
@@ -124,8 +137,8 @@ class Einsum(nnx.Module):
         if bias_shape is not None:
             self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype), axes=tuple(bias_axes))
 
-    def __call__(self, x):
-        y = self.kernel.einsum(self.spec, x, self.dtype, self.out_dtype)
+    def __call__(self, x, *, rng=None):
+        y = self.kernel.einsum(self.spec, x, self.dtype, self.out_dtype, rng=rng)
         if self.bias is not None:
             y = (y.astype(F32) + self.bias[...].astype(F32)).astype(self.out_dtype)
         return checkpoint_name(y, "proj")

@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from models import pipeline
 from models.attention import cached_attention, dot_product_attention
 from models.config import ModelConfig
-from models.projection import F32, Einsum, Embedding
+from models.projection import F32, Einsum, Embedding, dropout
 from models.sharding import constrain
 
 
@@ -117,13 +117,6 @@ def _activation(name):
             "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}[name]
 
 
-def dropout(x, rate: float, rng):
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -203,8 +196,10 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, window, kv_cache=None, cache_index=None,
-                 kv_positions_BS=None, kv_segment_ids_BS=None):
+                 kv_positions_BS=None, kv_segment_ids_BS=None, dropout_rng=None):
         """(out_BTD, new kv_cache or None).
+
+        `dropout_rng` (training) gives each projection a key of its own (LoRA's input dropout).
 
         `kv_cache` is None (the T tokens attend among themselves), or `(k, v, layer)`: the
         stacked [L, B, K, S, H] buffers and this layer's index, or one layer's own [B, K, S, H]
@@ -213,9 +208,10 @@ class Attention(nnx.Module):
         every slot, masked by `kv_positions_BS` / `kv_segment_ids_BS` (see `cache_inputs`).
         """
         dt = x_BTD.dtype
-        q_BTNH = constrain(self.q(x_BTD), ("batch", "length", "heads", "head_dim"))
-        k_BTKH = constrain(self.k(x_BTD), ("batch", "length", "kv_heads", "head_dim"))
-        v_BTKH = constrain(self.v(x_BTD), ("batch", "length", "kv_heads", "head_dim"))
+        rq, rk, rv, ro = projection_keys(dropout_rng, 4)
+        q_BTNH = constrain(self.q(x_BTD, rng=rq), ("batch", "length", "heads", "head_dim"))
+        k_BTKH = constrain(self.k(x_BTD, rng=rk), ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = constrain(self.v(x_BTD, rng=rv), ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         if self.rope_freqs is not None:
@@ -241,7 +237,7 @@ class Attention(nnx.Module):
                                         softcap=self.softcap, scale=self.scale, impl=self.impl)
             new_cache = (k_buf, v_buf)
         out_BTNH = checkpoint_name(constrain(out_BTNH, ("batch", "length", "heads", "head_dim")), "attention")
-        return self.o(out_BTNH), new_cache
+        return self.o(out_BTNH, rng=ro), new_cache
 
 
 class Mlp(nnx.Module):
@@ -259,14 +255,15 @@ class Mlp(nnx.Module):
                            bias_shape=(d,) if b else None, bias_axes=(None,), **kw)
         self.act = cfg.activation
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, *, dropout_rng=None):
         act = _activation(self.act)
+        rg, ru, rd = projection_keys(dropout_rng, 3)
         if self.gate is None:
-            h_BTF = act(self.up(x_BTD))
+            h_BTF = act(self.up(x_BTD, rng=ru))
         else:
-            h_BTF = act(self.gate(x_BTD)) * self.up(x_BTD)
+            h_BTF = act(self.gate(x_BTD, rng=rg)) * self.up(x_BTD, rng=ru)
         h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
-        return self.down(h_BTF)
+        return self.down(h_BTF, rng=rd)
 
 
 class Block(nnx.Module):
@@ -290,18 +287,28 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, *, dropout_rng=None, **attn_kw):
         """(x_BTD, the attention's new kv_cache); `attn_kw` go to `Attention.__call__`."""
-        a_BTD, new_cache = self.attn(self.attn_norm(x_BTD), **attn_kw)
-        if self.attn_post_norm is not None:
-            a_BTD = self.attn_post_norm(a_BTD)
         rng_attn = rng_mlp = None
         if dropout_rng is not None:
             rng_attn, rng_mlp = jax.random.split(dropout_rng)
+        rng_attn_proj, rng_mlp_proj = projection_keys(dropout_rng, 2, salt=1)
+        a_BTD, new_cache = self.attn(self.attn_norm(x_BTD), dropout_rng=rng_attn_proj, **attn_kw)
+        if self.attn_post_norm is not None:
+            a_BTD = self.attn_post_norm(a_BTD)
         x_BTD = x_BTD + dropout(a_BTD, self.dropout_rate, rng_attn)
-        m_BTD = self.mlp(self.mlp_norm(x_BTD))
+        m_BTD = self.mlp(self.mlp_norm(x_BTD), dropout_rng=rng_mlp_proj)
         if self.mlp_post_norm is not None:
             m_BTD = self.mlp_post_norm(m_BTD)
         x_BTD = x_BTD + dropout(m_BTD, self.dropout_rate, rng_mlp)
         return constrain(x_BTD, ("batch", "length", None)), new_cache
+
+
+def projection_keys(rng, n: int, *, salt: int = 0):
+    """n dropout keys for a module's projections from its key (all None without one); keys of
+    their own, apart from the residual dropout's split of the same key."""
+    if rng is None:
+        return (None,) * n
+    base = jax.random.fold_in(rng, 1_000_003 + salt)
+    return tuple(jax.random.fold_in(base, i) for i in range(n))
 
 
 _REMAT = {

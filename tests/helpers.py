@@ -65,3 +65,19 @@ def hf_logits(model, tokens) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def randomize_adapters(model, seed=0, std=0.05):
+    """Every LoRA adapter weight (A and B) of `model` drawn from N(0, std^2), in place: fresh
+    adapters have B = 0, which would hide a wrong adapter path."""
+    import jax
+    from flax import nnx
+
+    from models.lora import LoraParam
+
+    state = nnx.state(model, LoraParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [jax.random.normal(k, x.shape, x.dtype) * std for k, x in zip(keys, leaves)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model

@@ -9,9 +9,10 @@ from flax import nnx
 
 from inference import decode_layout as DL
 from models import transformer as T
-from models.projection import Einsum, Kernel, contracted, map_kernels
+from models.lora import LoraKernel, apply_lora
+from models.projection import Einsum, Kernel, contracted
 from models.quant import QuantKernel, quantize_model
-from tests.helpers import random_tokens, tiny_model_config
+from tests.helpers import random_tokens, randomize_adapters, tiny_model_config
 
 
 @pytest.mark.parametrize("spec,x_lead,w_shape", [
@@ -96,61 +97,24 @@ def test_layout_keeps_quantized_kernels():
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5)
 
 
-class ScaledDelta(nnx.Module):
-    """A wrapper kernel in the shape adapters take: a `base` kernel plus x A B (rank 2), the
-    test's stand-in for LoRA. The layout must re-lay the base and keep A, B as they are."""
-
-    def __init__(self, base, spec, key):
-        w = base[...] if isinstance(base, Kernel) else base.dense(jnp.float32)
-        nc = len(contracted(spec))
-        d_in, d_out = int(np.prod(w.shape[:nc])), int(np.prod(w.shape[nc:]))
-        ka, kb = jax.random.split(key)
-        self.base = base
-        self.a = nnx.Param(jax.random.normal(ka, (d_in, 2)) * 0.1)
-        self.b = nnx.Param(jax.random.normal(kb, (2, d_out)) * 0.1)
-        self.in_shape, self.out_shape = tuple(w.shape[:nc]), tuple(w.shape[nc:])
-
-    def dense(self, dtype):
-        delta = (self.a[...] @ self.b[...]).reshape(self.in_shape + self.out_shape)
-        return (self.base.dense(jnp.float32) + delta).astype(dtype)
-
-    def einsum(self, spec, x, dtype, out_dtype):
-        lead = x.shape[:x.ndim - len(self.in_shape)]
-        x2 = x.reshape(lead + (-1,)).astype(jnp.float32)
-        delta = ((x2 @ self.a[...]) @ self.b[...]).reshape(lead + self.out_shape)
-        return (self.base.einsum(spec, x, dtype, jnp.float32) + delta).astype(out_dtype)
-
-
-def test_layout_reaches_through_wrapper_kernels():
-    """A kernel wrapping a plain `base` (as adapters do) keeps its own parameters in the layout;
-    its base becomes panels; decoding equals the wrapped model's full forward pass."""
+def test_layout_reaches_through_lora_kernels():
+    """A LoRA kernel wraps a plain `base`: the layout lays the base out as panels and keeps the
+    adapters as they are; decoding equals the adapted model's full forward pass."""
     cfg = tiny_model_config(vocab_size=96, num_layers=2)
-    model = T.build(cfg, seed=25)
-    keys = iter(jax.random.split(jax.random.key(25), 64))
-
-    def wrap(path, proj, kernel):  # every projection of the stacked layers (not the head)
-        if path[0] != "layers":
-            return kernel
-        return _stacked_wrapper(kernel, proj.spec, next(keys), cfg.num_layers)
-
-    map_kernels(model, wrap)
+    model = apply_lora(T.build(cfg, seed=25), rank=2, alpha=4.0, targets=("attn/*", "mlp/*"), seed=25)
+    randomize_adapters(model, seed=25)
     x = random_tokens(np.random.default_rng(25), (2, 14), cfg.vocab_size)
     full = np.asarray(model(x))
     plain = np.asarray(T.build(cfg, seed=25)(x))
-    assert np.abs(full - plain).max() > 1e-3  # the wrappers change the function
+    assert np.abs(full - plain).max() > 1e-3  # the adapters change the function
     layout = DL.lay_out(model, panel=16)
     wrapped = [k for b in layout.blocks for k in _kernels(b)]
-    assert all(isinstance(k, ScaledDelta) and isinstance(k.base, DL.PanelKernel) for k in wrapped)
+    assert len(wrapped) == 7 * 2  # q k v o gate up down, per layer
+    assert all(isinstance(k, LoraKernel) and isinstance(k.base, DL.PanelKernel) for k in wrapped)
     got = _decode_in_chunks(model, layout, x, 6, [(6, 7), (7, 11), (11, 14)])
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5)
-
-
-def _stacked_wrapper(kernel, spec, key, num_layers):
-    """A ScaledDelta over a stacked [L, ...] kernel: its A and B get the layers axis too."""
-    graphdef = nnx.graphdef(ScaledDelta(Kernel(kernel[...][0]), spec, key))
-    keys = jax.random.split(key, num_layers)
-    state = jax.vmap(lambda w, k: nnx.state(ScaledDelta(Kernel(w), spec, k)))(kernel[...], keys)
-    return nnx.merge(graphdef, state)
+    # the adapted model is untouched: its adapters still wrap plain stacked kernels
+    assert all(isinstance(k, LoraKernel) and type(k.base) is Kernel for k in _kernels(model.layers))
 
 
 def test_bad_panel_widths_name_the_value():
