@@ -519,8 +519,10 @@ def abstract_params_and_shardings(cfg: ModelConfig, mesh=None, rules=None):
 
 
 def apply(graphdef, params, batch: dict, *, dropout_rng=None):
-    """Logits [B, T, V] float32 for a batch dict (`inputs_BT`, optional positions/segment ids)."""
-    model = nnx.merge(graphdef, params)
+    """Logits [B, T, V] float32 for a batch dict (`inputs_BT`, optional positions/segment ids).
+    `params` is one state, or a tuple of the states a multi-way `nnx.split` gave (e.g. the
+    trained adapters and the frozen base)."""
+    model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     return model(batch["inputs_BT"], positions_BT=batch.get("positions_BT"),
                  segment_ids_BT=batch.get("segment_ids_BT"), dropout_rng=dropout_rng)
 

@@ -1,4 +1,7 @@
-"""Loss functions: pure `loss_fn(params, batch, rng) -> (loss, metrics)`.
+"""Loss functions: pure `loss_fn(params, batch, rng, frozen=None) -> (loss, metrics)`.
+
+`params` are the parameters being trained; `frozen` (parameter-efficient fine-tuning) the rest of
+the model, merged with them into one module and not differentiated (see train/state.py).
 
 A training loop differs from another mostly by its data and its loss; SFT, reward modelling
 and RL add theirs here. Every loss reports `num_tokens` (the weight of the batch), so gradient
@@ -18,11 +21,12 @@ def lm_loss_fn(graphdef, *, z_loss: float = 0.0):
 
     The returned loss (the one differentiated) is the masked mean of nll + z-loss; metrics carry
     the cross-entropy alone (`loss`), the z-loss term, token accuracy and `num_tokens`.
-    `rng` (or None) drives dropout.
+    `rng` (or None) drives dropout. With `frozen`, `graphdef` is the three-way split's
+    (`nnx.split(model, LoraParam, ...)`): the trained state first, the frozen one second.
     """
 
-    def loss_fn(params, batch, rng):
-        logits = apply(graphdef, params, batch, dropout_rng=rng)
+    def loss_fn(params, batch, rng, frozen=None):
+        logits = apply(graphdef, params if frozen is None else (params, frozen), batch, dropout_rng=rng)
         nll, log_z = token_nll(logits, batch["targets_BT"])
         mask = batch["loss_mask_BT"].astype(jnp.float32)
         n = mask.sum()

@@ -79,7 +79,11 @@ def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=Non
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, microbatches: int = 1,
                     use_dropout: bool = False, opt_device_shardings=None):
-    """train_step(state, batch) -> (state, metrics), pure; jit it with shardings.
+    """train_step(state, batch, frozen=None) -> (state, metrics), pure; jit it with shardings.
+
+    `state.params` are the parameters trained; `frozen` (parameter-efficient fine-tuning: the
+    base model under LoRA / QLoRA / prefixes) goes to the loss undifferentiated, and only
+    `state.params` get gradients and optimizer state.
 
     An update whose loss or gradient norm is not finite is not applied (`metrics["nonfinite"]`
     is 1 for that step; the step counter still advances with the data).
@@ -93,12 +97,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
         raise ValueError(f"train.microbatches={microbatches} must be >= 1")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, frozen=None):
         rng, step_rng = jax.random.split(state.rng)
         if not use_dropout:
             step_rng = None
         if microbatches == 1:
-            (_, m), grads = grad_fn(state.params, batch, step_rng)
+            (_, m), grads = grad_fn(state.params, batch, step_rng, frozen)
             n = m["num_tokens"]
             loss_sum, aux = m["loss"] * n, m
         else:
@@ -109,7 +113,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
                 mb, i = xs
                 mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
                 r = None if step_rng is None else jax.random.fold_in(step_rng, i)
-                (_, mm), g = grad_fn(state.params, mb, r)
+                (_, mm), g = grad_fn(state.params, mb, r, frozen)
                 w = mm["num_tokens"]
                 g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * w, g_acc, g)
                 return (g_acc, loss_acc + mm["loss"] * w, n_acc + w), mm
@@ -139,10 +143,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
 
 
 def make_eval_step(loss_fn: Callable):
-    """eval_step(params, batch) -> {'loss_sum', 'num_tokens'} (no dropout)."""
+    """eval_step(params, batch, frozen=None) -> {'loss_sum', 'num_tokens'} (no dropout)."""
 
-    def eval_step(params, batch):
-        _, m = loss_fn(params, batch, None)
+    def eval_step(params, batch, frozen=None):
+        _, m = loss_fn(params, batch, None, frozen)
         return {"loss_sum": m["loss"] * m["num_tokens"], "num_tokens": m["num_tokens"]}
 
     return eval_step
