@@ -78,6 +78,12 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text` (the bytes of one
+        character split by byte fallback: all but the last have an empty span at its start)."""
+        enc = self._sp.encode(text, return_type="offset_mapping")
+        return list(enc["ids"]), list(enc["offsets"])
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
