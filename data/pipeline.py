@@ -16,10 +16,11 @@
 
 Rows carry the batch format of DESIGN.md: `inputs_BT`, `targets_BT`, `positions_BT`
 (restarting at 0 for each segment), `segment_ids_BT` (1, 2, ... per segment; 0 = padding) and
-`loss_mask_BT` (1.0 on real targets; where documents carry a `loss_mask` feature, only on the
-targets it marks), plus `source_BT` (the mixture index of each token's source, -1 on padding)
-for per-source token counts, and any further per-target feature packed with `features=` as
-`<feature>_BT` (int32, 0 on padding); only the `*_BT` keys of BATCH_KEYS go to the device.
+`loss_mask_BT` (1.0 on real targets; where documents carry a `loss_mask` feature, as SFT's do
+(data/sft.py), only on the targets it marks), plus `source_BT` (the mixture index of each
+token's source, -1 on padding) for per-source token counts, and any further per-target feature
+packed with `features=` as `<feature>_BT` (int32, 0 on padding); only the `*_BT` keys of
+BATCH_KEYS go to the device.
 
 Each JAX process reads only its shard of every source and yields its local part of the global
 batch; the iterators are grain `DatasetIterator`s whose state is checkpointed with the train
@@ -157,12 +158,17 @@ def mixture_docs(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int
     """Tokenized documents of several sources, interleaved in proportion to their weights.
 
     `documents(records, source_index, spec)` turns one source's records into documents; the
-    default is pretraining's `TokenizeDocument`."""
+    default is pretraining's `TokenizeDocument` (SFT passes data/sft.py's chat examples)."""
     if not specs:
         raise ValueError("a data mixture needs at least one source")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if documents is None:
+        for s in specs:
+            if s.schema != "text":
+                raise ValueError(f"source {s.name!r}: schema={s.schema!r} reads chats, which SFT trains on "
+                                 "(data.sft); pretraining reads the text at text_field (schema='text')")
+
         def documents(records, i, spec):
             return records.map(TokenizeDocument(tokenizer, i))
 
@@ -180,7 +186,7 @@ def source_batches(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seq_len
                    shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True,
                    documents=None, features: Sequence[str] = FEATURES) -> grain.IterDataset:
     """Batches of a weighted mixture of sources for this process (the training data path);
-    `documents` and `features` as in `mixture_docs` and `pack`."""
+    `documents` and `features` as in `mixture_docs` and `pack` (SFT sets both)."""
     docs = mixture_docs(specs, tokenizer, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                         shard_index=shard_index, shard_count=shard_count, documents=documents)
     rows = pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
