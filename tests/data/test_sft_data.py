@@ -420,6 +420,18 @@ def test_sft_batches_resume_exactly(tmp_path, sp_tok, num_workers, packing):
     assert sum(b["loss_mask_BT"].sum() for b in expected) > 0
 
 
+def test_sharded_sft_batches_are_the_shards_rows(sp_tok):
+    specs = [SourceSpec("arith", "synthetic", task="reverse", num_examples=64, schema="auto")]
+    kw = dict(seq_len=64, seed=1, shuffle=False)
+    sharded = sft.sharded_sft_batches(specs, sp_tok, batch_size=4, num_shards=2, shard_ids=[0, 1], **kw)
+    parts = [iter(sft.sft_batches(specs, sp_tok, batch_size=2, shard_index=k, shard_count=2, **kw)) for k in (0, 1)]
+    for _ in range(3):
+        got, want = next(sharded), [next(it) for it in parts]
+        for k in got:
+            np.testing.assert_array_equal(got[k], np.concatenate([w[k] for w in want]))
+    assert set(sharded.shard_states()) == {0, 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
