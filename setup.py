@@ -18,7 +18,7 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9",
         "importlib_resources",  # needed by tensorflow-datasets (etils.epath) without TensorFlow, undeclared
-        "sentencepiece>=0.2",
+        "sentencepiece>=0.2.3",  # encode(return_type="offset_mapping")
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "safetensors>=0.4",

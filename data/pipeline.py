@@ -16,9 +16,11 @@
 
 Rows carry the batch format of DESIGN.md: `inputs_BT`, `targets_BT`, `positions_BT`
 (restarting at 0 for each segment), `segment_ids_BT` (1, 2, ... per segment; 0 = padding) and
-`loss_mask_BT` (1.0 on real targets), plus `source_BT` (the mixture index of each token's
-source, -1 on padding) for per-source token counts; only the `*_BT` keys of BATCH_KEYS go to
-the device.
+`loss_mask_BT` (1.0 on real targets; where documents carry a `loss_mask` feature, as SFT's do
+(data/sft.py), only on the targets it marks), plus `source_BT` (the mixture index of each
+token's source, -1 on padding) for per-source token counts, and any further per-target feature
+packed with `features=` as `<feature>_BT` (int32, 0 on padding); only the `*_BT` keys of
+BATCH_KEYS go to the device.
 
 Each JAX process reads only its shard of every source and yields its local part of the global
 batch; the iterators are grain `DatasetIterator`s whose state is checkpointed with the train
@@ -27,7 +29,7 @@ state, so a resumed run repeats and skips nothing, with or without worker proces
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grain
 import numpy as np
@@ -37,7 +39,7 @@ from data.tokenizer import Tokenizer, with_specials
 
 BATCH_KEYS = ("inputs_BT", "targets_BT", "positions_BT", "segment_ids_BT", "loss_mask_BT")
 PACKINGS = ("concat", "best_fit", "first_fit")
-_FEATURES = ("inputs", "targets", "source")
+FEATURES = ("inputs", "targets", "source")  # what a tokenized document holds, one value per target
 
 
 class TokenizeDocument:
@@ -69,15 +71,19 @@ class _ChunkDocument(grain.experimental.FlatMapTransform):
 def to_batch_format(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """grain packer output (`inputs`, `inputs_segment_ids`, ...) -> the `*_BT` batch keys."""
     seg = row["inputs_segment_ids"].astype(np.int32)
+    real = row["targets_segment_ids"] != 0
     out = {
         "inputs_BT": row["inputs"].astype(np.int32),
         "targets_BT": row["targets"].astype(np.int32),
         "positions_BT": row["inputs_positions"].astype(np.int32),
         "segment_ids_BT": seg,
-        "loss_mask_BT": (row["targets_segment_ids"] != 0).astype(np.float32),
+        "loss_mask_BT": (real & (row["loss_mask"] != 0) if "loss_mask" in row else real).astype(np.float32),
     }
     if "source" in row:
         out["source_BT"] = np.where(seg != 0, row["source"], -1).astype(np.int32)
+    for k, v in row.items():
+        if k not in FEATURES and k != "loss_mask" and not k.endswith(("_segment_ids", "_positions")):
+            out[f"{k}_BT"] = np.where(real, v, 0).astype(np.int32)
     return out
 
 
@@ -109,13 +115,14 @@ class _JsonSafeConcatIterator(grain.DatasetIterator):
 
 
 def pack(docs: grain.IterDataset, *, seq_len: int, packing: str = "concat", num_packing_bins: int = 64,
-         seed: int = 0, shuffle_window: int = 0) -> grain.IterDataset:
-    """Tokenized documents -> packed rows in batch format."""
+         seed: int = 0, shuffle_window: int = 0, features: Sequence[str] = FEATURES) -> grain.IterDataset:
+    """Tokenized documents -> packed rows in batch format. `features` names the per-target arrays
+    every document holds (FEATURES, plus e.g. "loss_mask" for SFT); all are packed alike."""
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
     if packing not in PACKINGS:
         raise ValueError(f"packing={packing!r} is not valid; expected one of {PACKINGS}")
-    lengths = {k: seq_len for k in _FEATURES}
+    lengths = {k: seq_len for k in features}
     if packing == "concat":
         rows = _JsonSafeConcatState(grain.experimental.ConcatThenSplitIterDataset(docs, length_struct=lengths))
     else:
@@ -145,14 +152,28 @@ def _batched(rows: grain.IterDataset, batch_size: int, num_workers: int, drop_re
 
 
 def mixture_docs(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-    """Tokenized documents of several sources, interleaved in proportion to their weights."""
+                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                 documents: Callable[[grain.IterDataset, int, SourceSpec], grain.IterDataset] | None = None
+                 ) -> grain.IterDataset:
+    """Tokenized documents of several sources, interleaved in proportion to their weights.
+
+    `documents(records, source_index, spec)` turns one source's records into documents; the
+    default is pretraining's `TokenizeDocument` (SFT passes data/sft.py's chat examples)."""
     if not specs:
         raise ValueError("a data mixture needs at least one source")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
-    parts = [source_dataset(s, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
-                            seed=seed + 7919 * i, shuffle=shuffle).map(TokenizeDocument(tokenizer, i))
+    if documents is None:
+        for s in specs:
+            if s.schema != "text":
+                raise ValueError(f"source {s.name!r}: schema={s.schema!r} reads chats, which SFT trains on "
+                                 "(data.sft); pretraining reads the text at text_field (schema='text')")
+
+        def documents(records, i, spec):
+            return records.map(TokenizeDocument(tokenizer, i))
+
+    parts = [documents(source_dataset(s, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                                      seed=seed + 7919 * i, shuffle=shuffle), i, s)
              for i, s in enumerate(specs)]
     if len(parts) == 1:
         return parts[0]
@@ -162,12 +183,14 @@ def mixture_docs(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seed: int
 def source_batches(specs: Sequence[SourceSpec], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                    seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
                    shard_count: int = 1, packing: str = "concat", num_packing_bins: int = 64,
-                   shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True) -> grain.IterDataset:
-    """Batches of a weighted mixture of sources for this process (the training data path)."""
+                   shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True,
+                   documents=None, features: Sequence[str] = FEATURES) -> grain.IterDataset:
+    """Batches of a weighted mixture of sources for this process (the training data path);
+    `documents` and `features` as in `mixture_docs` and `pack` (SFT sets both)."""
     docs = mixture_docs(specs, tokenizer, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                        shard_index=shard_index, shard_count=shard_count)
+                        shard_index=shard_index, shard_count=shard_count, documents=documents)
     rows = pack(docs, seq_len=seq_len, packing=packing, num_packing_bins=num_packing_bins, seed=seed,
-                shuffle_window=shuffle_window if shuffle else 0)
+                shuffle_window=shuffle_window if shuffle else 0, features=features)
     return _batched(rows, batch_size, num_workers, drop_remainder)
 
 

@@ -4,7 +4,10 @@ A record is a dict
     {"text": str, "source": name, "file": path, "line": int, "fields": dict | None}
 where `line` is 1-based (the line of a text/JSONL file, the row of a Parquet/Arrow file, the
 index of an ArrayRecord/TFDS record) and `fields` holds every input field when asked for
-(`keep_fields=True`, as the cleaning tool does).
+(`keep_fields=True`, as the cleaning tool does). A source whose `schema` is a chat schema (SFT:
+"auto", "messages", "prompt_completion", "alpaca"; see data/sft.py) gives
+`"messages": [{"role", "content"}, ...]` instead of "text", read from the fields the schema
+names; a record that is no chat is a bad record like any other.
 
 Formats (`SourceSpec.format`):
   text          files or directories (globs, comma-separated; `.gz` / `.zst` decompressed on the
@@ -16,10 +19,12 @@ Formats (`SourceSpec.format`):
   array_record  records that are UTF-8 JSON objects (what `data.prepare` writes)
   tfds          `tfds.data_source(name, split, file_format="array_record")`, no TensorFlow
   embedded      the running Python's standard library (data/corpus.py)
+  synthetic     `num_examples` examples of a data/synthetic.py `task` (seeded by `split`): records
+                {"text": prompt + answer, "prompt", "completion": answer, "task"}
 
 Streaming formats (text, jsonl, parquet, hf) never hold more than one file's current unit in
 memory; their iterator state is (epoch, file, unit, byte offset), so a resumed run reopens the
-file where it stopped. Random-access formats (array_record, tfds, embedded) are grain
+file where it stopped. Random-access formats (array_record, tfds, embedded, synthetic) are grain
 MapDatasets and can be shuffled globally.
 
 Bad input (malformed JSON, bytes that are not UTF-8, a missing or non-string field, an empty
@@ -47,9 +52,11 @@ from typing import Any, Iterator, Sequence
 
 import grain
 
-FORMATS = ("text", "jsonl", "parquet", "hf", "array_record", "tfds", "embedded")
+FORMATS = ("text", "jsonl", "parquet", "hf", "array_record", "tfds", "embedded", "synthetic")
 STREAMING = ("text", "jsonl", "parquet", "hf")
 TEXT_UNITS = ("file", "line", "paragraph")
+CHAT_SCHEMAS = ("auto", "messages", "prompt_completion", "alpaca")  # records read as chats (data/sft.py)
+SCHEMAS = ("text",) + CHAT_SCHEMAS
 _EXTENSIONS = {
     "text": None,  # any file
     "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst"),
@@ -88,6 +95,18 @@ class SourceSpec:
     data_dir: str = ""  # tfds data_dir
     validation_fraction: float = 0.02  # embedded
     strict: bool = False  # raise on the first bad record instead of skipping it
+    # What a record is: "text" (the text at text_field; pretraining) or a chat for SFT, its shape
+    # detected per record ("auto") or forced, read from these fields (dots reach nested keys):
+    schema: str = "text"  # "text" | "auto" | "messages" | "prompt_completion" | "alpaca"
+    messages_field: str = "messages"  # messages: a list of {"role", "content"}
+    prompt_field: str = "prompt"  # prompt_completion: strings, or lists of messages
+    completion_field: str = "completion"
+    instruction_field: str = "instruction"  # alpaca: instruction (+ input, optional) -> output
+    input_field: str = "input"
+    output_field: str = "output"
+    task: str = ""  # synthetic: a data/synthetic.py task name
+    size: int = 0  # synthetic: the task's difficulty (digits / characters); 0 = its default
+    num_examples: int = 10_000  # synthetic: examples per epoch
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -97,8 +116,22 @@ class SourceSpec:
                              f"expected one of {TEXT_UNITS}")
         if self.weight <= 0:
             raise ValueError(f"source {self.name!r}: weight={self.weight} must be positive")
-        if self.format not in ("embedded",) and not self.path:
+        if self.format not in ("embedded", "synthetic") and not self.path:
             raise ValueError(f"source {self.name!r}: format {self.format!r} needs a path")
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"source {self.name!r}: schema={self.schema!r} is not valid; expected one of {SCHEMAS}")
+        if self.schema != "text" and self.format in ("text", "embedded"):
+            raise ValueError(f"source {self.name!r}: format {self.format!r} gives plain text, which holds no "
+                             f"chat (schema={self.schema!r}); use jsonl, parquet, hf, array_record, tfds or synthetic")
+        if self.format == "synthetic":
+            from data import synthetic
+
+            if self.task not in synthetic.TASKS:
+                raise ValueError(f"source {self.name!r}: format 'synthetic' needs a task; task={self.task!r} is "
+                                 f"not one of {tuple(synthetic.TASKS)}")
+            if self.num_examples < 1 or self.size < 0:
+                raise ValueError(f"source {self.name!r}: num_examples={self.num_examples} must be >= 1 and "
+                                 f"size={self.size} >= 0")
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "SourceSpec":
@@ -172,7 +205,16 @@ def get_field(obj: Any, dotted: str):
     return obj
 
 
-def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) -> str | None:
+def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) -> str | list[dict] | None:
+    """The record's text, or its chat messages for a chat schema; None (reported to `bad`) if bad."""
+    if spec.schema != "text":
+        from data.sft import ChatRecordError, record_messages
+
+        try:
+            return record_messages(obj, spec)
+        except ChatRecordError as e:
+            bad.report(file, line, str(e), e.kind)
+            return None
     try:
         value = get_field(obj, spec.text_field)
     except KeyError as e:
@@ -194,8 +236,9 @@ def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) 
     return value
 
 
-def _record(text, spec, file, line, fields, keep_fields):
-    return {"text": text, "source": spec.name, "file": file, "line": line, "fields": fields if keep_fields else None}
+def _record(value, spec, file, line, fields, keep_fields):
+    key = "text" if isinstance(value, str) else "messages"
+    return {key: value, "source": spec.name, "file": file, "line": line, "fields": fields if keep_fields else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,12 +452,12 @@ def _table_rows(path, spec, start_unit, bad, keep_fields):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    top = spec.text_field.split(".")[0]
+    top = spec.text_field.split(".")[0] if spec.schema == "text" else None  # chats may use any columns
     if path.endswith(".parquet"):
         pf = pq.ParquetFile(path)
-        if top not in pf.schema_arrow.names:
+        if top is not None and top not in pf.schema_arrow.names:
             raise DataError(path, 0, f"no column {top!r}; columns: {pf.schema_arrow.names}")
-        columns = None if keep_fields else [top]
+        columns = None if keep_fields or top is None else [top]
         row = 0
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -438,7 +481,7 @@ def _table_rows(path, spec, start_unit, bad, keep_fields):
             if row + batch.num_rows <= start_unit:
                 row += batch.num_rows
                 continue
-            if top not in batch.schema.names:
+            if top is not None and top not in batch.schema.names:
                 raise DataError(path, 0, f"no column {top!r}; columns: {batch.schema.names}")
             yield from _batch_rows(batch.to_pylist(), row, start_unit, path, spec, bad, keep_fields)
             row += batch.num_rows
@@ -647,9 +690,29 @@ class _EmbeddedRecord:
         return _record(text, self.spec, path, 1, {"text": text, "path": path}, self.keep_fields)
 
 
+class _SyntheticRecord:
+    def __init__(self, spec: SourceSpec, size: int, keep_fields: bool, bad: BadRecords):
+        self.spec, self.size, self.keep_fields, self.bad = spec, size, keep_fields, bad
+        self.file = f"synthetic:{spec.task}/{spec.split}"
+
+    def __call__(self, index: int, example: dict):
+        line = index % self.size + 1  # grain passes epoch-extended indices after repeat
+        obj = {"text": example["prompt"] + example["answer"], "prompt": example["prompt"],
+               "completion": example["answer"], "task": self.spec.task}
+        value = _text_of(obj, self.spec, self.file, line, self.bad)
+        return None if value is None else _record(value, self.spec, self.file, line, obj, self.keep_fields)
+
+
+def synthetic_seed(split: str) -> int:
+    """The example seed of a synthetic source's split: a stable hash of its name."""
+    import zlib
+
+    return zlib.crc32(split.encode())
+
+
 def random_access_source(spec: SourceSpec, *, keep_fields: bool = False,
                          bad: BadRecords | None = None) -> grain.MapDataset:
-    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded;
+    """A MapDataset of records (None where a record is bad) for array_record / tfds / embedded / synthetic;
     bad records are counted in `bad`."""
     bad = bad if bad is not None else BadRecords(spec.name, spec.strict)
     if spec.format == "embedded":
@@ -657,6 +720,11 @@ def random_access_source(spec: SourceSpec, *, keep_fields: bool = False,
 
         c = corpus.load(spec.split, validation_fraction=spec.validation_fraction)
         return grain.MapDataset.source(list(c.texts)).map_with_index(_EmbeddedRecord(spec, c.paths, keep_fields))
+    if spec.format == "synthetic":
+        from data import synthetic
+
+        examples = synthetic.get(spec.task).examples(spec.num_examples, seed=synthetic_seed(spec.split), size=spec.size)
+        return grain.MapDataset.source(examples).map_with_index(_SyntheticRecord(spec, len(examples), keep_fields, bad))
     if spec.format == "array_record":
         files = expand_paths(spec.path, "array_record")
         parts = []
@@ -755,7 +823,7 @@ def check_paths(specs: list[SourceSpec]) -> None:
     """FileNotFoundError naming the source when a file-based source's path matches no file (before
     a program writes anything, rather than deep inside a reader)."""
     for spec in specs:
-        if spec.format in ("embedded", "tfds"):
+        if spec.format in ("embedded", "tfds", "synthetic"):
             continue
         try:
             _source_files(spec)

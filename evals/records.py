@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from data import synthetic
 from data.sources import FORMATS, SourceSpec, read_all
 
-SOURCE_FORMATS = FORMATS + ("synthetic",)
+SOURCE_FORMATS = FORMATS  # "synthetic" among them; read here with path=<task name> (SourceSpec calls it task)
 _SPEC_KEYS = ("format", "path", "split", "text_field", "text_unit", "data_dir", "validation_fraction", "strict")
 
 

@@ -78,6 +78,12 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text` (the bytes of one
+        character split by byte fallback: all but the last have an empty span at its start)."""
+        enc = self._sp.encode(text, return_type="offset_mapping")
+        return list(enc["ids"]), list(enc["offsets"])
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -155,6 +161,9 @@ def corpus_tokenizer(texts: Sequence[str] | Callable[[], Sequence[str]], *, fing
     return SentencePieceTokenizer.from_file(path)
 
 KINDS = ("sentencepiece", "hf")
+_LATER_FIELDS = {"schema": "text", "messages_field": "messages", "prompt_field": "prompt",
+                 "completion_field": "completion", "instruction_field": "instruction", "input_field": "input",
+                 "output_field": "output", "task": "", "size": 0, "num_examples": 10_000}
 
 
 def sources_fingerprint(specs) -> str:
@@ -164,7 +173,10 @@ def sources_fingerprint(specs) -> str:
 
     h = hashlib.sha256()
     for spec in specs:
-        h.update(repr(sorted(vars(spec).items())).encode())
+        # The chat and synthetic fields (data/sft.py) count only when set, so text sources keep
+        # the fingerprints, and cached tokenizers, they had before those fields existed.
+        h.update(repr(sorted((k, v) for k, v in vars(spec).items()
+                             if k not in _LATER_FIELDS or v != _LATER_FIELDS[k])).encode())
         if spec.format == "embedded":
             h.update(corpus.load(spec.split, validation_fraction=spec.validation_fraction).fingerprint().encode())
         elif spec.format in STREAMING + ("array_record",):

@@ -19,6 +19,7 @@ then 0 (padding is masked by segment ids, so any valid id works).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -101,6 +102,13 @@ def _environment():
     return _ENV
 
 
+@functools.lru_cache(maxsize=64)
+def compile_chat_template(template: str):
+    """The jinja2 Template of a chat template's source, compiled once per process (a chat is
+    rendered several times per SFT example)."""
+    return _environment().from_string(template)
+
+
 def render_chat_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False,
                          special_tokens: dict[str, str] | None = None, **kwargs) -> str:
     """The chat `template` rendered for `messages` (dicts with role / content, ...).
@@ -113,8 +121,8 @@ def render_chat_template(template: str, messages: Sequence[dict], *, add_generat
         raise ValueError("cannot apply a chat template to an empty conversation")
     context = {**(special_tokens or {}), **kwargs}
     messages = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
-    return _environment().from_string(template).render(messages=messages,
-                                                       add_generation_prompt=add_generation_prompt, **context)
+    return compile_chat_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  **context)
 
 
 class _ChatMixin:
@@ -181,6 +189,11 @@ class HFTokenizer(_ChatMixin):
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text`."""
+        e = self._tok.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -266,6 +279,22 @@ class HFSentencePieceTokenizer(_ChatMixin):
             if self.config.get("add_eos_token", False) and self.eos_id is not None:
                 ids = ids + [self.eos_id]
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's (start, end) character span in `text`."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for j, part in enumerate(self._split.split(text) if self._split is not None else [text]):
+            if j % 2:
+                ids.append(self._specials[part])
+                offsets.append((pos, pos + len(part)))
+            elif part:
+                enc = self._sp.encode(part, return_type="offset_mapping")
+                ids.extend(enc["ids"])
+                offsets.extend((pos + a, pos + b) for a, b in enc["offsets"])
+            pos += len(part)
+        return ids, offsets
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         out, run = [], []

@@ -72,6 +72,8 @@ def test_tokenizer_json_matches_transformers(bpe_dir):
         assert ids == ref.encode(text, add_special_tokens=False), text
         assert tok.encode(text, add_special_tokens=True) == ref.encode(text), text
         assert tok.decode(ids) == ref.decode(ids) == text  # byte-level BPE round-trips exactly
+        offsets = ref(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert tok.encode_with_offsets(text) == (ids, [tuple(o) for o in offsets]), text
     ids = tok.encode("a <|im_start|>b<|im_end|>", add_special_tokens=True)
     assert tok.decode(ids) == ref.decode(ids)
     assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
@@ -141,6 +143,13 @@ def test_sentencepiece_model_matches_transformers(tmp_path):
         assert ids == sp.encode(text) == ref.encode(text, add_special_tokens=False), text
         assert tok.decode(ids) == text
         assert tok.encode(text, add_special_tokens=True) == ref.encode(text) == [2] + ids
+        with_offsets = tok.encode_with_offsets(text)
+        assert with_offsets[0] == ids and "".join(text[a:b] for a, b in with_offsets[1]) == text
+    text = "<start_of_turn>user\nhello ✓<end_of_turn>"  # added tokens inside the text
+    ids, offsets = tok.encode_with_offsets(text)
+    assert ids == tok.encode(text) and ids[0] == 4
+    assert offsets[0] == (0, 15) and offsets[-1] == (len(text) - 13, len(text))
+    assert "".join(text[a:b] for a, b in offsets) == text
     for gen in (False, True):
         messages = [{"role": "user", "content": "hello there "}, {"role": "model", "content": "hi"}]
         text = tok.apply_chat_template(messages, add_generation_prompt=gen)
