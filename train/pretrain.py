@@ -18,11 +18,9 @@ import math
 import os
 import pathlib
 import sys
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,7 +36,7 @@ from models.pipeline import bubble_fraction, num_microbatches
 from models.transformer import abstract_model, merge_params, split_params
 from models.ring_attention import zigzag_order
 from models.checkpoint import committed_steps
-from train import distributed, lifecycle
+from train import distributed, lifecycle, loop
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, saved_data_shards
 from configs.cli import parse_flags, quiet_library_logs
@@ -241,111 +239,33 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         layout = _sequence_layout(mesh_spec["shape"]["sequence"], seq)
         eval_batches = [layout(_device_keys(next(eval_iter))) for _ in range(tc.eval_batches)]
 
-        def evaluate(params) -> dict[str, float]:
+        def evaluate(state) -> dict[str, float]:
+            if not eval_batches:
+                return {}
             tot, n = 0.0, 0.0
             for b in eval_batches:
-                m = jax.device_get(eval_step(params, _global_batch(b, batch_sharding)))
+                m = jax.device_get(eval_step(state.params, _global_batch(b, batch_sharding)))
                 tot, n = tot + float(m["loss_sum"]), n + float(m["num_tokens"])
             loss = tot / max(n, 1.0)
             return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-        tokens_per_step = tc.batch_size * seq
-        faults = lifecycle.Faults.from_env()
-        summary: dict[str, Any] = {"resumed_from": start, "parameters": n_params}
+        def next_batch():
+            local = layout(next(data_iter))
+            batch = _global_batch(_device_keys(local), batch_sharding)
+            src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
+            counts, pad = source_stats(src, batch["loss_mask_BT"])
+            return batch, {"source_tokens": counts, "padding_fraction": pad}
 
-        last_eval = -1
-        if start == 0 and tc.eval_every > 0 and eval_batches:
-            ev = evaluate(state.params)
-            writer.write(0, ev)
-            writer.progress(0, ev)
-            summary["initial_eval_loss"] = ev["eval_loss"]
-            last_eval = 0
-
-        stops = lifecycle.StopRequests(distributed=jax.process_count() > 1)
-        last_t, last_step = time.perf_counter(), start
-        running, stopped, done = None, None, start
-
-        def log_line(done: int) -> dict[str, float]:
-            """Writes the train line of the steps since the previous one."""
-            nonlocal running, last_t, last_step
-            host = jax.device_get(running)
-            running = None
-            per_source = host.pop("source_tokens")
-            steps, good, skipped = done - last_step, float(host.pop("good_steps")), float(host.pop("nonfinite"))
-            # loss, accuracy and grad norm are means over the interval's good steps (None if it has none)
-            m = {k: (float(v) / good if good else None) if k in lifecycle.NanGuard.MASKED else float(v) / steps
-                 for k, v in host.items()}
-            now = time.perf_counter()
-            tps = steps * tokens_per_step / (now - last_t)
-            last_t, last_step = now, done
-            line = {"loss": m["loss"], "lr": float(schedule(done - 1)), "grad_norm": m["grad_norm"],
-                    "tokens_per_sec": tps, "mfu": tps * flops_tok / peak, "accuracy": m["accuracy"],
-                    "padding_fraction": m["padding_fraction"]}
-            if len(train_specs) > 1:  # tokens per source over the interval (summing lines gives totals)
-                line.update({f"tokens_{s.name}": float(c) for s, c in zip(train_specs, per_source)})
-            if tc.z_loss:
-                line["z_loss"] = m["z_loss"]
-            if skipped:
-                line["skipped_steps"] = skipped
-            writer.write(done, line)
-            writer.progress(done, line)
-            return line
-
-        try:
-            for step in range(start, tc.steps):
-                local = layout(next(data_iter))
-                batch = _global_batch(_device_keys(local), batch_sharding)
-                src = _global_batch({"source_BT": local["source_BT"]}, batch_sharding)["source_BT"]
-                state, metrics = train_step(state, faults.corrupt(batch, step + 1))
-                counts, pad = source_stats(src, batch["loss_mask_BT"])
-                metrics = guard.observe(dict(metrics, source_tokens=counts, padding_fraction=pad))
-                # sums stay on the device: no host sync between log lines (the `stop` policy syncs)
-                running = metrics if running is None else jax.tree.map(jnp.add, running, metrics)
-                done = step + 1
-                if done % tc.log_every == 0 or done == tc.steps:
-                    log_line(done)
-                stopped = guard.verdict(done, at_log_line=done % tc.log_every == 0)
-                if stopped:
-                    break
-                if tc.eval_every > 0 and done % tc.eval_every == 0 and done != tc.steps and eval_batches:
-                    jax.block_until_ready(state)  # the steps dispatched so far are training time
-                    eval_start = time.perf_counter()
-                    ev = evaluate(state.params)
-                    writer.write(done, ev)
-                    writer.progress(done, ev)
-                    last_eval = done
-                    writer.plot()
-                    # the next line's interval keeps its steps but not this time: tokens_per_sec is training throughput
-                    last_t += time.perf_counter() - eval_start
-                if tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0 and done != tc.steps:
-                    ckpt.save(state, data_iter)
-                faults.after_step(done, ckpt)
-                if stops.should_stop(done):
-                    stopped = {"reason": stops.reason, "exit_code": stops.exit_code}
-                    break
-        finally:
-            stops.close()
-
-        if stopped:  # a signal, a preemption notice or the NaN guard: keep every step done so far
-            if running is not None:
-                log_line(done)
-            ckpt.save(state, data_iter, force=True)
-            ckpt.close()
-            writer.plot()
+        state, outcome = loop.run_steps(loop.Parts(
+            tc=tc, state=state, start=start, train_step=train_step, next_batch=next_batch, ckpt=ckpt,
+            data_iter=data_iter, writer=writer, runlog=runlog, guard=guard, schedule=schedule, evaluate=evaluate,
+            tokens_per_step=tc.batch_size * seq, flops_per_token=flops_tok, peak_flops=peak,
+            source_names=tuple(s.name for s in train_specs), workdir=workdir))
+        summary: dict[str, Any] = {"parameters": n_params, **outcome}
+        if not outcome["complete"]:
             writer.close()
-            runlog.event("exit", step=done, **{k: v for k, v in stopped.items() if k != "exit_code"})
-            logging.warning("stopped at step %d of %d (%s); checkpoint saved in %s: re-run the same command to "
-                            "resume", done, tc.steps, stopped.get("message", stopped["reason"]), workdir)
-            return {**summary, "step": done, "complete": False, **stopped}
+            return summary
 
-        if eval_batches and last_eval != tc.steps:
-            ev = evaluate(state.params)
-            writer.write(tc.steps, ev)
-            writer.progress(tc.steps, ev)
-            summary.update(final_eval_loss=ev["eval_loss"], final_eval_ppl=ev["eval_ppl"])
-        ckpt.save(state, data_iter, force=True)
-        ckpt.close()
-        writer.plot()
         if is_main and tc.num_samples > 0 and jax.process_count() == 1:
             prompts = [_prompt_of(r["text"]) for r, _ in zip(read_all(eval_specs[0]), range(tc.num_samples))]
             # decoding runs unpipelined (the KV cache needs every layer on the device): same parameters
@@ -353,9 +273,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             _write_samples(workdir / SAMPLES_FILE, model, tokenizer, prompts,
                            max_new_tokens=tc.sample_tokens, seed=tc.seed)
         writer.close()
-        summary.update(step=tc.steps, complete=True, exit_code=0)
-        if metrics is not None:
-            summary["final_train_loss"] = float(jax.device_get(metrics["loss"]))
         runlog.event("exit", reason="finished", step=tc.steps, final_eval_loss=summary.get("final_eval_loss"))
         logging.info("done: %s", summary)
         return summary
