@@ -332,8 +332,8 @@ def test_new_model_option_validation():
         ModelConfig(**base, layer_windows=(8,))
     with pytest.raises(ValueError, match="are both set; use one"):
         ModelConfig(**base, layer_windows=(8, 0), sliding_window=8)
-    with pytest.raises(ValueError, match="model.rope_scaling='yarn' is not valid"):
-        ModelConfig(**base, rope_scaling="yarn")
+    with pytest.raises(ValueError, match="model.rope_scaling='longrope' is not valid"):
+        ModelConfig(**base, rope_scaling="longrope")
 
 
 def test_gpt2_hub_layout_without_prefix_and_with_buffers(tmp_path):
