@@ -75,11 +75,17 @@ def get_config(arg=None):
         attn_logit_softcap=0.0,  # same on attention scores; 0 = off
         sliding_window=0,  # W most recent keys per query; 0 = global attention
         layer_windows=(),  # one window per layer (0 = global), e.g. Gemma 2; () = sliding_window everywhere
-        rope_scaling="none",  # RoPE frequency scaling for long context: "none" | "linear" | "llama3"
-        rope_scaling_factor=1.0,  # linear: positions / factor; llama3: low frequencies / factor
+        rope_scaling="none",  # RoPE scaling for long context: "none" | "linear" | "llama3" | "dynamic" | "yarn"
+        rope_scaling_factor=1.0,  # linear: positions / factor; llama3, yarn: low frequencies / factor; dynamic: NTK
         rope_low_freq_factor=1.0,  # llama3: wavelengths above original_len / this are divided by the factor
         rope_high_freq_factor=4.0,  # llama3: wavelengths below original_len / this are kept
-        rope_original_max_seq_len=0,  # llama3: the pretraining context length; 0 = max_seq_len
+        rope_original_max_seq_len=0,  # llama3, yarn, dynamic: the pretraining context length; 0 = max_seq_len
+        rope_beta_fast=32.0,  # yarn: dims turning more than this many times in original_len keep their frequency
+        rope_beta_slow=1.0,  # yarn: dims turning fewer times are divided by the factor; a linear ramp between
+        rope_truncate=True,  # yarn: round the ramp's ends to whole dims
+        rope_attention_factor=0.0,  # yarn: cos and sin times this; 0 = 0.1 ln(factor) + 1 (or the mscale ratio)
+        rope_mscale=0.0,  # yarn, with rope_mscale_all_dim (both > 0): attention factor = ratio of the two mscales
+        rope_mscale_all_dim=0.0,  # yarn: see rope_mscale; 0 = unset
         embed_scale=1.0,  # embeddings times this (Gemma: sqrt(hidden_size))
         norm_weight_offset=0.0,  # norms multiply by (offset + scale); Gemma's (1 + w) is 1.0
         post_norms=False,  # also normalise attention / MLP outputs before the residual add (Gemma 2)

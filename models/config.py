@@ -14,7 +14,7 @@ import jax.numpy as jnp
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,11 +48,19 @@ class ModelConfig:
     attn_logit_softcap: float = 0.0  # same on attention scores; 0 = off
     sliding_window: int = 0  # every layer sees the W most recent keys; 0 = global
     layer_windows: tuple[int, ...] = ()  # one window per layer (0 = global), e.g. Gemma 2's local/global
-    rope_scaling: str = "none"  # RoPE frequency scaling for long contexts: "none" | "linear" | "llama3"
-    rope_scaling_factor: float = 1.0  # linear: positions / factor; llama3: low frequencies / factor
+    # RoPE frequency scaling for long contexts (as transformers' rope_type): "none" | "linear" | "llama3"
+    # | "dynamic" (NTK-aware base grown with the call's max position + 1) | "yarn"
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0  # linear: positions / factor; llama3, yarn: low frequencies / factor
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are divided by factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are kept
-    rope_original_max_seq_len: int = 0  # llama3: the pretraining context length; 0 = max_seq_len
+    rope_original_max_seq_len: int = 0  # llama3, yarn, dynamic: the pretraining context length; 0 = max_seq_len
+    rope_beta_fast: float = 32.0  # yarn: dims turning more than this many times in original_len keep their frequency
+    rope_beta_slow: float = 1.0  # yarn: dims turning fewer times are divided by factor; a linear ramp between
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole dims (floor / ceil)
+    rope_attention_factor: float = 0.0  # yarn: cos and sin times this; 0 = 0.1 ln(factor) + 1 (or mscale's ratio)
+    rope_mscale: float = 0.0  # yarn, with rope_mscale_all_dim (both > 0): attention factor =
+    rope_mscale_all_dim: float = 0.0  # (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1)
     embed_scale: float = 1.0  # embeddings times this, in the compute dtype (Gemma: sqrt(hidden_size))
     norm_weight_offset: float = 0.0  # norms multiply by (offset + scale); Gemma's (1 + w) is 1.0
     post_norms: bool = False  # also normalise the attention / MLP outputs before the residual add (Gemma 2)
@@ -105,6 +113,19 @@ class ModelConfig:
         if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise ValueError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be below "
                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
+        if self.rope_original_max_seq_len < 0:
+            raise ValueError(f"model.rope_original_max_seq_len={self.rope_original_max_seq_len} must be >= 0 "
+                             f"(0 = max_seq_len)")
+        if self.rope_scaling == "dynamic" and self.head_dim < 4:
+            raise ValueError(f"model.head_dim={self.head_dim} is too small for dynamic RoPE scaling (needs >= 4: "
+                             f"the base grows by a power H / (H - 2))")
+        if self.rope_scaling == "yarn":
+            if not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+                raise ValueError(f"model.rope_beta_slow={self.rope_beta_slow} and model.rope_beta_fast="
+                                 f"{self.rope_beta_fast} must satisfy 0 < beta_slow <= beta_fast (defaults 1, 32)")
+            for name in ("rope_attention_factor", "rope_mscale", "rope_mscale_all_dim"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 = unset)")
         if self.query_pre_attn_scalar < 0:
             raise ValueError(f"model.query_pre_attn_scalar={self.query_pre_attn_scalar} must be >= 0 (0 = head_dim)")
         if self.pipeline_stages < 1 or self.num_layers % self.pipeline_stages:

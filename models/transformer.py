@@ -74,17 +74,23 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
     computes them (float32 arithmetic): "linear" divides all by the factor (positions / factor);
     "llama3" (Llama 3.1) divides the low frequencies (wavelength > original_len / low_freq_factor)
     by the factor, keeps the high ones (wavelength < original_len / high_freq_factor) and
-    interpolates smoothly between. A tuple of floats: static, hashable, traced as a constant."""
+    interpolates smoothly between; "yarn" divides by the factor the dims that turn fewer than
+    beta_slow times over original_len, keeps those that turn more than beta_fast times, with a
+    linear ramp over the dims between (YaRN, arXiv 2309.00071; its attention factor is
+    `rope_attention_factor`); "dynamic" gives the plain frequencies, which it uses up to
+    original_len (beyond, `rope_inverse_frequencies`). A tuple of floats: static, hashable,
+    traced as a constant."""
     h = cfg.head_dim
     f32 = np.float32
     # the power correctly rounded to float32 (as PyTorch's, nearly always), the rest in float32
     exponent = np.arange(0, h, 2).astype(f32) / f32(h)
     inv = f32(1.0) / (float(cfg.rope_theta) ** exponent.astype(np.float64)).astype(f32)
     factor = f32(cfg.rope_scaling_factor)
+    old_len = cfg.rope_original_max_seq_len or cfg.max_seq_len
     if cfg.rope_scaling == "linear":
         inv = inv / factor
     elif cfg.rope_scaling == "llama3":
-        old_len = f32(cfg.rope_original_max_seq_len or cfg.max_seq_len)
+        old_len = f32(old_len)
         low, high = f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
         # PyTorch evaluates scalar / tensor as tensor.reciprocal() * scalar: so do we, to the last bit
         wavelen = (f32(1) / inv) * f32(2 * math.pi)
@@ -93,14 +99,75 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
         smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         inv = np.where(medium, smoothed, scaled)
+    elif cfg.rope_scaling == "yarn":
+        base_pow = (float(cfg.rope_theta) ** exponent.astype(np.float64)).astype(f32)  # theta^(2i/H) = 1 / inv
+
+        def dim_of(rotations):  # the dim that turns `rotations` times over old_len (float64, as Python does)
+            return h * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, h - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(h // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+        keep = f32(1) - ramp  # weight of the unscaled (extrapolated) frequency
+        inv = (f32(1) / (factor * base_pow)) * (f32(1) - keep) + inv * keep
     return tuple(float(x) for x in inv.astype(f32))
 
 
-def rope(x_BTNH, positions_BT, theta: float = 10000.0, *, inv_freq=None):
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What RoPE's cos and sin are multiplied by (so attention logits by its square): YaRN's
+    `rope_attention_factor`, or when that is 0, 0.1 ln(factor) + 1 (1 for factor <= 1), or with
+    both `rope_mscale` and `rope_mscale_all_dim` set, mscale(factor, mscale) / mscale(factor,
+    mscale_all_dim) (transformers' choice, DeepSeek's configs); 1.0 for every other kind."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor:
+        return float(cfg.rope_attention_factor)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        return float(mscale(factor, cfg.rope_mscale) / mscale(factor, cfg.rope_mscale_all_dim))
+    return mscale(factor)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig, positions_BT) -> jax.Array:
+    """The inverse frequencies [head_dim / 2] (float32) that a call at `positions_BT` uses.
+
+    `rope_frequencies(cfg)` for every kind but "dynamic" (dynamic NTK), whose frequencies depend
+    on the call: with L = max(positions_BT) + 1 (over the whole batch), L <= original_len gives the
+    plain frequencies, and beyond, the base grows to theta (factor L / original_len - factor +
+    1)^(H / (H - 2)), in float32 as transformers computes it (the powers to within a few float32
+    ulps of PyTorch's). This is what a fresh transformers rotary module computes in one forward,
+    and what its stateful module computes for a sequence that grows call by call (prefill, then
+    decoding): with a KV cache, keys are cached after RoPE, each with the frequencies of the call
+    that wrote it, as transformers caches them. (transformers' module keeps the largest length it
+    has seen until a call falls back below original_len; Loom has no such state: each call uses
+    its own positions, per micro-batch when a step splits its batch.)"""
+    inv_freq = jnp.asarray(rope_frequencies(cfg), F32)
+    if cfg.rope_scaling != "dynamic":
+        return inv_freq
+    h, factor = cfg.head_dim, cfg.rope_scaling_factor
+    original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    seq_len = jnp.max(positions_BT) + 1
+    length = jnp.maximum(seq_len, original).astype(F32)
+    growth = jnp.float32(factor) * length / jnp.float32(original) - jnp.float32(factor - 1)
+    base = jnp.float32(cfg.rope_theta) * growth ** jnp.float32(h / (h - 2))
+    grown = 1.0 / base ** (jnp.arange(0, h, 2, dtype=F32) / jnp.float32(h))
+    return jnp.where(seq_len > original, grown, inv_freq)
+
+
+def rope(x_BTNH, positions_BT, theta: float = 10000.0, *, inv_freq=None, attention_factor: float = 1.0):
     """Rotary embedding, Hugging Face's rotate-half layout (first half / second half of head_dim).
 
-    `inv_freq` (head_dim / 2 values, e.g. `rope_frequencies(cfg)`) overrides the plain
-    1 / theta^(2i/H) frequencies."""
+    `inv_freq` (head_dim / 2 values, e.g. `rope_inverse_frequencies(cfg, positions_BT)`)
+    overrides the plain 1 / theta^(2i/H) frequencies; cos and sin are multiplied by
+    `attention_factor` (YaRN's, `rope_attention_factor(cfg)`)."""
     h = x_BTNH.shape[-1]
     if inv_freq is None:
         inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
@@ -108,6 +175,8 @@ def rope(x_BTNH, positions_BT, theta: float = 10000.0, *, inv_freq=None):
         inv_freq = jnp.asarray(inv_freq, F32)
     angle_BTh = positions_BT.astype(F32)[..., None] * inv_freq
     sin, cos = jnp.sin(angle_BTh)[:, :, None, :], jnp.cos(angle_BTh)[:, :, None, :]
+    if attention_factor != 1.0:
+        sin, cos = sin * jnp.float32(attention_factor), cos * jnp.float32(attention_factor)
     x1, x2 = jnp.split(x_BTNH.astype(F32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
@@ -190,7 +259,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
-        self.rope_freqs = rope_frequencies(cfg) if cfg.position_embedding == "rope" else None
+        self.rope_config = cfg if cfg.position_embedding == "rope" else None  # static: frequencies at trace time
         self.softcap = cfg.attn_logit_softcap or None
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.impl = cfg.attention_impl
@@ -214,9 +283,12 @@ class Attention(nnx.Module):
         v_BTKH = constrain(self.v(x_BTD, rng=rv), ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
-        if self.rope_freqs is not None:
-            q_BTNH = rope(q_BTNH, positions_BT, inv_freq=self.rope_freqs)
-            k_BTKH = rope(k_BTKH, positions_BT, inv_freq=self.rope_freqs)
+        if self.rope_config is not None:
+            # keys are cached after RoPE, with this call's frequencies (rope_inverse_frequencies)
+            inv_freq = rope_inverse_frequencies(self.rope_config, positions_BT)
+            scale = rope_attention_factor(self.rope_config)
+            q_BTNH = rope(q_BTNH, positions_BT, inv_freq=inv_freq, attention_factor=scale)
+            k_BTKH = rope(k_BTKH, positions_BT, inv_freq=inv_freq, attention_factor=scale)
         if kv_cache is None:
             out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT,
                                              positions=positions_BT, causal=True, window=window,

@@ -34,7 +34,7 @@ _BY_MODEL_TYPE = {v: k for k, v in ARCHITECTURES.items()}
 # The order `infer_architecture` tries: the plainest family that reproduces a config wins.
 EXPORT_ORDER = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                 "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 _ACT_IN = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
            "gelu": "gelu", "relu": "relu"}
@@ -84,6 +84,22 @@ def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         out.update(rope_scaling="llama3", rope_scaling_factor=float(p["factor"]),
                    rope_low_freq_factor=float(p["low_freq_factor"]), rope_high_freq_factor=float(p["high_freq_factor"]),
                    rope_original_max_seq_len=int(original or hf.get("max_position_embeddings")))
+    elif kind == "dynamic":  # transformers' dynamic NTK grows the base past max_position_embeddings
+        out.update(rope_scaling="dynamic", rope_scaling_factor=float(p["factor"]))
+    elif kind == "yarn":
+        original = int(p.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                       or hf.get("max_position_embeddings", 2048))
+        factor = p.get("factor")
+        if factor is None:  # transformers: the ratio of the two lengths (DeepSeek-V3's configs)
+            factor = hf.get("max_position_embeddings", 2048) / original
+        attention_factor = p.get("attention_factor")
+        if attention_factor is not None and not attention_factor > 0:
+            raise ValueError(f"{where}: YaRN attention_factor={attention_factor} is not supported (it must be > 0)")
+        # transformers reads unset / null / 0 betas and mscales as their defaults (`or`)
+        out.update(rope_scaling="yarn", rope_scaling_factor=float(factor), rope_original_max_seq_len=original,
+                   rope_beta_fast=float(p.get("beta_fast") or 32), rope_beta_slow=float(p.get("beta_slow") or 1),
+                   rope_truncate=bool(p.get("truncate", True)), rope_attention_factor=float(attention_factor or 0.0),
+                   rope_mscale=float(p.get("mscale") or 0.0), rope_mscale_all_dim=float(p.get("mscale_all_dim") or 0.0))
     return out
 
 
@@ -220,6 +236,18 @@ def to_hf_config(cfg: ModelConfig, architecture: str, base: dict[str, Any] | Non
         rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+    elif cfg.rope_scaling == "dynamic":  # its original length is max_position_embeddings (`_canonical`)
+        rope.update(rope_type="dynamic", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "yarn":
+        rope.update(rope_type="yarn", factor=cfg.rope_scaling_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_seq_len or cfg.max_seq_len,
+                    beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        # optional keys only when they differ from the default (transformers 4 releases lack `truncate`)
+        if not cfg.rope_truncate:
+            rope.update(truncate=False)
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(cfg, f"rope_{key}"):
+                rope[key] = getattr(cfg, f"rope_{key}")
     # transformers 5 reads rope_parameters; transformers 4 (and vLLM on it) rope_theta / rope_scaling
     out.update(rope_parameters=rope, rope_theta=cfg.rope_theta,
                rope_scaling=None if cfg.rope_scaling == "none" else
@@ -254,6 +282,17 @@ def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x  # transformers' strict configs type this field int
 
 
+# The ModelConfig fields each RoPE scaling reads (besides rope_theta); the others do not change the model.
+_ROPE_SCALING_FIELDS = {
+    "none": (),
+    "linear": ("rope_scaling_factor",),
+    "llama3": ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"),
+    "dynamic": ("rope_scaling_factor", "rope_original_max_seq_len"),
+    "yarn": ("rope_scaling_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow", "rope_truncate",
+             "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim"),
+}
+
+
 def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     for f in NON_ARCHITECTURE_FIELDS:
@@ -261,13 +300,10 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     d.update(_windows(_windows_of(cfg)))
     if d["query_pre_attn_scalar"] == cfg.head_dim:
         d["query_pre_attn_scalar"] = 0.0
-    if cfg.position_embedding != "rope" or cfg.rope_scaling == "none":
-        for f in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
-            d.pop(f)
-    elif cfg.rope_scaling == "linear":
-        for f in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len"):
-            d.pop(f)
-    else:
+    used = _ROPE_SCALING_FIELDS[cfg.rope_scaling] if cfg.position_embedding == "rope" else ()
+    for f in set(_ROPE_SCALING_FIELDS["yarn"] + _ROPE_SCALING_FIELDS["llama3"]) - set(used):
+        d.pop(f)
+    if "rope_original_max_seq_len" in used:
         d["rope_original_max_seq_len"] = cfg.rope_original_max_seq_len or cfg.max_seq_len
     if cfg.position_embedding != "rope":
         d.pop("rope_theta")

@@ -228,8 +228,9 @@ def test_cli_import_of_a_truncated_checkpoint_prints_one_line(gemma2, tmp_path):
 def test_unsupported_options_fail_clearly():
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8, intermediate_size=16,
                 num_hidden_layers=1, num_attention_heads=2)
-    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported; supported: default, linear, llama3"):
-        hf.from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="RoPE scaling 'longrope' is not supported; supported: default, linear, "
+                                         "llama3, dynamic, yarn"):
+        hf.from_hf_config({**base, "rope_scaling": {"type": "longrope", "factor": 4.0}})
     with pytest.raises(ValueError, match="activation 'quick_gelu' is not supported"):
         hf.from_hf_config({**base, "hidden_act": "quick_gelu"})
     with pytest.raises(ValueError, match=r"quantized checkpoints \(gptq\) are not supported"):
@@ -332,8 +333,8 @@ def test_new_model_option_validation():
         ModelConfig(**base, layer_windows=(8,))
     with pytest.raises(ValueError, match="are both set; use one"):
         ModelConfig(**base, layer_windows=(8, 0), sliding_window=8)
-    with pytest.raises(ValueError, match="model.rope_scaling='yarn' is not valid"):
-        ModelConfig(**base, rope_scaling="yarn")
+    with pytest.raises(ValueError, match="model.rope_scaling='longrope' is not valid"):
+        ModelConfig(**base, rope_scaling="longrope")
 
 
 def test_gpt2_hub_layout_without_prefix_and_with_buffers(tmp_path):
