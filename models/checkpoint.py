@@ -6,6 +6,10 @@ CheckpointManager with the items
   train_state  step, optimizer state and RNG                      <- train/checkpoint.py
   data_iter    the grain iterator state                           <- train/checkpoint.py
 so inference, evals and the Hugging Face converter load a run with `load(workdir)`.
+
+A fine-tuning run with adapters (`peft.method` lora / qlora in its config.json) saves only the
+adapters as `params`; `load` rebuilds its model from the run's base (`init.workdir`, itself any
+workdir, or `init.hf_dir`), the same adapters and the saved adapter weights.
 """
 
 from __future__ import annotations
@@ -134,10 +138,52 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     readable step (or `step`); with `return_step=True`, (model, model_config, the step loaded)."""
     from models.transformer import abstract_params_and_shardings, merge_params
 
+    run = read_run_config(workdir)
+    if (run.get("peft") or {}).get("method", "full") != "full":
+        return _load_adapted(workdir, run, step=step, return_step=return_step)
     # a pipelined run's model is the same model: loaded for evaluation or decoding, it runs unpipelined
-    cfg = ModelConfig.from_dict(read_run_config(workdir)["model"]).replace(pipeline_stages=1)
+    cfg = ModelConfig.from_dict(run["model"]).replace(pipeline_stages=1)
     graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
     params, loaded = restore_params(workdir, step=step, target=target)
     model = merge_params(graphdef, params)
+    return (model, cfg, loaded) if return_step else (model, cfg)
+
+
+def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
+    """(model, config) of a fine-tuning run's base: `init.workdir` (any Loom workdir, at
+    `init.step` or its newest) or `init.hf_dir` (a Hugging Face directory). With `cfg` (the run's
+    model config: the base's shape with its own dtypes), the parameters are cast to
+    `cfg.param_dtype` and the model computes in `cfg.dtype`."""
+    from models.transformer import abstract_model, merge_params, split_params
+
+    if init.get("workdir"):
+        model, base_cfg = load(init["workdir"], step=init.get("step"))
+    elif init.get("hf_dir"):
+        from models import hf
+
+        model, base_cfg = hf.load(init["hf_dir"])
+    else:
+        raise ValueError("init.workdir and init.hf_dir are both unset: name the base model to fine-tune")
+    if cfg is None:
+        return model, base_cfg
+    cfg = cfg.replace(pipeline_stages=1)
+    graphdef, _ = split_params(abstract_model(cfg))
+    params = jax.tree.map(lambda x: x.astype(cfg.params_dtype), split_params(model)[1])
+    return merge_params(graphdef, params), cfg
+
+
+def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):
+    from flax import nnx
+
+    from models import peft
+
+    cfg = ModelConfig.from_dict(run["model"]).replace(pipeline_stages=1)
+    base, cfg = load_base(run["init"], cfg)
+    model = peft.apply(base, run["peft"], seed=int((run.get("train") or {}).get("seed", 0)))
+    graphdef, trained, frozen = nnx.split(model, peft.trainable_filter(run["peft"]["method"]), ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(trained))
+    params, loaded = restore_params(workdir, step=step, target=target)
+    model = nnx.merge(graphdef, params, frozen)
     return (model, cfg, loaded) if return_step else (model, cfg)

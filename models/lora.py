@@ -25,6 +25,7 @@ the projection's `kernel` (`layers/attn/q/kernel/a`), beside the frozen `kernel/
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import zlib
 from typing import Sequence
@@ -95,17 +96,20 @@ def _matches(path: str, pattern: str) -> bool:
 
 
 def target_paths(model: nnx.Module, targets: Sequence[str]) -> list[str]:
-    """The projection paths ("layers/attn/q", ...) that `targets` select; an error naming the
-    patterns that select nothing and the projections there are."""
+    """The projection paths ("layers/attn/q", ...) that `targets` select. Patterns that select
+    nothing are logged (a model without an untied `lm_head`, say); when none selects anything,
+    an error names the projections there are."""
     paths = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Einsum)]
     if isinstance(targets, str):
         targets = (targets,)
     unmatched = [t for t in targets if not any(_matches(p, t) for p in paths)]
-    if unmatched or not targets:
-        raise ValueError(f"LoRA targets {list(unmatched) or list(targets)} select no projection of this model; "
-                         f"its projections are {paths} (a pattern matches a path's last components, "
-                         f"e.g. 'q', 'attn/q', 'mlp/*')")
-    return [p for p in paths if any(_matches(p, t) for t in targets)]
+    chosen = [p for p in paths if any(_matches(p, t) for t in targets)]
+    if not chosen:
+        raise ValueError(f"LoRA targets {list(targets)} select no projection of this model; its projections are "
+                         f"{paths} (a pattern matches a path's last components, e.g. 'q', 'attn/q', 'mlp/*')")
+    if unmatched:
+        logging.warning("LoRA targets %s select no projection of this model (its projections: %s)", unmatched, paths)
+    return chosen
 
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,

@@ -1,5 +1,7 @@
 """LoRA adapters (models/lora.py) against float64 NumPy and against the model they adapt."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,14 +149,17 @@ def test_adapters_on_a_quantized_base():
         unmerge_lora(merged, model)
 
 
-def test_targets_and_bad_values_are_named():
+def test_targets_and_bad_values_are_named(caplog):
     model = T.build(tiny_model_config(num_layers=1, tie_embeddings=False), seed=7)
     assert target_paths(model, ("q",)) == ["layers/attn/q"]
     assert target_paths(model, ("mlp/*",)) == ["layers/mlp/down", "layers/mlp/gate", "layers/mlp/up"]
     assert target_paths(model, ("attn/[qv]",)) == ["layers/attn/q", "layers/attn/v"]
     assert target_paths(model, ("lm_head", "attn/o")) == ["layers/attn/o", "lm_head"]
-    with pytest.raises(ValueError, match=r"\['q_proj'\] select no projection.*layers/attn/q"):
-        apply_lora(model, rank=2, alpha=2.0, targets=("q", "q_proj"))
+    with pytest.raises(ValueError, match=r"\['q_proj', 'k_proj'\] select no projection.*layers/attn/q"):
+        apply_lora(model, rank=2, alpha=2.0, targets=("q_proj", "k_proj"))
+    with caplog.at_level(logging.WARNING):  # one pattern of several selecting nothing: said, not fatal
+        assert target_paths(model, ("q", "q_proj")) == ["layers/attn/q"]
+    assert "['q_proj'] select no projection" in caplog.text
     with pytest.raises(ValueError, match="rank=0 is not valid"):
         apply_lora(model, rank=0, alpha=2.0)
     with pytest.raises(ValueError, match="dropout=1.0 is not valid"):

@@ -1,0 +1,143 @@
+"""`python -m train.sft` end to end on the session's tiny pretraining run as the base."""
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data import sft as sft_data
+from data.tokenizer import SentencePieceTokenizer
+from models.checkpoint import load, restore_params
+from models.lora import LoraKernel, adapter_count
+from models.projection import Einsum
+from models.quant import NF4Kernel
+from tests.helpers import run_program
+from train.lifecycle import RunLog
+from train.metrics import read_metrics
+
+# a short run of the arith presets: 2-digit addition, small batches
+SHORT = ["--config.train.batch_size=8", "--config.data.seq_len=64", "--config.train.log_every=4",
+         "--config.train.eval_every=6", "--config.train.eval_batches=2", "--config.train.eval_examples=8",
+         "--config.train.num_samples=2", "--config.train.sample_tokens=6", "--config.train.async_checkpoint=False",
+         "--config.train.checkpoint_every=4"]
+
+
+def _sft(preset, workdir, base, *extra, env=None, check=True):
+    return run_program("train.sft", f"--config=configs/sft.py:{preset}", f"--workdir={workdir}",
+                       f"--config.init.workdir={base}", *SHORT, *extra, env=env, check=check)
+
+
+def _kernels(model):
+    return [m.kernel for _, m in nnx.iter_modules(model) if isinstance(m, Einsum)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sft_lora")
+    _sft("arith_lora", workdir, tiny_run, "--config.train.steps=12", "--config.peft.lora.rank=4")
+    return workdir
+
+
+def test_lora_run_writes_what_a_run_writes_and_keeps_adapters_only(lora_run, tiny_run):
+    lines = read_metrics(lora_run)
+    train = [m for m in lines if "loss" in m]
+    evals = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in train] == [4, 8, 12] and [m["step"] for m in evals] == [0, 6, 12]
+    assert all({"eval_accuracy", "eval_ppl"} <= set(m) for m in evals)
+    for m in train:  # only assistant tokens carry loss: a fraction of the rows
+        assert 0 < m["trained_token_fraction"] < 0.6 and m["truncated_examples"] == 0 == m["dropped_examples"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0  # the answer format is learned in 12 steps
+    cfg = json.loads((lora_run / "config.json").read_text())
+    base_cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"] == base_cfg["model"] and cfg["peft"]["method"] == "lora"
+    assert (lora_run / "tokenizer.model").read_bytes() == (tiny_run / "tokenizer.model").read_bytes()
+    story = [(r["event"], r["step"]) for r in RunLog(lora_run).read()]
+    assert story == [("start", 0), ("exit", 12)]
+    assert (lora_run / "samples.txt").read_text().count("=== prompt ===") == 2
+    # the checkpoint holds the adapters alone; load() rebuilds base + adapters
+    params, step = restore_params(lora_run)
+    model, _ = load(lora_run)
+    assert step == 12 and sum(np.size(x) for x in jax.tree.leaves(params)) == adapter_count(model)
+    assert all(isinstance(k, LoraKernel) for k in _kernels(model.layers))
+    base, _ = load(tiny_run)
+    toks = jnp.asarray(np.random.default_rng(0).integers(3, 4000, (2, 12)))
+    assert float(jnp.abs(model(toks) - base(toks)).max()) > 1e-3
+
+
+def test_loaded_model_scores_the_logged_eval_loss(lora_run):
+    """The model `load()` rebuilds is the one the run evaluated: its held-out loss on the same
+    batches equals the last eval line."""
+    model, cfg = load(lora_run)
+    run = json.loads((lora_run / "config.json").read_text())
+    tok = SentencePieceTokenizer.from_file(lora_run / "tokenizer.model")
+    specs = sft_data.specs_from_config(run["data"]["eval_sources"])
+    it = sft_data.sft_batches(specs, tok, seq_len=run["data"]["seq_len"], batch_size=run["train"]["batch_size"],
+                              shuffle=False, drop_remainder=False, packing=run["data"]["packing"])
+    tot = n = 0.0
+    for _, b in zip(range(run["train"]["eval_batches"]), it):
+        logits = model(jnp.asarray(b["inputs_BT"]), positions_BT=jnp.asarray(b["positions_BT"]),
+                       segment_ids_BT=jnp.asarray(b["segment_ids_BT"]))
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        nll = -jnp.take_along_axis(lp, jnp.asarray(b["targets_BT"])[..., None], -1)[..., 0]
+        tot += float((nll * b["loss_mask_BT"]).sum())
+        n += float(b["loss_mask_BT"].sum())
+    last = [m for m in read_metrics(lora_run) if "eval_loss" in m][-1]
+    np.testing.assert_allclose(tot / n, last["eval_loss"], rtol=2e-3)
+
+
+def test_sigterm_and_resume_equal_the_uninterrupted_run(lora_run, tiny_run, tmp_path):
+    _sft("arith_lora", tmp_path, tiny_run, "--config.train.steps=12", "--config.peft.lora.rank=4",
+         env={"LOOM_FAULT_SIGNAL_AFTER_STEP": f"5:{int(signal.SIGTERM)}"}, check=False)
+    assert [(r["event"], r["step"]) for r in RunLog(tmp_path).read()] == [("start", 0), ("exit", 5)]
+    _sft("arith_lora", tmp_path, tiny_run, "--config.train.steps=12", "--config.peft.lora.rank=4")
+    got, _ = restore_params(tmp_path)
+    want, _ = restore_params(lora_run)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), got, want)
+    # train lines over the same steps agree (the stop writes a line for steps 5, the resume's next one covers 6-8)
+    losses = lambda w: {m["step"]: m["loss"] for m in read_metrics(w) if "loss" in m}  # noqa: E731
+    got_l, want_l = losses(tmp_path), losses(lora_run)
+    assert sorted(got_l) == [4, 5, 8, 12] and sorted(want_l) == [4, 8, 12]
+    np.testing.assert_allclose([got_l[4], got_l[12]], [want_l[4], want_l[12]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_full_and_qlora_runs(method, tiny_run, tmp_path):
+    _sft(f"arith_{method}", tmp_path, tiny_run, "--config.train.steps=4", "--config.train.eval_every=4",
+         "--config.peft.qlora.block_size=32")
+    params, _ = restore_params(tmp_path)
+    model, cfg = load(tmp_path)
+    n = sum(np.size(x) for x in jax.tree.leaves(params))
+    if method == "full":
+        base_params, _ = restore_params(tiny_run)
+        assert n == sum(np.size(x) for x in jax.tree.leaves(base_params))
+        assert all(type(k).__name__ == "Kernel" for k in _kernels(model))
+    else:
+        assert cfg.dtype == "bfloat16" and n == adapter_count(model)
+        assert all(isinstance(k, LoraKernel) and isinstance(k.base, NF4Kernel) for k in _kernels(model.layers))
+    evals = [m for m in read_metrics(tmp_path) if "eval_loss" in m]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_bad_starts_are_one_line_and_write_nothing(tiny_run, tmp_path):
+    cases = {
+        "unset": ([], "init.workdir and init.hf_dir"),
+        "method": ([f"--config.init.workdir={tiny_run}", "--config.peft.method=ia3"], "peft.method='ia3' is not valid"),
+        "missing": ([f"--config.init.workdir={tmp_path / 'nope'}"], "nope"),
+        "data": ([f"--config.init.workdir={tiny_run}", "--config.data.sources.addition.format=jsonl",
+                  f"--config.data.sources.addition.path={tmp_path / 'none.jsonl'}"], "none.jsonl"),
+    }
+    for name, (args, text) in cases.items():
+        w = tmp_path / name
+        proc = run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={w}", *args, check=False)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert text in last and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert not w.exists() or not any(w.iterdir()), name
+    # the unset base says how the preset gets one
+    proc = run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={tmp_path / 'x'}", check=False)
+    assert "python -m train.pretrain --config=configs/pretrain.py:tiny" in proc.stderr
+

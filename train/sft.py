@@ -1,0 +1,328 @@
+"""Supervised fine-tuning: full, LoRA or QLoRA on chat / instruction data.
+
+    python -m train.sft --config=configs/sft.py:arith_lora --workdir=runs/arith_lora \\
+        --config.init.workdir=runs/tiny
+
+The loop is pretraining's (train/loop.py: logging, evaluation, checkpoints, exact resume,
+signals, the NaN guard); what differs is the start and the data. Top to bottom: load the base
+(`init.workdir`: any Loom workdir; or `init.hf_dir`: a Hugging Face directory) with its
+tokenizer, put the PEFT method on it (models/peft.py), split the model into what is trained and
+what is frozen (the frozen part is an argument of every step, never differentiated, never in the
+optimizer or the checkpoint), then train on chat batches (data/sft.py: the loss on assistant
+tokens only). Evaluations give the held-out loss and, for sources with exact answers (the
+`synthetic` format), `eval_accuracy`: held-out prompts answered greedily through
+`inference.generate` and checked by the task's verifier. The workdir keeps what training changed
+(every parameter for `full`, the adapters otherwise), the resolved config with the base's model
+section, and the base's tokenizer files; `models.checkpoint.load(workdir)` gives the fine-tuned
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from configs.cli import parse_flags, quiet_library_logs
+from data import pipeline, sft
+from data import synthetic
+from data.sources import check_paths, synthetic_seed
+from data.tokenizer import SentencePieceTokenizer
+from inference import generate
+from inference.loading import checkpoint_kind, load_tokenizer
+from models import peft
+from models.checkpoint import committed_steps, load_base, read_run_config
+from models.config import ModelConfig, flops_per_token, param_count
+from models.sharding import named_shardings, use_rules
+from train import distributed, lifecycle, loop
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.flops import system_peak_flops
+from train.loss import lm_loss_fn
+from train.metrics import MetricsWriter
+from train.optimizer import make_optimizer, warmup_steps
+from train.state import TrainState, make_eval_step, make_train_step
+
+SAMPLES_FILE = "samples.txt"
+# tokenizer files a Hugging Face base brings (copied into the workdir, so export has them)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "tokenizer.model", "generation_config.json")
+
+
+def base_model_config(config) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """(the base's model config with this run's dtype overrides, the base's `hf` section or None)."""
+    init = config.init
+    if bool(init.workdir) == bool(init.hf_dir):
+        raise ValueError("set exactly one of init.workdir and init.hf_dir (the base model); " + init.how
+                         if not init.workdir else
+                         f"init.workdir={init.workdir!r} and init.hf_dir={init.hf_dir!r} are both set; keep one")
+    path = pathlib.Path(init.workdir or init.hf_dir)
+    kind = checkpoint_kind(path)  # FileNotFoundError / ValueError name the path
+    if init.workdir and kind != "loom":
+        raise ValueError(f"init.workdir={init.workdir!r} is a Hugging Face directory; pass it as init.hf_dir")
+    if init.hf_dir and kind != "hf":
+        raise ValueError(f"init.hf_dir={init.hf_dir!r} is a Loom workdir; pass it as init.workdir")
+    if kind == "loom":
+        run = read_run_config(path)
+        cfg, hf_section = ModelConfig.from_dict(run["model"]), run.get("hf")
+    else:
+        from models.hf import families, read_hf_config
+
+        hf_config = read_hf_config(path)
+        cfg = families.from_hf_config(hf_config, where=str(path / "config.json"))
+        hf_section = {"architecture": families.architecture_of(hf_config), "config": hf_config}
+    overrides = {k: v for k, v in (("dtype", config.model.dtype), ("param_dtype", config.model.param_dtype)) if v}
+    if config.peft.method == "qlora" and "dtype" not in overrides:
+        overrides["dtype"] = "bfloat16"  # QLoRA computes in bf16 over the NF4 base
+    return cfg.replace(**overrides, pipeline_stages=1), hf_section
+
+
+def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(model config, mesh {'shape','rules'}, resolved config dict for config.json)."""
+    peft.check(config.peft.to_dict())
+    if config.data.truncation not in sft.TRUNCATIONS:
+        raise ValueError(f"data.truncation={config.data.truncation!r} is not valid; expected one of {sft.TRUNCATIONS}")
+    model_cfg, hf_section = base_model_config(config)
+    seq = config.data.seq_len
+    if seq > model_cfg.max_seq_len:
+        logging.warning("data.seq_len=%d is above the base's max_seq_len=%d: using %d", seq, model_cfg.max_seq_len,
+                        model_cfg.max_seq_len)
+        seq = model_cfg.max_seq_len
+    if seq < 2:
+        raise ValueError(f"data.seq_len={seq} must be >= 2")
+    mesh = mesh_lib.resolve(config.mesh.to_dict(), num_devices, model_cfg, seq)
+    if mesh["shape"]["stage"] > 1 or mesh["shape"]["sequence"] > 1:
+        raise ValueError(f"mesh {mesh['shape']}: fine-tuning runs on data / fsdp / tensor meshes (no pipeline "
+                         "stages or sequence sharding)")
+    b, m = config.train.batch_size, config.train.microbatches
+    shards = mesh["shape"]["data"] * mesh["shape"]["fsdp"]
+    if b % m or (b // m) % shards:
+        raise ValueError(f"train.batch_size={b} must split into train.microbatches={m} micro-batches each "
+                         f"divisible by the {shards} batch shards (mesh data x fsdp)")
+    if config.train.steps < 0:
+        raise ValueError(f"train.steps={config.train.steps} must be >= 0")
+    resolved = config.to_dict()
+    resolved["model"] = model_cfg.to_dict()
+    resolved["data"]["seq_len"] = seq
+    resolved["mesh"]["shape"] = mesh["shape"]
+    resolved["mesh"]["rules"] = [[name, list(axes)] for name, axes in mesh["rules"]]
+    resolved["optimizer"]["warmup_steps"] = warmup_steps(config.optimizer, config.train.steps)
+    if hf_section:
+        resolved["hf"] = hf_section
+    return model_cfg, mesh, resolved
+
+
+def base_tokenizer(config, workdir: pathlib.Path):
+    """The base's tokenizer, and the files to copy into the workdir: {name: source path}."""
+    if config.init.hf_dir:
+        path = pathlib.Path(config.init.hf_dir)
+        return load_tokenizer(path), {f: path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()}
+    base = pathlib.Path(config.init.workdir)
+    files = {f: base / f for f in HF_TOKENIZER_FILES + ("tokenizer.model",) if (base / f).is_file()}
+    if (base / "tokenizer.json").is_file() or (base / "tokenizer_config.json").is_file():
+        return load_tokenizer(base), files
+    if (base / "tokenizer.model").is_file():
+        return SentencePieceTokenizer.from_file(base / "tokenizer.model"), files
+    raise FileNotFoundError(f"init.workdir={str(base)!r} has no tokenizer (tokenizer.model or tokenizer.json)")
+
+
+def _axes_tree(state: nnx.State):
+    """Logical axes of each array of an NNX state, as a nested dict like its pure dict."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        axes = var.get_metadata().get("axes")
+        node[path[-1]] = tuple(axes) if axes is not None and len(axes) == np.ndim(var[...]) else (None,) * np.ndim(var[...])
+    return out
+
+
+def exact_match(model, tokenizer, chat, examples: list[dict], task: str, *, max_new_tokens: int) -> float:
+    """Share of `examples` ({"prompt", "answer"}) whose greedy completion the task's verifier accepts."""
+    prompts = [chat.prompt_ids([{"role": "user", "content": e["prompt"]}]) for e in examples]
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
+    texts = [tokenizer.decode([t for t in o if t != tokenizer.eos_id]) for o in outs]
+    return float(np.mean([synthetic.verify(task, t, e["answer"]) for t, e in zip(texts, examples)]))
+
+
+def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tunes per `config` in `workdir`; returns a summary (as train.pretrain.run does)."""
+    workdir = pathlib.Path(workdir)
+    distributed.initialize(config.distributed)
+    is_main = jax.process_index() == 0
+    tc = config.train
+    with lifecycle.config_errors():
+        model_cfg, mesh_spec, resolved = resolve_config(config, jax.device_count())
+        seq = resolved["data"]["seq_len"]
+        tx, schedule = make_optimizer(config.optimizer, tc.steps)
+        guard = lifecycle.NanGuard(tc.nan_policy, tc.nan_max_skips)
+        train_specs = sft.specs_from_config(config.data.sources)
+        eval_specs = sft.specs_from_config(config.data.eval_sources)
+        if not train_specs:
+            raise ValueError("data.sources is empty: give at least one chat / instruction source")
+        check_paths(train_specs + eval_specs)
+        tokenizer, tokenizer_files = base_tokenizer(config, workdir)
+        template = sft.chat_template_for(tokenizer, config.data.chat_template)
+    lifecycle.check_workdir(workdir, resolved, committed_steps(workdir))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        for name, src in tokenizer_files.items():
+            if not (workdir / name).is_file():
+                shutil.copyfile(src, workdir / name)
+    runlog = lifecycle.RunLog(workdir, enabled=is_main)
+    chat = sft.ChatTokenizer(tokenizer, template)
+    mesh = mesh_lib.make_mesh(mesh_spec["shape"])
+    rules = mesh_spec["rules"]
+    method = config.peft.method
+    flops_tok = flops_per_token(model_cfg, seq)["train"]
+    peak = system_peak_flops(model_cfg.dtype)
+
+    with jax.set_mesh(mesh), use_rules(rules):
+        base, _ = load_base({"workdir": config.init.workdir, "hf_dir": config.init.hf_dir, "step": config.init.step},
+                            model_cfg)
+        model = peft.apply(base, config.peft.to_dict(), seed=tc.seed)
+        graphdef, trained, frozen = nnx.split(model, peft.trainable_filter(method), ...)
+        n_trained = sum(np.size(x) for x in jax.tree.leaves(nnx.to_pure_dict(trained)))
+        logging.info("base %s: %s parameters; %s trains %s of them (%.3g%%)", config.init.workdir or config.init.hf_dir,
+                     f"{param_count(model_cfg):,}", method, f"{n_trained:,}", 100 * n_trained / param_count(model_cfg))
+        trained_sh = named_shardings(_axes_tree(trained), nnx.to_pure_dict(trained), mesh, rules)
+        frozen_sh = named_shardings(_axes_tree(frozen), nnx.to_pure_dict(frozen), mesh, rules)
+        params = jax.device_put(nnx.to_pure_dict(trained), trained_sh)
+        frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
+        del base, model, trained
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        opt_state = jax.jit(tx.init)(params)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                           opt_state=opt_state,
+                           rng=jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(tc.seed), 1)),
+                                              replicated))
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        loss_fn = lm_loss_fn(graphdef, z_loss=tc.z_loss)
+
+        ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+        dc = config.data
+        num_shards = dc.num_shards or jax.process_count()
+        shard_ids = pipeline.process_shards(num_shards, jax.process_index(), jax.process_count())
+        data_kw = dict(seq_len=seq, chat_template=template, truncation=dc.truncation, packing=dc.packing,
+                       num_packing_bins=dc.num_packing_bins)
+        data_iter = sft.sharded_sft_batches(train_specs, tokenizer, batch_size=tc.batch_size, num_shards=num_shards,
+                                            shard_ids=shard_ids, seed=tc.seed, shuffle_window=dc.shuffle_window,
+                                            num_workers=dc.num_workers, **data_kw)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = ckpt.restore(abstract, data_iter)
+        if restored is not None:
+            state = restored
+        start = int(jax.device_get(state.step))
+        if start >= tc.steps and restored is not None:
+            runlog.event("exit", reason="already complete", step=start)
+            ckpt.close()
+            return {"step": start, "resumed_from": start, "complete": True, "exit_code": 0}
+        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
+        runlog.event("resume" if restored is not None else "start", step=start, steps=tc.steps,
+                     command=lifecycle.command_line(), peak_flops=peak, trained_parameters=n_trained)
+
+        batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
+        batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
+        use_dropout = model_cfg.dropout_rate > 0 or (method != "full" and config.peft.lora.dropout > 0)
+        train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches, use_dropout=use_dropout),
+                             in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None),
+                             donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh, frozen_sh))
+
+        def global_batch(local):
+            return {k: jax.make_array_from_process_local_data(batch_sharding(local[k].shape[1:]), local[k])
+                    for k in pipeline.BATCH_KEYS}
+
+        eval_batches = []
+        if eval_specs and tc.eval_batches > 0:
+            eval_iter = sft.sharded_sft_batches(eval_specs, tokenizer, batch_size=tc.batch_size, num_shards=num_shards,
+                                                shard_ids=shard_ids, shuffle=False, drop_remainder=False, **data_kw)
+            eval_batches = [next(eval_iter) for _ in range(tc.eval_batches)]
+        # held-out questions with exact answers: the synthetic eval sources' first examples
+        exact = [(s.task, synthetic.get(s.task).examples(tc.eval_examples, seed=synthetic_seed(s.split), size=s.size))
+                 for s in eval_specs if s.format == "synthetic"] if tc.eval_examples > 0 else []
+
+        def current_model(state):
+            return nnx.merge(graphdef, state.params, frozen)
+
+        def evaluate(state) -> dict[str, float]:
+            out: dict[str, float] = {}
+            if eval_batches:
+                tot, n = 0.0, 0.0
+                for b in eval_batches:
+                    m = jax.device_get(eval_step(state.params, global_batch(b), frozen))
+                    tot, n = tot + float(m["loss_sum"]), n + float(m["num_tokens"])
+                loss = tot / max(n, 1.0)
+                out.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
+            if exact and jax.process_count() == 1:
+                model = current_model(state)
+                accs = [exact_match(model, tokenizer, chat, ex, task, max_new_tokens=tc.sample_tokens)
+                        for task, ex in exact]
+                out["eval_accuracy"] = float(np.mean(accs))
+            return out
+
+        num_sources = len(train_specs)
+
+        def next_batch():
+            local = next(data_iter)
+            batch = global_batch(local)
+            src, seg = local["source_BT"], local["segment_ids_BT"]
+            trained_tokens = local["loss_mask_BT"]
+            counts = np.array([trained_tokens[src == i].sum() for i in range(num_sources)], np.float32)
+            stats = {"source_tokens": counts, "padding_fraction": np.float32((seg == 0).mean()),
+                     "trained_token_fraction": np.float32(trained_tokens.mean())}
+            c = sft.example_counts(local)
+            stats.update(truncated_examples=np.float32(c["truncated"]), dropped_examples=np.float32(c["dropped"]))
+            return batch, stats
+
+        state, outcome = loop.run_steps(loop.Parts(
+            tc=tc, state=state, start=start, train_step=train_step, next_batch=next_batch, ckpt=ckpt,
+            data_iter=data_iter, writer=writer, runlog=runlog, guard=guard, schedule=schedule, evaluate=evaluate,
+            tokens_per_step=tc.batch_size * seq, flops_per_token=flops_tok, peak_flops=peak,
+            source_names=tuple(s.name for s in train_specs), summed=("truncated_examples", "dropped_examples"),
+            frozen=frozen, workdir=workdir))
+        summary: dict[str, Any] = {"method": method, "trained_parameters": n_trained, **outcome}
+        if not outcome["complete"]:
+            writer.close()
+            return summary
+        if is_main and tc.num_samples > 0 and exact and jax.process_count() == 1:
+            task, ex = exact[0]
+            ex = ex[:tc.num_samples]
+            prompts = [chat.prompt_ids([{"role": "user", "content": e["prompt"]}]) for e in ex]
+            outs = generate(current_model(state), prompts, max_new_tokens=tc.sample_tokens,
+                            stop_tokens=[tokenizer.eos_id])
+            blocks = [f"=== prompt ===\n{e['prompt']}\n=== greedy answer (expected {e['answer']!r}) ===\n"
+                      f"{tokenizer.decode([t for t in o if t != tokenizer.eos_id])}\n" for e, o in zip(ex, outs)]
+            (workdir / SAMPLES_FILE).write_text("\n".join(blocks))
+        writer.close()
+        runlog.event("exit", reason="finished", step=tc.steps, final_eval_loss=summary.get("final_eval_loss"))
+        logging.info("done: %s", summary)
+        return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
+    quiet_library_logs()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    sys.exit(lifecycle.run_program(run, config, workdir))
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/sft.py", "Experiment config (file:preset).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
+    app.run(main, flags_parser=parse_flags)
