@@ -141,3 +141,18 @@ def test_bad_starts_are_one_line_and_write_nothing(tiny_run, tmp_path):
     proc = run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={tmp_path / 'x'}", check=False)
     assert "python -m train.pretrain --config=configs/pretrain.py:tiny" in proc.stderr
 
+
+
+@pytest.mark.slow
+def test_arith_lora_on_the_tiny_preset_learns_addition(tmp_path_factory):
+    """The README's pair of commands: `tiny` pretrained as the default experiment (300 steps), then
+    the arith_lora preset as shipped; held-out exact-match accuracy goes from 0 to >= 0.9
+    (about 7 minutes on 2 cores; seen: 0, 0.20, 0.77, 1.00 at steps 0 / 80 / 160 / 240)."""
+    base = tmp_path_factory.mktemp("tiny_full")
+    run_program("train.pretrain", "--config=configs/pretrain.py:tiny", f"--workdir={base}",
+                "--config.train.num_samples=0", timeout=1200)
+    workdir = tmp_path_factory.mktemp("arith_lora")
+    run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={workdir}",
+                f"--config.init.workdir={base}", timeout=1200)
+    acc = [m["eval_accuracy"] for m in read_metrics(workdir) if "eval_accuracy" in m]
+    assert acc[0] <= 0.05 and acc[-1] >= 0.9, acc
