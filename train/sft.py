@@ -55,6 +55,7 @@ from train.optimizer import make_optimizer, warmup_steps
 from train.state import TrainState, make_eval_step, make_train_step
 
 SAMPLES_FILE = "samples.txt"
+TOKENIZER_SUBDIR = "tokenizer"
 # tokenizer files a Hugging Face base brings (copied into the workdir, so export has them)
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                       "tokenizer.model", "generation_config.json")
@@ -123,18 +124,21 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
     return model_cfg, mesh, resolved
 
 
-def base_tokenizer(config, workdir: pathlib.Path):
-    """The base's tokenizer, and the files to copy into the workdir: {name: source path}."""
+def base_tokenizer(config):
+    """The base's tokenizer, and the files to copy into the workdir ({relative name: source}):
+    a Hugging Face tokenizer's files go to `tokenizer/` (where `models.hf import` puts them and
+    `models.hf export` reads them), a Loom sentencepiece model to `tokenizer.model`."""
     if config.init.hf_dir:
         path = pathlib.Path(config.init.hf_dir)
-        return load_tokenizer(path), {f: path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()}
+        files = {f"{TOKENIZER_SUBDIR}/{f}": path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()}
+        return load_tokenizer(path), files
     base = pathlib.Path(config.init.workdir)
-    files = {f: base / f for f in HF_TOKENIZER_FILES + ("tokenizer.model",) if (base / f).is_file()}
-    if (base / "tokenizer.json").is_file() or (base / "tokenizer_config.json").is_file():
-        return load_tokenizer(base), files
+    if (base / TOKENIZER_SUBDIR).is_dir():
+        files = {f"{TOKENIZER_SUBDIR}/{f.name}": f for f in (base / TOKENIZER_SUBDIR).iterdir() if f.is_file()}
+        return load_tokenizer(base / TOKENIZER_SUBDIR), files
     if (base / "tokenizer.model").is_file():
-        return SentencePieceTokenizer.from_file(base / "tokenizer.model"), files
-    raise FileNotFoundError(f"init.workdir={str(base)!r} has no tokenizer (tokenizer.model or tokenizer.json)")
+        return SentencePieceTokenizer.from_file(base / "tokenizer.model"), {"tokenizer.model": base / "tokenizer.model"}
+    raise FileNotFoundError(f"init.workdir={str(base)!r} has no tokenizer ({TOKENIZER_SUBDIR}/ or tokenizer.model)")
 
 
 def _axes_tree(state: nnx.State):
@@ -173,7 +177,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         if not train_specs:
             raise ValueError("data.sources is empty: give at least one chat / instruction source")
         check_paths(train_specs + eval_specs)
-        tokenizer, tokenizer_files = base_tokenizer(config, workdir)
+        tokenizer, tokenizer_files = base_tokenizer(config)
         template = sft.chat_template_for(tokenizer, config.data.chat_template)
     lifecycle.check_workdir(workdir, resolved, committed_steps(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +185,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
         for name, src in tokenizer_files.items():
             if not (workdir / name).is_file():
+                (workdir / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, workdir / name)
     runlog = lifecycle.RunLog(workdir, enabled=is_main)
     chat = sft.ChatTokenizer(tokenizer, template)

@@ -5,7 +5,8 @@
       as an orbax checkpoint at runs/llama3/checkpoints/0/params (what `models.checkpoint.load`
       and our programs start from) and the tokenizer files in runs/llama3/tokenizer/.
   python -m models.hf export --checkpoint=runs/llama3 --out=path/to/hf_out [--step=N] [--dtype=...]
-      writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads, with the
+      writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (an SFT run
+      with LoRA / QLoRA adapters is exported merged: W + scale A B), with the
       tokenizer files of the workdir's tokenizer/ (or --tokenizer_dir) beside the weights; a
       pretraining run's own sentencepiece model (<workdir>/tokenizer.model) is written as
       tokenizer.model, tokenizer.json and tokenizer_config.json (`transformers.AutoTokenizer`
@@ -96,6 +97,10 @@ def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | N
     workdir = pathlib.Path(checkpoint)
     model, cfg = ckpt.load(workdir, step=step, mesh=_mesh())
     run_config = ckpt.read_run_config(workdir)
+    if (run_config.get("peft") or {}).get("method", "full") != "full":  # a fine-tuning run's adapters
+        from models.lora import merge_lora
+
+        model = merge_lora(model, dtype=cfg.params_dtype)  # W + scale A B (an NF4 base dequantized)
     hf_section = run_config.get("hf") or {}
     tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else workdir / TOKENIZER_SUBDIR
     companion = tokenizer_dir if tokenizer_dir.is_dir() else None

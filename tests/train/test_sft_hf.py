@@ -1,0 +1,93 @@
+"""SFT from a Hugging Face base (init.hf_dir), and the merged export `transformers` loads."""
+
+import inspect
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.checkpoint import load
+from models.lora import LoraKernel
+from models.projection import Einsum
+from tests.data.test_sft_data import LLAMA3
+from tests.helpers import hf_logits, randomize_hf, run_program
+from train.metrics import read_metrics
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A random Llama-shaped transformers model with a byte-level BPE tokenizer and the Llama 3
+    chat template, as a Hugging Face directory."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    corpus = [open(inspect.getfile(m), encoding="utf-8").read() for m in (os, inspect, json)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                                eos_token="<|end_of_text|>")
+    fast.chat_template = LLAMA3
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, bos_token_id=bos,
+                                   eos_token_id=tok.token_to_id("<|end_of_text|>"))
+    torch.manual_seed(0)
+    model = randomize_hf(transformers.LlamaForCausalLM(cfg), seed=3)
+    path = tmp_path_factory.mktemp("llama_hf")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_lora_from_a_hugging_face_base_exports_merged(llama_dir, tmp_path):
+    run = tmp_path / "run"
+    run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={run}", f"--config.init.hf_dir={llama_dir}",
+                "--config.train.steps=4", "--config.train.batch_size=4", "--config.train.eval_every=4",
+                "--config.train.eval_batches=1", "--config.train.eval_examples=2", "--config.train.num_samples=1",
+                "--config.train.sample_tokens=4", "--config.train.async_checkpoint=False",
+                "--config.optimizer.lr=3e-2", "--config.model.dtype=float32")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["hf"]["architecture"] == "LlamaForCausalLM" and cfg["model"]["hidden_size"] == 64
+    assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "tokenizer" / "tokenizer_config.json").is_file()
+    assert [m["step"] for m in read_metrics(run) if "loss" in m] == [4]
+    model, _ = load(run)
+    kernels = [m.kernel for _, m in nnx.iter_modules(model.layers) if isinstance(m, Einsum)]
+    assert len(kernels) == 7 and all(isinstance(k, LoraKernel) for k in kernels)  # stacked over the layers
+    assert max(float(np.abs(np.asarray(k.b[...])).max()) for k in kernels) > 1e-4  # trained, not the zero init
+
+    out = tmp_path / "hf"
+    proc = run_program("models.hf", "export", f"--checkpoint={run}", f"--out={out}")
+    assert "as LlamaForCausalLM" in proc.stdout
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    tokens = np.random.default_rng(7).integers(3, 500, (2, 24))
+    np.testing.assert_allclose(hf_logits(back, tokens), np.asarray(model(tokens)), atol=1e-4, rtol=0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager")
+    assert np.abs(hf_logits(base, tokens) - hf_logits(back, tokens)).max() > 1e-3  # the adapters are in it
+    # the exported tokenizer is the base's, with its chat template
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == LLAMA3
+
+
+def test_lora_from_an_imported_workdir(llama_dir, tmp_path):
+    """`python -m models.hf import` output as init.workdir: its tokenizer/ comes along."""
+    run_program("models.hf", "import", f"--hf_dir={llama_dir}", f"--out={tmp_path / 'base'}")
+    run = tmp_path / "run"
+    run_program("train.sft", "--config=configs/sft.py:arith_lora", f"--workdir={run}",
+                f"--config.init.workdir={tmp_path / 'base'}", "--config.train.steps=2", "--config.train.batch_size=4",
+                "--config.train.eval_every=0", "--config.train.eval_batches=0", "--config.train.num_samples=0",
+                "--config.train.log_every=2", "--config.train.async_checkpoint=False")
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
+    assert json.loads((run / "config.json").read_text())["hf"]["architecture"] == "LlamaForCausalLM"
+    assert [m["step"] for m in read_metrics(run) if "loss" in m] == [2]
