@@ -63,6 +63,8 @@ def load_checkpoint(path: str | pathlib.Path, *, step: int | None = None, dtype:
             cfg = cfg.replace(dtype=dtype)
             model = merge_params(split_params(abstract_model(cfg))[0], split_params(model)[1])
         tok_path = tokenizer or path / "tokenizer.model"
+        if not pathlib.Path(tok_path).exists() and (path / "tokenizer").is_dir():
+            tok_path = path / "tokenizer"  # a Hugging Face tokenizer (`models.hf import`, SFT from such a base)
         if not pathlib.Path(tok_path).exists():
             data_cfg = ckpt.read_run_config(path).get("data", {})
             run_tok = data_cfg.get("tokenizer", {})

@@ -81,3 +81,31 @@ def randomize_adapters(model, seed=0, std=0.05):
     new = [jax.random.normal(k, x.shape, x.dtype) * std for k, x in zip(keys, leaves)]
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
+
+
+def llama3_style_tokenizer(vocab_size: int, chat_template: str, extra_specials=()):
+    """A transformers fast tokenizer built here: byte-level BPE trained on a few standard-library
+    sources, Llama 3's special tokens (+ `extra_specials`), a post-processor that adds BOS (as
+    Llama 3's does), and `chat_template`. Save it with `save_pretrained(dir)`."""
+    import inspect
+    import json
+
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                *extra_specials]
+    corpus = [open(inspect.getfile(m), encoding="utf-8").read() for m in (os, inspect, json)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                                eos_token="<|end_of_text|>")
+    fast.chat_template = chat_template
+    return fast

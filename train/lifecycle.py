@@ -391,3 +391,26 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.signal_after and step == self.signal_after[0]:
             os.kill(os.getpid(), self.signal_after[1])
+
+
+def program_main(run, default_config: str) -> None:
+    """The command line of a training program: `python -m train.<program> --config=FILE:PRESET
+    [--config.x=y ...] [--workdir=W]` (default workdir runs/<config name>), run through
+    `run_program`. Call it under `if __name__ == "__main__":`, so the flags exist only when the
+    module runs as a program (tests and other programs import `run` freely)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from configs.cli import parse_flags, quiet_library_logs
+
+    config_flag = config_flags.DEFINE_config_file("config", default_config, "Experiment config (file:preset).")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
+        quiet_library_logs()
+        config = config_flag.value
+        sys.exit(run_program(run, config, workdir_flag.value or os.path.join("runs", config.name)))
+
+    app.run(main, flags_parser=parse_flags)

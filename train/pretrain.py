@@ -17,13 +17,11 @@ import json
 import math
 import os
 import pathlib
-import sys
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from data import pipeline
 from data.sources import check_paths, read_all, specs_from_config
@@ -39,7 +37,6 @@ from models.checkpoint import committed_steps
 from train import distributed, lifecycle, loop
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, saved_data_shards
-from configs.cli import parse_flags, quiet_library_logs
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
 from train.metrics import MetricsWriter, batch_stats
@@ -278,17 +275,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         return summary
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
-    quiet_library_logs()
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    sys.exit(lifecycle.run_program(run, config, workdir))
-
 
 if __name__ == "__main__":
-    # flags are defined only when run as a program, so tests and other programs can import run()
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Experiment config (file:preset).")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
-    app.run(main, flags_parser=parse_flags)
+    lifecycle.program_main(run, "configs/pretrain.py")

@@ -24,17 +24,14 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
-from configs.cli import parse_flags, quiet_library_logs
 from data import pipeline, sft
 from data import synthetic
 from data.sources import check_paths, synthetic_seed
@@ -318,16 +315,6 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         return summary
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; everything is set through --config.*")
-    quiet_library_logs()
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or os.path.join("runs", config.name)
-    sys.exit(lifecycle.run_program(run, config, workdir))
-
 
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/sft.py", "Experiment config (file:preset).")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
-    app.run(main, flags_parser=parse_flags)
+    lifecycle.program_main(run, "configs/sft.py")

@@ -1,10 +1,8 @@
 """SFT data (data/sft.py): record shapes, chat templates, assistant-only loss masks, packing with
 masks, truncation, the synthetic source and bad input. Tokenizers are built here (no download)."""
 
-import inspect
 import json
 import logging
-import os
 import random
 import re
 
@@ -14,6 +12,7 @@ import pytest
 
 from data import pipeline, sft, synthetic
 from data.sources import DataError, EmptySourceError, SourceSpec, read_all, synthetic_seed
+from tests.helpers import llama3_style_tokenizer
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -67,24 +66,9 @@ def sp_tok(tmp_path_factory):
 def hf_dir(tmp_path_factory):
     """A byte-level BPE (Llama 3 style: its post-processor adds BOS) saved by transformers with the
     Llama 3 chat template."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                "<|im_start|>", "<|im_end|>"]
-    corpus = [open(inspect.getfile(m), encoding="utf-8").read() for m in (os, inspect, json)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", bos)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                                eos_token="<|end_of_text|>")
-    fast.chat_template = LLAMA3
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    fast = llama3_style_tokenizer(700, LLAMA3, extra_specials=("<|im_start|>", "<|im_end|>"))
     path = tmp_path_factory.mktemp("hf")
     fast.save_pretrained(path)
     return path

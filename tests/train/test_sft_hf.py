@@ -1,8 +1,6 @@
 """SFT from a Hugging Face base (init.hf_dir), and the merged export `transformers` loads."""
 
-import inspect
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from models.checkpoint import load
 from models.lora import LoraKernel
 from models.projection import Einsum
 from tests.data.test_sft_data import LLAMA3
-from tests.helpers import hf_logits, randomize_hf, run_program
+from tests.helpers import hf_logits, llama3_style_tokenizer, randomize_hf, run_program
 from train.metrics import read_metrics
 
 torch = pytest.importorskip("torch")
@@ -23,26 +21,11 @@ transformers = pytest.importorskip("transformers")
 def llama_dir(tmp_path_factory):
     """A random Llama-shaped transformers model with a byte-level BPE tokenizer and the Llama 3
     chat template, as a Hugging Face directory."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    corpus = [open(inspect.getfile(m), encoding="utf-8").read() for m in (os, inspect, json)]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", bos)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                                eos_token="<|end_of_text|>")
-    fast.chat_template = LLAMA3
+    fast = llama3_style_tokenizer(500, LLAMA3)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False, bos_token_id=bos,
-                                   eos_token_id=tok.token_to_id("<|end_of_text|>"))
+                                   tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
+                                   eos_token_id=fast.eos_token_id)
     torch.manual_seed(0)
     model = randomize_hf(transformers.LlamaForCausalLM(cfg), seed=3)
     path = tmp_path_factory.mktemp("llama_hf")
@@ -91,3 +74,8 @@ def test_lora_from_an_imported_workdir(llama_dir, tmp_path):
     assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
     assert json.loads((run / "config.json").read_text())["hf"]["architecture"] == "LlamaForCausalLM"
     assert [m["step"] for m in read_metrics(run) if "loss" in m] == [2]
+    # inference loads the run with the base's tokenizer (from the workdir's tokenizer/)
+    from inference.loading import load_checkpoint
+
+    _, tok, info = load_checkpoint(run)
+    assert info["tokenizer"] == str(run / "tokenizer") and tok.vocab_size == 500
