@@ -14,9 +14,10 @@ decodes with them as it is.
 
 Position convention: prefix keys carry no RoPE (they are trained in the rotated space directly)
 and the real tokens keep their positions 0..T-1. PEFT gives the real tokens positions P..P+T-1
-and inserts the prefix as a cache without RoPE; under RoPE scores depend only on position
-differences, so the two agree (`peft_compatible` says when: RoPE without dynamic NTK, no
-sliding window), and the prefixes export as a PEFT adapter (models/hf/peft_io.py).
+and uses the prefix keys as they are; the real tokens' scores among themselves depend only on
+position differences, and a prefix key k scores against a query at P + t as R_P k does against
+one at t, so the PEFT export (models/hf/peft_io.py) writes R_P k (`peft_compatible` says when
+this holds: RoPE without dynamic NTK, no sliding window).
 
 Optionally (`reparam` > 0) the prefixes are the output of a per-layer MLP, embedding [P, D] ->
 tanh(W1) [R] -> W2 [2 K H], which Li & Liang found trains more stably than the raw prefixes;

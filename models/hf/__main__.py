@@ -15,7 +15,7 @@
       pretraining run's own sentencepiece model (<workdir>/tokenizer.model) is written as
       tokenizer.model, tokenizer.json and tokenizer_config.json (`transformers.AutoTokenizer`
       gives the ids Loom trained on).
-      With --adapter_only, an SFT run with LoRA / QLoRA adapters is written as a PEFT adapter
+      With --adapter_only, an SFT run with LoRA / QLoRA adapters or prefixes is written as a PEFT adapter
       directory instead (adapter_config.json, adapter_model.safetensors, the run's tokenizer files)
       for `peft.PeftModel.from_pretrained(<its Hugging Face base>, DIR)`; see models/hf/peft_io.py.
 
@@ -44,8 +44,8 @@ flags.DEFINE_string("architecture", None, f"export: one of {sorted(hf.ARCHITECTU
                                           "else the plainest that expresses the model")
 flags.DEFINE_string("tokenizer_dir", None, "export: copy tokenizer files from here (default: <checkpoint>/tokenizer)")
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "export: safetensors shard size in MiB")
-flags.DEFINE_bool("adapter_only", False, "export: write an SFT run's LoRA / QLoRA adapters as a PEFT adapter "
-                                         "directory (adapter_config.json, adapter_model.safetensors)")
+flags.DEFINE_bool("adapter_only", False, "export: write an SFT run's LoRA / QLoRA adapters or prefixes as a PEFT "
+                                         "adapter directory (adapter_config.json, adapter_model.safetensors)")
 flags.DEFINE_string("adapter_dir", None, "import: a PEFT LoRA adapter directory to merge into the imported weights")
 FLAGS = flags.FLAGS
 
@@ -92,6 +92,10 @@ def import_(hf_dir: str, out: str, dtype: str | None = None, adapter_dir: str | 
         from models.hf import peft_io
         from models.lora import merge_lora
 
+        if peft_io.adapter_type(adapter_dir) == "PREFIX_TUNING":
+            raise ValueError(f"{adapter_dir} is a prefix-tuning adapter: prefixes are attention inputs, not weights, "
+                             "so they cannot be merged into a workdir's weights; load them onto the model with "
+                             "models.hf.peft_io.load_adapter(model, dir)")
         model = merge_lora(peft_io.load_adapter(model, adapter_dir, architecture=architecture), dtype=cfg.params_dtype)
         run_config["adapter"] = {"source": str(pathlib.Path(adapter_dir).resolve()), "merged": True,
                                  "config": peft_io.read_adapter_config(adapter_dir)}
@@ -119,7 +123,11 @@ def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | N
     workdir = pathlib.Path(checkpoint)
     model, cfg = ckpt.load(workdir, step=step, mesh=_mesh())
     run_config = ckpt.read_run_config(workdir)
-    if (run_config.get("peft") or {}).get("method", "full") != "full":  # a fine-tuning run's adapters
+    method = (run_config.get("peft") or {}).get("method", "full")
+    if method == "prefix":
+        raise ValueError(f"{workdir} is a prefix-tuning run: its prefixes are attention inputs, not weights, so no "
+                         "merged transformers model holds them; write them as a PEFT adapter with --adapter_only")
+    if method != "full":  # a fine-tuning run's adapters
         from models.lora import merge_lora
 
         model = merge_lora(model, dtype=cfg.params_dtype)  # W + scale A B (an NF4 base dequantized)
@@ -167,7 +175,8 @@ def main(argv):
 
                 config = peft_io.export_adapter(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                                                 tokenizer_dir=FLAGS.tokenizer_dir)
-                fields = ", ".join(f"{k}={config[k]}" for k in ("r", "lora_alpha", "target_modules") if k in config)
+                shown = ("r", "lora_alpha", "target_modules", "num_virtual_tokens")
+                fields = ", ".join(f"{k}={config[k]}" for k in shown if k in config)
                 print(f"exported the adapters of {FLAGS.checkpoint} to {FLAGS.out} as a PEFT adapter directory "
                       f"({fields}) for the base {config.get('base_model_name_or_path') or '(unknown)'}")
                 return

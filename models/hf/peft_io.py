@@ -1,5 +1,5 @@
-"""PEFT LoRA adapter directories in and out: what `peft.PeftModel.from_pretrained(base, DIR)` loads
-and `PeftModel.save_pretrained(DIR)` writes.
+"""PEFT adapter directories in and out (LoRA, and prefix tuning at the end of this module): what
+`peft.PeftModel.from_pretrained(base, DIR)` loads and `PeftModel.save_pretrained(DIR)` writes.
 
     save_adapter(model, "adapter/", architecture="LlamaForCausalLM", rslora=False)   # its LoraKernels
     model = load_adapter(base_model, "adapter/")    # a copy of a Loom model with the adapter's LoraKernels
@@ -178,6 +178,14 @@ def _layer_of(key: str) -> int:
 # Reading
 
 
+def adapter_type(adapter_dir: str | os.PathLike) -> str | None:
+    """The `peft_type` of a PEFT adapter directory ("LORA", "PREFIX_TUNING", ...)."""
+    file = pathlib.Path(adapter_dir) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: is {adapter_dir} a PEFT adapter directory?")
+    return json.loads(file.read_text()).get("peft_type")
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """adapter_config.json of a PEFT LoRA adapter directory, checked: ValueError naming an
     option this module does not read (see the module docstring)."""
@@ -188,7 +196,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     config = json.loads(file.read_text())
     where = str(file)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; only LoRA adapters (\"LORA\") are supported")
+        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; only LoRA adapters (\"LORA\") are supported "
+                         "here (prefix-tuning ones load through load_adapter)")
     if config.get("task_type") not in ("CAUSAL_LM", None):
         raise ValueError(f"{where}: task_type={config['task_type']!r}; expected \"CAUSAL_LM\" (a decoder's LM head)")
     refused = [why for field, why in _REFUSED.items() if config.get(field)]
@@ -247,7 +256,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, architecture: str | N
     """A copy of the Loom `model` (the adapter's base, e.g. from `models.hf.load`) carrying the
     PEFT LoRA adapter in `adapter_dir` as LoraKernels: rank, alpha, rsLoRA and dropout from its
     config, the weights from `adapter_model.safetensors`. Projections adapted on some layers only
-    get zero adapters on the others.
+    get zero adapters on the others. A PREFIX_TUNING directory gives the model with its prefixes
+    (`load_prefix_adapter`).
 
     `architecture`: the transformers architecture whose module names the adapter uses (default:
     the one `models.hf.save` would write for the model). `dtype`: the adapters' storage dtype
@@ -258,6 +268,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, architecture: str | N
     its tensors.
     """
     adapter_dir = pathlib.Path(adapter_dir)
+    if adapter_type(adapter_dir) == "PREFIX_TUNING":
+        return load_prefix_adapter(model, adapter_dir)
     config = read_adapter_config(adapter_dir)
     file = adapter_dir / ADAPTER_WEIGHTS
     if not file.is_file():
@@ -352,12 +364,108 @@ def _check_base_layer(where, saved, kernel, layout):
 # An SFT run's adapters
 
 
+PREFIX_KEY = "prompt_embeddings"  # PEFT's one tensor of a prefix-tuning adapter
+
+
+def _rotate_prefix_keys(cfg, k_LPKH, by: int):
+    """Prefix keys rotated by RoPE at position `by` (its inverse for negative `by`): PEFT's convention
+    (real tokens at positions P..P+T-1, prefix keys used as they are) scores q at P + t against
+    k' = R_P k exactly as Loom scores q at t against k (R_{P+t}^T R_P = R_t^T)."""
+    from models.transformer import rope, rope_frequencies
+
+    pos = jnp.full(k_LPKH.shape[:2], by, jnp.int32)
+    return rope(jnp.asarray(k_LPKH, F32), pos, inv_freq=rope_frequencies(cfg))
+
+
+def save_prefix_adapter(model, out: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                        dtype=None) -> dict[str, Any]:
+    """Writes the prefixes of a prefix-tuned `model` (models/prefix.py) as a PEFT PREFIX_TUNING
+    directory and returns its adapter config: `prompt_embeddings` [P, L * 2 * K * H], per virtual
+    token the layers' (key, value) pairs over the kv heads, keys rotated to PEFT's positions (see
+    `_rotate_prefix_keys`); a reparameterisation MLP is folded first. ValueError when the model has
+    no prefixes or its prefixes mean something else under PEFT's positions (`peft_compatible`)."""
+    from models.prefix import PrefixAttention, fold_prefixes, peft_compatible
+
+    cfg = model.config
+    if not isinstance(model.layers.attn, PrefixAttention):
+        raise ValueError("the model has no prefixes to write (models.prefix.apply_prefix adds them)")
+    reasons = peft_compatible(cfg)
+    if reasons:
+        raise ValueError("these prefixes cannot be written for PEFT, whose prefix tuning shifts the real tokens' "
+                         "positions by the prefix length: " + "; ".join(reasons))
+    attn = fold_prefixes(model).layers.attn
+    k, v = attn.prefix_k[...], attn.prefix_v[...]  # [L, P, K, H]
+    n_layers, length, kv_heads, head_dim = k.shape
+    k = _rotate_prefix_keys(cfg, k, length)
+    emb = np.stack([np.asarray(k, np.float32), np.asarray(v, np.float32)], axis=2)  # [L, P, 2, K, H]
+    emb = emb.transpose(1, 0, 2, 3, 4).reshape(length, n_layers * 2 * kv_heads * head_dim)
+    np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(jnp.dtype(attn.prefix_v[...].dtype))
+    config = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "num_virtual_tokens": int(length), "num_layers": int(n_layers), "num_attention_heads": int(kv_heads),
+        "token_dim": int(kv_heads * head_dim), "encoder_hidden_size": int(kv_heads * head_dim),
+        "prefix_projection": False, "num_transformer_submodules": 1, "inference_mode": True, "revision": None,
+        "modules_to_save": None,
+    }
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out, [(PREFIX_KEY, emb.shape, np_dtype, lambda: emb.astype(np_dtype))], max_shard_bytes=2**62,
+                      single_file=ADAPTER_WEIGHTS)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def load_prefix_adapter(model, adapter_dir: str | os.PathLike):
+    """A copy of the Loom `model` with the prefixes of a PEFT PREFIX_TUNING directory (the inverse of
+    `save_prefix_adapter`); ValueError naming what does not fit this model."""
+    from models.prefix import apply_prefix, peft_compatible
+
+    adapter_dir = pathlib.Path(adapter_dir)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    file = adapter_dir / ADAPTER_WEIGHTS
+    where = str(file)
+    if config.get("task_type") not in ("CAUSAL_LM", None):
+        raise ValueError(f"{where}: task_type={config['task_type']!r}; expected \"CAUSAL_LM\"")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    cfg = model.config
+    reasons = peft_compatible(cfg)
+    if reasons:
+        raise ValueError(f"{where}: PEFT's prefixes cannot be carried over to this model: " + "; ".join(reasons))
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']}; a decoder has 1")
+    length = int(config["num_virtual_tokens"])
+    with SafetensorsReader(file) as reader:
+        keys = list(reader.keys())
+        if keys != [PREFIX_KEY]:
+            raise ValueError(f"{where}: expected the one tensor {PREFIX_KEY!r} of a prefix-tuning adapter, "
+                             f"found {keys}")
+        emb = reader.read(PREFIX_KEY).astype(np.float32)
+    want = (length, cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim)
+    if emb.shape != want:
+        hint = (" (saved in training mode with prefix_projection: only the MLP's inputs were saved; re-save it with "
+                "inference_mode)" if config.get("prefix_projection") and not config.get("inference_mode", True) else
+                " (a different base model?)")
+        raise ValueError(f"{where}: {PREFIX_KEY} has shape {emb.shape}; expected {want} = (num_virtual_tokens, "
+                         f"layers x 2 x kv heads x head_dim) for this model{hint}")
+    kv = emb.reshape(length, cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim).transpose(1, 0, 2, 3, 4)
+    out = apply_prefix(model, length=length)
+    attn = out.layers.attn
+    k = _rotate_prefix_keys(cfg, kv[:, :, 0], -length)
+    attn.prefix_k[...] = jnp.asarray(k, attn.prefix_k[...].dtype)
+    attn.prefix_v[...] = jnp.asarray(kv[:, :, 1], attn.prefix_v[...].dtype)
+    logging.info("loaded the prefix-tuning adapter in %s (%d virtual tokens)", adapter_dir, length)
+    return out
+
+
 def export_prefix_adapter(workdir: pathlib.Path, run_config: dict[str, Any], out: pathlib.Path, *,
-                          step: int | None = None, dtype=None) -> dict[str, Any]:
-    """Hook: a prefix-tuning run (peft.method "prefix") as a PEFT PREFIX_TUNING directory (returning
-    its adapter config, as `export_adapter` does). Not yet; GOTCHAS "PEFT prefix tuning" has the
-    position convention to match."""
-    raise ValueError(f"{workdir}: prefix adapters: not yet exportable as a PEFT adapter directory")
+                          step: int | None = None, dtype=None, base: str | None = None) -> dict[str, Any]:
+    """A prefix-tuning run (peft.method "prefix") as a PEFT PREFIX_TUNING directory; returns its
+    adapter config (as `export_adapter` does)."""
+    from models import checkpoint as ckpt
+
+    model, _ = ckpt.load(workdir, step=step)
+    return save_prefix_adapter(model, out, base_model_name_or_path=base, dtype=dtype)
 
 
 def _hf_base_of(workdir: pathlib.Path, run_config: dict[str, Any]) -> str | None:
@@ -385,7 +493,7 @@ def _hf_base_of(workdir: pathlib.Path, run_config: dict[str, Any]) -> str | None
 
 def export_adapter(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype=None,
                    tokenizer_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Writes a LoRA / QLoRA fine-tuning run's adapters as a PEFT adapter directory (with the
+    """Writes a LoRA / QLoRA / prefix fine-tuning run's adapters as a PEFT adapter directory (with the
     run's tokenizer files) and returns the adapter config. ValueError for a run without adapters
     (full fine-tuning) or whose base is no Hugging Face model."""
     from models import checkpoint as ckpt
@@ -397,17 +505,18 @@ def export_adapter(workdir: str | os.PathLike, out: str | os.PathLike, *, step: 
     method = peft.get("method", "full")
     if method == "full":
         raise ValueError(f"{workdir} has no adapters (peft.method={method!r}: every weight was trained): "
-                         "--adapter_only needs a LoRA / QLoRA run; drop it to export the whole model")
+                         "--adapter_only needs a LoRA / QLoRA / prefix run; drop it to export the whole model")
     base = _hf_base_of(workdir, run)
     if method == "prefix":
-        return export_prefix_adapter(workdir, run, out, step=step, dtype=dtype)
-    if method not in ("lora", "qlora"):
-        raise ValueError(f"{workdir}: peft.method={method!r} has no PEFT adapter export (lora, qlora do)")
-    model, _ = ckpt.load(workdir, step=step)
-    lora = peft.get("lora") or {}
-    config = save_adapter(model, out, architecture=run["hf"]["architecture"], lora_alpha=lora.get("alpha"),
-                          rslora=bool(lora.get("rslora", False)), dropout=float(lora.get("dropout", 0.0)),
-                          base_model_name_or_path=base, dtype=dtype)
+        config = export_prefix_adapter(workdir, run, out, step=step, dtype=dtype, base=base)
+    elif method in ("lora", "qlora"):
+        model, _ = ckpt.load(workdir, step=step)
+        lora = peft.get("lora") or {}
+        config = save_adapter(model, out, architecture=run["hf"]["architecture"], lora_alpha=lora.get("alpha"),
+                              rslora=bool(lora.get("rslora", False)), dropout=float(lora.get("dropout", 0.0)),
+                              base_model_name_or_path=base, dtype=dtype)
+    else:
+        raise ValueError(f"{workdir}: peft.method={method!r} has no PEFT adapter export (lora, qlora, prefix do)")
     tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else workdir / "tokenizer"
     if tokenizer_dir.is_dir():
         copy_companion_files(tokenizer_dir, out)

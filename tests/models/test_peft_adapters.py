@@ -281,3 +281,59 @@ def test_sft_run_adapter_only_export_and_import(tmp_path):
     merged, _ = load(workdir)
     assert _err(merged(tokens), ours) <= TOL
     assert json.loads((workdir / "config.json").read_text())["adapter"]["config"]["r"] == lora["rank"]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefix tuning (PEFT's PREFIX_TUNING directories)
+
+
+def test_prefix_adapter_gives_loom_logits_in_peft(base, tmp_path):
+    """Loom's prefixes (no RoPE on them, real tokens at 0..T-1) written with the keys rotated to
+    PEFT's positions (real tokens at P..P+T-1): peft on transformers gives Loom's logits; loaded
+    back, the same prefixes."""
+    from models.prefix import apply_prefix
+
+    model = apply_prefix(base.model, length=3, seed=1, std=0.5)
+    ours = np.asarray(model(TOKENS))
+    assert _err(ours, base.logits) > 100 * TOL
+    config = peft_io.save_prefix_adapter(model, tmp_path, base_model_name_or_path=str(base.dir))
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
+    assert tensors_in([tmp_path / "adapter_model.safetensors"]) == {"prompt_embeddings": ("F32", (3, 2 * 2 * 2 * 16))}
+    assert _err(base.peft_logits(tmp_path), ours) <= TOL
+    back = peft_io.load_adapter(base.model, tmp_path)
+    for name in ("prefix_k", "prefix_v"):
+        np.testing.assert_allclose(np.asarray(getattr(back.layers.attn, name)[...]),
+                                   np.asarray(getattr(model.layers.attn, name)[...]), atol=1e-6)
+    assert _err(back(TOKENS), ours) <= 1e-5
+
+
+def test_peft_saved_prefix_adapter_loads(llama, tmp_path):
+    """A prefix-tuning adapter made and saved by peft itself (random prefixes): Loom's logits with it
+    equal peft's."""
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(llama.fresh(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        emb = pm.prompt_encoder["default"].embedding.weight
+        emb.copy_(torch.randn_like(emb) * 0.7)
+    pm.save_pretrained(tmp_path)
+    want = llama.peft_logits(tmp_path)
+    assert _err(want, llama.logits) > 100 * TOL
+    got = peft_io.load_adapter(llama.model, tmp_path)
+    assert got.layers.attn.prefix_k[...].shape == (2, 5, 2, 16)
+    assert _err(got(TOKENS), want) <= TOL
+    from models.hf.__main__ import import_  # prefixes are no weights: nothing to merge into a workdir
+
+    with pytest.raises(ValueError, match="prefix-tuning adapter"):
+        import_(str(llama.dir), str(tmp_path / "imported"), adapter_dir=str(tmp_path))
+
+
+def test_prefixes_peft_cannot_express_are_refused(tmp_path):
+    from models import transformer as T
+    from models.prefix import apply_prefix
+    from tests.helpers import tiny_model_config
+
+    model = apply_prefix(T.build(tiny_model_config(position_embedding="learned")), length=2)
+    with pytest.raises(ValueError, match="position_embedding='learned'"):
+        peft_io.save_prefix_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="no prefixes"):
+        peft_io.save_prefix_adapter(T.build(tiny_model_config()), tmp_path)

@@ -123,6 +123,14 @@ def test_full_qlora_and_prefix_runs(method, tiny_run, tmp_path):
         assert set(params["layers"]["attn"]) == {"prefix_k", "prefix_v"}
         assert isinstance(model.layers.attn, PrefixAttention) and all(type(k).__name__ == "Kernel" for k in _kernels(model))
         np.testing.assert_array_equal(np.asarray(model.layers.attn.prefix_k[...]), params["layers"]["attn"]["prefix_k"])
+        # no merged model holds prefixes; a PEFT adapter needs a transformers base (this one is Loom-trained)
+        from models.hf import peft_io
+        from models.hf.__main__ import export
+
+        with pytest.raises(ValueError, match="prefix-tuning run.*--adapter_only"):
+            export(str(tmp_path), str(tmp_path / "hf"))
+        with pytest.raises(ValueError, match="Loom-trained model"):
+            peft_io.export_adapter(tmp_path, tmp_path / "adapter")
     evals = [m for m in read_metrics(tmp_path) if "eval_loss" in m]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
