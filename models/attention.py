@@ -214,7 +214,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=None, softcap=None, scale=None,
-                     impl="xla"):
+                     impl="xla", return_lse=False):
     """`dot_product_attention` (causal, explicit (q, kv) positions and segment ids) of T new
     queries over a heads-first cache [B, K, S, H]: scores and values as batched matmuls over
     (B, K) with no transpose of the cache.
@@ -222,12 +222,13 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=N
     Scores, softmax and accumulation are float32; on CPU the operands are converted to float32
     first (XLA's CPU runtime has no bf16 x bf16 -> f32 kernel for these batch-major dots). Other
     impls (prefill of long prompts with flash attention) get the cache transposed to
-    [B, S, K, H] and go through `dot_product_attention`.
+    [B, S, K, H] and go through `dot_product_attention`. `return_lse` also returns the
+    log-sum-exp of the scaled scores, [B, N, T] float32.
     """
     if impl != "xla":
         k, v = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
         return dot_product_attention(q_BTNH, k, v, segment_ids=segment_ids, positions=positions, causal=True,
-                                     window=window, softcap=softcap, scale=scale, impl=impl)
+                                     window=window, softcap=softcap, scale=scale, impl=impl, return_lse=return_lse)
     b, t, n, h = q_BTNH.shape
     kh = k_BKSH.shape[1]
     if k_BKSH.ndim != 4 or k_BKSH.shape != v_BKSH.shape or k_BKSH.shape[0] != b or k_BKSH.shape[3] != h or n % kh:
@@ -246,7 +247,10 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=N
         q_BKGTH, k, v = q_BKGTH.astype(acc), k.astype(acc), v.astype(acc)
     s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k, preferred_element_type=acc)
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=True, window=window)[:, None, None]
-    p, _ = masked_softmax(s * scale, mask, softcap)
+    p, lse_BKGT = masked_softmax(s * scale, mask, softcap)
     # (B, K)-major output: XLA's CPU dot for a (B, T)-major one is several times slower
     out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=acc)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+    out_BTNH = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+    if return_lse:
+        return out_BTNH, lse_BKGT.astype(jnp.float32).reshape(b, n, t)
+    return out_BTNH

@@ -7,9 +7,9 @@ CheckpointManager with the items
   data_iter    the grain iterator state                           <- train/checkpoint.py
 so inference, evals and the Hugging Face converter load a run with `load(workdir)`.
 
-A fine-tuning run with adapters (`peft.method` lora / qlora in its config.json) saves only the
-adapters as `params`; `load` rebuilds its model from the run's base (`init.workdir`, itself any
-workdir, or `init.hf_dir`), the same adapters and the saved adapter weights.
+A fine-tuning run with adapters (`peft.method` lora / qlora / prefix in its config.json) saves only
+the adapters (or prefixes) as `params`; `load` rebuilds its model from the run's base
+(`init.workdir`, itself any workdir, or `init.hf_dir`), the same adapters and the saved weights.
 """
 
 from __future__ import annotations

@@ -276,7 +276,6 @@ class Attention(nnx.Module):
         `cache_index` (the buffers are a loop carry, never copied) and the queries attend to
         every slot, masked by `kv_positions_BS` / `kv_segment_ids_BS` (see `cache_inputs`).
         """
-        dt = x_BTD.dtype
         rq, rk, rv, ro = projection_keys(dropout_rng, 4)
         q_BTNH = constrain(self.q(x_BTD, rng=rq), ("batch", "length", "heads", "head_dim"))
         k_BTKH = constrain(self.k(x_BTD, rng=rk), ("batch", "length", "kv_heads", "head_dim"))
@@ -289,10 +288,24 @@ class Attention(nnx.Module):
             scale = rope_attention_factor(self.rope_config)
             q_BTNH = rope(q_BTNH, positions_BT, inv_freq=inv_freq, attention_factor=scale)
             k_BTKH = rope(k_BTKH, positions_BT, inv_freq=inv_freq, attention_factor=scale)
+        out_BTNH, _, new_cache = self.attend(
+            q_BTNH, k_BTKH, v_BTKH, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, window=window,
+            kv_cache=kv_cache, cache_index=cache_index, kv_positions_BS=kv_positions_BS,
+            kv_segment_ids_BS=kv_segment_ids_BS)
+        out_BTNH = checkpoint_name(constrain(out_BTNH, ("batch", "length", "heads", "head_dim")), "attention")
+        return self.o(out_BTNH, rng=ro), new_cache
+
+    def attend(self, q_BTNH, k_BTKH, v_BTKH, *, positions_BT, segment_ids_BT, window, kv_cache=None,
+               cache_index=None, kv_positions_BS=None, kv_segment_ids_BS=None, return_lse=False):
+        """(out_BTNH, lse_BNT or None, new kv_cache or None): the queries (after RoPE) against this
+        call's keys, or against the cache with this call's keys and values written in (see
+        `__call__`). A substituted attention (models/prefix.py) adds keys of its own here, merging
+        its part with this one by the log-sum-exp `return_lse=True` gives."""
+        dt = q_BTNH.dtype
         if kv_cache is None:
-            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT,
-                                             positions=positions_BT, causal=True, window=window,
-                                             softcap=self.softcap, scale=self.scale, impl=self.impl)
+            out = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT, positions=positions_BT,
+                                        causal=True, window=window, softcap=self.softcap, scale=self.scale,
+                                        impl=self.impl, return_lse=return_lse)
             new_cache = None
         else:
             k_buf, v_buf, layer = kv_cache
@@ -303,13 +316,13 @@ class Attention(nnx.Module):
             k_buf = jax.lax.dynamic_update_slice(k_buf, new_k.astype(k_buf.dtype), at)
             v_buf = jax.lax.dynamic_update_slice(v_buf, new_v.astype(v_buf.dtype), at)
             k_BKSH, v_BKSH = (k_buf, v_buf) if layer is None else (k_buf[layer], v_buf[layer])
-            out_BTNH = cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt),
-                                        segment_ids=(segment_ids_BT, kv_segment_ids_BS),
-                                        positions=(positions_BT, kv_positions_BS), window=window,
-                                        softcap=self.softcap, scale=self.scale, impl=self.impl)
+            out = cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt),
+                                   segment_ids=(segment_ids_BT, kv_segment_ids_BS),
+                                   positions=(positions_BT, kv_positions_BS), window=window,
+                                   softcap=self.softcap, scale=self.scale, impl=self.impl, return_lse=return_lse)
             new_cache = (k_buf, v_buf)
-        out_BTNH = checkpoint_name(constrain(out_BTNH, ("batch", "length", "heads", "head_dim")), "attention")
-        return self.o(out_BTNH, rng=ro), new_cache
+        out_BTNH, lse_BNT = out if return_lse else (out, None)
+        return out_BTNH, lse_BNT, new_cache
 
 
 class Mlp(nnx.Module):

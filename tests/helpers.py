@@ -109,3 +109,22 @@ def llama3_style_tokenizer(vocab_size: int, chat_template: str, extra_specials=(
                                                 eos_token="<|end_of_text|>")
     fast.chat_template = chat_template
     return fast
+
+
+def random_llama_hf_dir(path, chat_template: str, seed: int = 3) -> pathlib.Path:
+    """A random Llama-shaped transformers model (GQA, untied lm_head, vocabulary 512) with a
+    byte-level BPE tokenizer (`llama3_style_tokenizer`, 500 ids) and `chat_template`, saved as a
+    Hugging Face directory at `path`: a base for SFT runs from `init.hf_dir`."""
+    import torch
+    import transformers
+
+    fast = llama3_style_tokenizer(500, chat_template)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
+                                   eos_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    path = pathlib.Path(path)
+    randomize_hf(transformers.LlamaForCausalLM(cfg), seed=seed).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: full, LoRA or QLoRA on chat / instruction data.
+"""Supervised fine-tuning: full, LoRA, QLoRA or prefix tuning on chat / instruction data.
 
     python -m train.sft --config=configs/sft.py:arith_lora --workdir=runs/arith_lora \\
         --config.init.workdir=runs/tiny
@@ -12,7 +12,7 @@ optimizer or the checkpoint), then train on chat batches (data/sft.py: the loss 
 tokens only). Evaluations give the held-out loss and, for sources with exact answers (the
 `synthetic` format), `eval_accuracy`: held-out prompts answered greedily through
 `inference.generate` and checked by the task's verifier. The workdir keeps what training changed
-(every parameter for `full`, the adapters otherwise), the resolved config with the base's model
+(every parameter for `full`, the adapters or prefixes otherwise), the resolved config with the base's model
 section, and the base's tokenizer files; `models.checkpoint.load(workdir)` gives the fine-tuned
 model.
 """
@@ -238,7 +238,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
-        use_dropout = model_cfg.dropout_rate > 0 or (method != "full" and config.peft.lora.dropout > 0)
+        use_dropout = model_cfg.dropout_rate > 0 or (method in ("lora", "qlora") and config.peft.lora.dropout > 0)
         train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches, use_dropout=use_dropout),
                              in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None),
                              donate_argnums=(0,))

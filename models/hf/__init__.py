@@ -14,7 +14,7 @@ whole model. `save` streams one tensor at a time from the devices to the files.
 
 The command line (`python -m models.hf import|export`, see `__main__.py`) converts between a
 Hugging Face directory and a Loom workdir; tokenizer files travel beside the weights (read them
-with `data.tokenizer.hf`).
+with `data.tokenizer.hf`). PEFT LoRA adapter directories, both ways: `models/hf/peft_io.py`.
 """
 
 from __future__ import annotations

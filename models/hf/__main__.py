@@ -1,9 +1,13 @@
 """Convert between Hugging Face model directories and Loom workdirs.
 
   python -m models.hf import --hf_dir=path/to/hf_model --out=runs/llama3 [--dtype=bfloat16]
-      writes runs/llama3/config.json ({"model": ..., "hf": {"architecture", "config"}}), the params
+      writes runs/llama3/config.json ({"model": ..., "hf": {"architecture", "config", "source"}}), the params
       as an orbax checkpoint at runs/llama3/checkpoints/0/params (what `models.checkpoint.load`
       and our programs start from) and the tokenizer files in runs/llama3/tokenizer/.
+      With --adapter_dir=path/to/peft_adapter (a PEFT LoRA directory: adapter_config.json +
+      adapter_model.safetensors, trained on that base), the adapter is merged into the weights
+      (W + scale B A) and config.json records it under "adapter"; tokenizer files in the adapter
+      directory take the place of the base's.
   python -m models.hf export --checkpoint=runs/llama3 --out=path/to/hf_out [--step=N] [--dtype=...]
       writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (an SFT run
       with LoRA / QLoRA adapters is exported merged: W + scale A B), with the
@@ -11,6 +15,9 @@
       pretraining run's own sentencepiece model (<workdir>/tokenizer.model) is written as
       tokenizer.model, tokenizer.json and tokenizer_config.json (`transformers.AutoTokenizer`
       gives the ids Loom trained on).
+      With --adapter_only, an SFT run with LoRA / QLoRA adapters or prefixes is written as a PEFT adapter
+      directory instead (adapter_config.json, adapter_model.safetensors, the run's tokenizer files)
+      for `peft.PeftModel.from_pretrained(<its Hugging Face base>, DIR)`; see models/hf/peft_io.py.
 
 With several local devices the params are sharded over all of them (an fsdp mesh), so a model
 larger than one device's memory converts without a gather.
@@ -37,6 +44,9 @@ flags.DEFINE_string("architecture", None, f"export: one of {sorted(hf.ARCHITECTU
                                           "else the plainest that expresses the model")
 flags.DEFINE_string("tokenizer_dir", None, "export: copy tokenizer files from here (default: <checkpoint>/tokenizer)")
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "export: safetensors shard size in MiB")
+flags.DEFINE_bool("adapter_only", False, "export: write an SFT run's LoRA / QLoRA adapters or prefixes as a PEFT "
+                                         "adapter directory (adapter_config.json, adapter_model.safetensors)")
+flags.DEFINE_string("adapter_dir", None, "import: a PEFT LoRA adapter directory to merge into the imported weights")
 FLAGS = flags.FLAGS
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -69,24 +79,40 @@ def _tokenizer_vocab_size(directory: pathlib.Path) -> int | None:
     return None
 
 
-def import_(hf_dir: str, out: str, dtype: str | None = None) -> pathlib.Path:
+def import_(hf_dir: str, out: str, dtype: str | None = None, adapter_dir: str | None = None) -> pathlib.Path:
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out)
     model, cfg = hf.load(hf_dir, mesh=_mesh(), dtype=dtype)
     from models.transformer import split_params
 
+    hf_config = hf.read_hf_config(hf_dir)
+    architecture = hf.architecture_of(hf_config)
+    run_config = {"model": cfg.to_dict(),
+                  "hf": {"architecture": architecture, "config": hf_config, "source": str(hf_dir.resolve())}}
+    if adapter_dir:
+        from models.hf import peft_io
+        from models.lora import merge_lora
+
+        if peft_io.adapter_type(adapter_dir) == "PREFIX_TUNING":
+            raise ValueError(f"{adapter_dir} is a prefix-tuning adapter: prefixes are attention inputs, not weights, "
+                             "so they cannot be merged into a workdir's weights; load them onto the model with "
+                             "models.hf.peft_io.load_adapter(model, dir)")
+        model = merge_lora(peft_io.load_adapter(model, adapter_dir, architecture=architecture), dtype=cfg.params_dtype)
+        run_config["adapter"] = {"source": str(pathlib.Path(adapter_dir).resolve()), "merged": True,
+                                 "config": peft_io.read_adapter_config(adapter_dir)}
     _, params = split_params(model)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_params(ckpt.checkpoints_dir(out) / "0" / ckpt.PARAMS, params)
-    hf_config = hf.read_hf_config(hf_dir)
-    run_config = {"model": cfg.to_dict(), "hf": {"architecture": hf.architecture_of(hf_config), "config": hf_config}}
     (out / ckpt.CONFIG_FILE).write_text(json.dumps(run_config, indent=2) + "\n")
     copied = hf.copy_companion_files(hf_dir, out / TOKENIZER_SUBDIR)
+    if adapter_dir:  # a chat template or tokenizer saved with the adapter is the one it was trained with
+        copied = sorted(set(copied) | set(hf.copy_companion_files(adapter_dir, out / TOKENIZER_SUBDIR)))
     vocab = _tokenizer_vocab_size(out / TOKENIZER_SUBDIR)
     if vocab is None:
         logging.warning("no tokenizer.json or tokenizer.model in %s: the workdir has no tokenizer", hf_dir)
     elif vocab > cfg.vocab_size:
         logging.warning("the tokenizer has %d ids but the model only %d embedding rows", vocab, cfg.vocab_size)
-    print(f"imported {run_config['hf']['architecture']} ({cfg.param_dtype}) from {hf_dir} into {out}: "
+    merged = f" with the adapter {adapter_dir} merged" if adapter_dir else ""
+    print(f"imported {architecture} ({cfg.param_dtype}) from {hf_dir}{merged} into {out}: "
           f"config.json, checkpoints/0/params, {TOKENIZER_SUBDIR}/ ({', '.join(copied) or 'nothing'})")
     return out
 
@@ -97,7 +123,11 @@ def export(checkpoint: str, out: str, *, step: int | None = None, dtype: str | N
     workdir = pathlib.Path(checkpoint)
     model, cfg = ckpt.load(workdir, step=step, mesh=_mesh())
     run_config = ckpt.read_run_config(workdir)
-    if (run_config.get("peft") or {}).get("method", "full") != "full":  # a fine-tuning run's adapters
+    method = (run_config.get("peft") or {}).get("method", "full")
+    if method == "prefix":
+        raise ValueError(f"{workdir} is a prefix-tuning run: its prefixes are attention inputs, not weights, so no "
+                         "merged transformers model holds them; write them as a PEFT adapter with --adapter_only")
+    if method != "full":  # a fine-tuning run's adapters
         from models.lora import merge_lora
 
         model = merge_lora(model, dtype=cfg.params_dtype)  # W + scale A B (an NF4 base dequantized)
@@ -126,9 +156,9 @@ def main(argv):
 
     quiet_library_logs()
     if len(argv) != 2 or argv[1] not in ("import", "export"):
-        print("usage: python -m models.hf import --hf_dir=DIR --out=WORKDIR [--dtype=D]\n"
+        print("usage: python -m models.hf import --hf_dir=DIR --out=WORKDIR [--dtype=D] [--adapter_dir=PEFT_DIR]\n"
               "       python -m models.hf export --checkpoint=WORKDIR --out=DIR [--step=N] [--dtype=D] "
-              "[--architecture=A]", file=sys.stderr)
+              "[--architecture=A] [--adapter_only]", file=sys.stderr)
         sys.exit(2)
     if not FLAGS.out:
         sys.exit("error: --out is required")
@@ -136,10 +166,20 @@ def main(argv):
         if argv[1] == "import":
             if not FLAGS.hf_dir:
                 sys.exit("error: import needs --hf_dir")
-            import_(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype)
+            import_(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, adapter_dir=FLAGS.adapter_dir)
         else:
             if not FLAGS.checkpoint:
                 sys.exit("error: export needs --checkpoint")
+            if FLAGS.adapter_only:
+                from models.hf import peft_io
+
+                config = peft_io.export_adapter(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                                                tokenizer_dir=FLAGS.tokenizer_dir)
+                shown = ("r", "lora_alpha", "target_modules", "num_virtual_tokens")
+                fields = ", ".join(f"{k}={config[k]}" for k in shown if k in config)
+                print(f"exported the adapters of {FLAGS.checkpoint} to {FLAGS.out} as a PEFT adapter directory "
+                      f"({fields}) for the base {config.get('base_model_name_or_path') or '(unknown)'}")
+                return
             export(FLAGS.checkpoint, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype, architecture=FLAGS.architecture,
                    tokenizer_dir=FLAGS.tokenizer_dir, max_shard_bytes=FLAGS.max_shard_mb * 2**20)
     except (ValueError, FileNotFoundError, UnreadableCheckpoint) as e:  # bad input: one clear line, no traceback

@@ -74,7 +74,7 @@ def _check_extents(path: pathlib.Path, header: dict, data_start: int) -> None:
 
 class SafetensorsReader:
     """Every tensor of a Hugging Face model directory: `model.safetensors`, or the shards listed in
-    `model.safetensors.index.json`, or any `*.safetensors` files there.
+    `model.safetensors.index.json`, or any `*.safetensors` files there; or of one file.
 
     `read(name, index)` returns a numpy copy of `tensor[index]` (a tuple of slices), touching only
     the rows the slice needs.
@@ -83,7 +83,9 @@ class SafetensorsReader:
     def __init__(self, directory: str | os.PathLike):
         self.directory = pathlib.Path(directory)
         index = self.directory / INDEX_FILE
-        if index.is_file():
+        if self.directory.is_file():  # one file (a PEFT adapter's adapter_model.safetensors)
+            self.directory, files = self.directory.parent, [self.directory.name]
+        elif index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.directory / SINGLE_FILE).is_file():
             files = [SINGLE_FILE]
@@ -145,8 +147,10 @@ class SafetensorsReader:
 
 def write_safetensors(directory: str | os.PathLike,
                       tensors: Sequence[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]], *,
-                      max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None) -> list[str]:
-    """Writes `(name, shape, dtype, produce)` tensors as Hugging Face does: one `model.safetensors`,
+                      max_shard_bytes: int = 5 * 2**30, metadata: dict[str, str] | None = None,
+                      single_file: str = SINGLE_FILE) -> list[str]:
+    """Writes `(name, shape, dtype, produce)` tensors as Hugging Face does: one `single_file` (default
+    `model.safetensors`; a PEFT adapter's is `adapter_model.safetensors`),
     or `model-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes` (a larger tensor gets
     a shard of its own) plus `model.safetensors.index.json`. Each `produce()` is called once, when
     its bytes are written, so at most one tensor is in host memory. Returns the files written."""
@@ -161,7 +165,7 @@ def write_safetensors(directory: str | os.PathLike,
             size = 0
         shards[-1].append(t)
         size += nbytes
-    names = ([SINGLE_FILE] if len(shards) == 1 else
+    names = ([single_file] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
@@ -188,7 +192,7 @@ def write_safetensors(directory: str | os.PathLike,
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    elif (directory / INDEX_FILE).exists():
+    elif single_file == SINGLE_FILE and (directory / INDEX_FILE).exists():
         (directory / INDEX_FILE).unlink()  # a stale index would point at shards we did not write
     return names
 

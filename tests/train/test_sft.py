@@ -13,6 +13,7 @@ from data import sft as sft_data
 from data.tokenizer import SentencePieceTokenizer
 from models.checkpoint import load, restore_params
 from models.lora import LoraKernel, adapter_count
+from models.prefix import PrefixAttention
 from models.projection import Einsum
 from models.quant import NF4Kernel
 from tests.helpers import run_program
@@ -104,8 +105,8 @@ def test_sigterm_and_resume_equal_the_uninterrupted_run(lora_run, tiny_run, tmp_
     np.testing.assert_allclose([got_l[4], got_l[12]], [want_l[4], want_l[12]], rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["full", "qlora"])
-def test_full_and_qlora_runs(method, tiny_run, tmp_path):
+@pytest.mark.parametrize("method", ["full", "qlora", "prefix"])
+def test_full_qlora_and_prefix_runs(method, tiny_run, tmp_path):
     _sft(f"arith_{method}", tmp_path, tiny_run, "--config.train.steps=4", "--config.train.eval_every=4",
          "--config.peft.qlora.block_size=32")
     params, _ = restore_params(tmp_path)
@@ -115,9 +116,21 @@ def test_full_and_qlora_runs(method, tiny_run, tmp_path):
         base_params, _ = restore_params(tiny_run)
         assert n == sum(np.size(x) for x in jax.tree.leaves(base_params))
         assert all(type(k).__name__ == "Kernel" for k in _kernels(model))
-    else:
+    elif method == "qlora":
         assert cfg.dtype == "bfloat16" and n == adapter_count(model)
         assert all(isinstance(k, LoraKernel) and isinstance(k.base, NF4Kernel) for k in _kernels(model.layers))
+    else:  # the prefixes alone are saved; load() puts them on the base
+        assert set(params["layers"]["attn"]) == {"prefix_k", "prefix_v"}
+        assert isinstance(model.layers.attn, PrefixAttention) and all(type(k).__name__ == "Kernel" for k in _kernels(model))
+        np.testing.assert_array_equal(np.asarray(model.layers.attn.prefix_k[...]), params["layers"]["attn"]["prefix_k"])
+        # no merged model holds prefixes; a PEFT adapter needs a transformers base (this one is Loom-trained)
+        from models.hf import peft_io
+        from models.hf.__main__ import export
+
+        with pytest.raises(ValueError, match="prefix-tuning run.*--adapter_only"):
+            export(str(tmp_path), str(tmp_path / "hf"))
+        with pytest.raises(ValueError, match="Loom-trained model"):
+            peft_io.export_adapter(tmp_path, tmp_path / "adapter")
     evals = [m for m in read_metrics(tmp_path) if "eval_loss" in m]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 

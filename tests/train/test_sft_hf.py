@@ -10,7 +10,7 @@ from models.checkpoint import load
 from models.lora import LoraKernel
 from models.projection import Einsum
 from tests.data.test_sft_data import LLAMA3
-from tests.helpers import hf_logits, llama3_style_tokenizer, randomize_hf, run_program
+from tests.helpers import hf_logits, random_llama_hf_dir, run_program
 from train.metrics import read_metrics
 
 torch = pytest.importorskip("torch")
@@ -21,17 +21,7 @@ transformers = pytest.importorskip("transformers")
 def llama_dir(tmp_path_factory):
     """A random Llama-shaped transformers model with a byte-level BPE tokenizer and the Llama 3
     chat template, as a Hugging Face directory."""
-    fast = llama3_style_tokenizer(500, LLAMA3)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=False, bos_token_id=fast.bos_token_id,
-                                   eos_token_id=fast.eos_token_id)
-    torch.manual_seed(0)
-    model = randomize_hf(transformers.LlamaForCausalLM(cfg), seed=3)
-    path = tmp_path_factory.mktemp("llama_hf")
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return random_llama_hf_dir(tmp_path_factory.mktemp("llama_hf"), LLAMA3)
 
 
 def test_lora_from_a_hugging_face_base_exports_merged(llama_dir, tmp_path):
