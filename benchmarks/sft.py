@@ -23,18 +23,20 @@ arguments, temporaries, outputs not aliased to the donated state) for a micro-ba
 base stored in bf16 against NF4 and NF4 with double quantization (models/quant.py), by part.
 
 Section `step` (`--step_preset`, default `small`, 4 sequences of 256 tokens: about a second a step
-on 2 cores): each method's step time in Loom, and the peer,
-`peft.get_peft_model(transformers.LlamaForCausalLM, LoraConfig(...))` with the same targets, rank
-and alpha, doing the same LoRA step (forward, backward, clip, AdamW with the same
-hyper-parameters) on the same batch in the same dtype (bf16 autocast over float32 weights, as
-Loom's bf16 compute over float32 parameters), eager and `torch.compile`d. Each implementation
-runs in a process of its own (benchmarks/train_step.py's workers) and all are timed in
-interleaved rounds. The peer starts from Loom's weights: the base written by `models.hf.save`
-and Loom's LoRA A matrices copied into peft's `lora_A` (B is zero on both sides, as both
-initialise it), so the two compute the same function; the loss of the first step (the base) and
-of the second (after one AdamW update of the adapters) are checked against Loom's LoRA. The
-headline ratio is the best peft variant's step time over Loom LoRA's, paired per round (> 1: Loom
-faster; the same direction as benchmarks/train_step.py's "vs best PyTorch"). Writes benchmarks/records/sft_<platform>.json; never asserts on time.
+on 2 cores): each method's step time in Loom, and the peer, a peft LoRA model over
+`transformers.LlamaForCausalLM` with the same targets, rank and alpha, doing the same LoRA step
+(forward, backward, clip, AdamW with the same hyper-parameters) on the same batch in the same
+dtype (bf16 autocast over float32 weights, as Loom's bf16 compute over float32 parameters), eager
+and `torch.compile`d. Each implementation runs in a process of its own (benchmarks/train_step.py's
+workers) and all are timed in interleaved rounds. The peer starts from Loom's weights: the base
+written by `models.hf.save` and Loom's initial adapters written by `models.hf.peft_io.save_adapter`
+(what `python -m models.hf export --adapter_only` writes), loaded with
+`peft.PeftModel.from_pretrained(base, dir, is_trainable=True)`; so the two compute the same
+function, and the loss of the first step (the base: B starts at zero) and of the second (after one
+AdamW update of the adapters) are checked against Loom's LoRA. The headline ratio is the best
+peft variant's step time over Loom LoRA's, paired per round (> 1: Loom faster; the direction of
+benchmarks/train_step.py's "vs best PyTorch"). Writes benchmarks/records/sft_<platform>.json;
+never asserts on time.
 """
 
 from __future__ import annotations
@@ -60,11 +62,10 @@ METHODS = {
     "qlora": {"method": "qlora", "lora": LORA, "qlora": {"block_size": 64, "double_quant": False}},
     "prefix": {"method": "prefix", "prefix": {"length": 16, "reparam": 0}},
 }
-# Loom's projection paths (layers/<block>/<proj>) -> transformers' Llama module names
-HF_BLOCKS = {"attn": "self_attn", "mlp": "mlp"}
+# Loom's projection names -> transformers' Llama module names (peft's target_modules)
 HF_PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                   "down": "down_proj"}
-ADAPTERS_FILE = "loom_lora_adapters.npz"  # beside the exported base: Loom's initial adapters, for the peer
+ADAPTER_SUBDIR = "adapter"  # in the exported base's directory: Loom's initial adapters as a PEFT adapter directory
 # Relative difference allowed between the peer's loss after one update and Loom's (same weights,
 # same batch). AdamW's first update is about lr * sign(gradient) per adapter weight, so rounding
 # differences in the gradient move a few signs; bf16 autocast rounds more than f32.
@@ -287,13 +288,14 @@ class SftRunner:
         cfg = method_config(spec["model"], name, dtype=spec["dtype_override"])
         tx, _ = make_optimizer(spec["optimizer"], 1000)
         base = T.build(cfg, seed=spec["seed"])
-        graphdef, params, self.frozen = sft_split(peft.apply(base, spec["peft"], seed=spec["seed"]), name)
+        model = peft.apply(base, spec["peft"], seed=spec["seed"])
+        graphdef, params, self.frozen = sft_split(model, name)
         self.info = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
                      "jax": jax.__version__, "dtype": cfg.dtype, "trained_parameters": tree_size(params),
                      "base_parameters": param_count(cfg)}
         if spec.get("export_dir"):  # the weights the peer starts from
             try:
-                export_for_peer(base, params, spec["export_dir"])
+                export_for_peer(base, model, spec["peft"], spec["export_dir"])
             except Exception as e:  # the peer then starts from its own init and the loss check is skipped
                 self.info["export_error"] = ts._first_line(e)
         seed_key = jax.random.fold_in(jax.random.key(spec["seed"]), 1)
@@ -313,48 +315,17 @@ class SftRunner:
         self.info.setdefault("loss1", float(m["loss"]))  # the first warm-up step: the loss after one update
 
 
-def export_for_peer(base, adapters: dict, directory: str) -> None:
-    """The base as a Hugging Face directory and the LoRA adapters as `ADAPTERS_FILE` (flat paths)."""
-    import jax
-    import numpy as np
-
+def export_for_peer(base, model, peft_dict: dict, directory: str) -> None:
+    """The base as a Hugging Face directory (`models.hf.save`) and the LoRA model's adapters in its
+    `ADAPTER_SUBDIR` as a PEFT adapter directory (`models.hf.peft_io.save_adapter`, what
+    `python -m models.hf export --adapter_only` writes)."""
     import models.hf
+    from models.hf import peft_io
 
     models.hf.save(base, directory, architecture="LlamaForCausalLM")
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(adapters)}
-    np.savez(pathlib.Path(directory) / ADAPTERS_FILE, **flat)
-
-
-def copy_loom_adapters(model, path) -> int:
-    """Loom's LoRA A (`layers/<block>/<proj>/kernel/a`: [L, in..., r]) into each layer's
-    `lora_A` ([r, in]) of a peft model; Loom's B must be zero, as peft's starts. Returns the
-    number of adapter weights set."""
-    import numpy as np
-    import torch
-
-    arrays = np.load(path)
-    count = 0
-    with torch.no_grad():
-        for key in arrays.files:
-            layers, block, proj, kernel, which = key.split("/")
-            if layers != "layers" or kernel != "kernel" or which not in ("a", "b"):
-                raise ValueError(f"unexpected adapter path {key!r} in {path}")
-            x = arrays[key]
-            if which == "b":
-                if np.any(x):
-                    raise ValueError(f"Loom's {key} is not zero: its output layout would need mapping to peft's")
-                continue
-            for i in range(x.shape[0]):
-                mod = model.get_submodule(f"base_model.model.model.layers.{i}.{HF_BLOCKS[block]}."
-                                          f"{HF_PROJECTIONS[proj]}")
-                w = mod.lora_A["default"].weight
-                a = x[i].reshape(-1, x.shape[-1]).T  # [in..., r] -> [r, in] (in flattened as transformers' features)
-                if tuple(w.shape) != a.shape:
-                    raise ValueError(f"{key} layer {i}: Loom's A is {a.shape} as [r, in], peft's lora_A {tuple(w.shape)}")
-                w.copy_(torch.from_numpy(np.ascontiguousarray(a)))
-                count += a.size
-    return count
+    lora = peft_dict["lora"]
+    peft_io.save_adapter(model, pathlib.Path(directory) / ADAPTER_SUBDIR, architecture="LlamaForCausalLM",
+                         lora_alpha=float(lora["alpha"]), rslora=bool(lora["rslora"]), dropout=float(lora["dropout"]))
 
 
 class PeftRunner(ts.TorchRunner):
@@ -364,10 +335,9 @@ class PeftRunner(ts.TorchRunner):
     def __init__(self, spec: dict):
         import peft
 
-        self.copied = 0
         super().__init__(spec)
         params = list(self.model.parameters())
-        self.info.update(peft=peft.__version__, loom_adapters_copied=self.copied,
+        self.info.update(peft=peft.__version__,
                          trained_parameters=sum(p.numel() for p in params if p.requires_grad),
                          base_parameters=sum(p.numel() for p in params if not p.requires_grad))
 
@@ -379,15 +349,15 @@ class PeftRunner(ts.TorchRunner):
         # peft asks transformers 5 for `is_gradient_checkpointing`, which warns that it is deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-        lora = spec["peft"]["lora"]
+        if spec.get("weights_dir"):  # Loom's initial adapters, as a user loads an exported adapter to train on
+            return peft.PeftModel.from_pretrained(model, pathlib.Path(spec["weights_dir"]) / ADAPTER_SUBDIR,
+                                                  is_trainable=True)
+        lora = spec["peft"]["lora"]  # no shared weights: peft's own initialisation of the same adapters
         config = peft.LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
                                  lora_dropout=float(lora["dropout"]), use_rslora=bool(lora["rslora"]),
                                  target_modules=[HF_PROJECTIONS[t] for t in lora["targets"]], bias="none",
                                  task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
-        if spec.get("weights_dir"):
-            self.copied = copy_loom_adapters(model, pathlib.Path(spec["weights_dir"]) / ADAPTERS_FILE)
-        return model
+        return peft.get_peft_model(model, config)
 
     def run(self) -> None:
         loss = self._gradients()
@@ -525,16 +495,17 @@ def method_text(args, memory: dict | None, step: dict | None) -> str:
                  f"and {args.warmup} warm-up step(s), all are timed in interleaved rounds with a {args.pause:g} s "
                  "pause between implementations, the same number of steps each; a round's figure is the mean step "
                  "time of its steps, each cell the median (min–max) over the rounds, ratios paired per round. The "
-                 "batch is random tokens with every position in the loss. The peer: "
-                 f"`peft.get_peft_model(transformers.LlamaForCausalLM, LoraConfig(r={lora['rank']}, "
-                 f"lora_alpha={lora['alpha']:g}, lora_dropout={lora['dropout']:g}, target_modules="
-                 f"{[HF_PROJECTIONS[t] for t in lora['targets']]}))`, SDPA attention, bf16 autocast over float32 "
-                 "weights when Loom computes in bf16 (else float32), eager or `torch.compile` of the forward and "
-                 "loss, `torch.optim.AdamW` over the adapters with the same hyper-parameters (fused where this "
-                 "torch supports it) and the same global-norm clip. It loads Loom's base (`models.hf.save`) and "
-                 "Loom's initial LoRA A matrices (B is zero on both sides), so both compute the same function; "
-                 "its loss at the first step and after one update is checked against Loom's LoRA (AdamW's first "
-                 "update is about lr x sign(gradient), so the second loss checks the adapters' gradients).")
+                 "batch is random tokens with every position in the loss. The peer: a peft LoRA model (r "
+                 f"{lora['rank']}, lora_alpha {lora['alpha']:g}, lora_dropout {lora['dropout']:g}, target_modules "
+                 f"{[HF_PROJECTIONS[t] for t in lora['targets']]}) over `transformers.LlamaForCausalLM`, SDPA "
+                 "attention, bf16 autocast over float32 weights when Loom computes in bf16 (else float32), eager "
+                 "or `torch.compile` of the forward and loss, `torch.optim.AdamW` over the adapters with the same "
+                 "hyper-parameters (fused where this torch supports it) and the same global-norm clip. It loads "
+                 "Loom's base (`models.hf.save`) and Loom's initial adapters (`models.hf.peft_io.save_adapter`, "
+                 "through `peft.PeftModel.from_pretrained(..., is_trainable=True)`), so both compute the same "
+                 "function; its loss at the first step and after one update is checked against Loom's LoRA "
+                 "(AdamW's first update is about lr x sign(gradient), so the second loss checks the adapters' "
+                 "gradients).")
     return text
 
 
