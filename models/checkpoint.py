@@ -152,7 +152,8 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
 
 def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
     """(model, config) of a fine-tuning run's base: `init.workdir` (any Loom workdir, at
-    `init.step` or its newest) or `init.hf_dir` (a Hugging Face directory). With `cfg` (the run's
+    `init.step` or its newest; a LoRA / QLoRA run's adapters merged into its weights) or
+    `init.hf_dir` (a Hugging Face directory). With `cfg` (the run's
     model config: the base's shape with its own dtypes), the parameters are cast to
     `cfg.param_dtype` and the model computes in `cfg.dtype`."""
     from models.transformer import abstract_model, merge_params, split_params
@@ -165,12 +166,25 @@ def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
         model, base_cfg = hf.load(init["hf_dir"])
     else:
         raise ValueError("init.workdir and init.hf_dir are both unset: name the base model to fine-tune")
+    model = _merged(model, init)
     if cfg is None:
         return model, base_cfg
     cfg = cfg.replace(pipeline_stages=1)
     graphdef, _ = split_params(abstract_model(cfg))
     params = jax.tree.map(lambda x: x.astype(cfg.params_dtype), split_params(model)[1])
     return merge_params(graphdef, params), cfg
+
+
+def _merged(model, init: dict[str, Any]):
+    """A base that is itself a fine-tuning run, as plain weights: LoRA / QLoRA adapters merged
+    (W + scale A B); a prefix-tuned run is refused (its prefixes are attention inputs, no weights)."""
+    from models.lora import merge_lora
+    from models.prefix import PrefixAttention
+
+    if isinstance(model.layers.attn, PrefixAttention):
+        raise ValueError(f"init.workdir={init.get('workdir')!r} is a prefix-tuning run: its prefixes cannot be merged "
+                         "into weights, so it cannot be a base; start from its own base (its init.workdir)")
+    return merge_lora(model)
 
 
 def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):

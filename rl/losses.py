@@ -29,7 +29,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from models.logprobs import token_nll
+from models.logprobs import token_logprobs  # noqa: F401  (re-exported: the one definition)
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -373,13 +373,6 @@ def _scaled(logits_BTV, temperature):
     t = float(temperature) if temperature else 1.0
     z = jnp.asarray(logits_BTV).astype(_f32)
     return z if t == 1.0 else z / jnp.float32(t)
-
-
-def token_logprobs(logits_BTV, targets_BT, temperature: float = 1.0):
-    """log_softmax(logits / T)[target], float32 [B, T], over the full vocabulary (the one meaning
-    of a log-prob on sampler and trainer, models/logprobs.py's `token_nll` negated; TRL does the
-    same and does not truncate for top-k / top-p). `temperature` 0 (greedy) means 1."""
-    return -token_nll(_scaled(logits_BTV, temperature), targets_BT)[0]
 
 
 def entropy_from_logits(logits_BTV, mask_BT, temperature: float = 1.0):
