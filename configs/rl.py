@@ -77,10 +77,10 @@ def get_config(arg=None):
     c.reward = config_dict.ConfigDict(dict(kind="exact", pattern="", format_weight=0.0))
 
     c.train = config_dict.ConfigDict(dict(
-        steps=60,
+        steps=300,
         seed=0,
-        log_every=5,
-        eval_every=60,
+        log_every=10,
+        eval_every=300,  # eval_accuracy at step 0 and at the end
         checkpoint_every=20,
         keep_checkpoints=2,
         async_checkpoint=True,
@@ -90,7 +90,9 @@ def get_config(arg=None):
     ))
     shared = pretrain.get_config("tiny")
     c.optimizer = shared.optimizer
+    # measured on grpo_arith: 3e-3 collapses the sample accuracy (0.14 -> 0.03); 1e-3 constant climbs
     c.optimizer.lr = 1e-3
+    c.optimizer.schedule = "constant"
     c.optimizer.warmup_steps = 0
     c.optimizer.weight_decay = 0.0
     c.optimizer.b2 = 0.99

@@ -51,7 +51,7 @@ from train.checkpoint import Checkpointer
 from train.flops import system_peak_flops
 from train.metrics import read_metrics
 from train.optimizer import make_optimizer
-from train.sft import _axes_tree, base_model_config, base_tokenizer, exact_match
+from train.sft import _axes_tree, base_model_config, base_tokenizer, exact_match, generation_stops
 from train.state import TrainState, make_train_step
 
 REWARD_PLOT = "reward.png"
@@ -238,7 +238,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh(mesh_spec["shape"])
     rules = mesh_spec["rules"]
     method = config.peft.method
-    stop_tokens = [tokenizer.eos_id]
+    stop_tokens = generation_stops(chat, tokenizer_files)  # EOS and the template's end of turn
 
     pool = task.examples(config.data.num_examples, seed=synthetic_seed("train"), size=config.data.size)
     held_out = task.examples(config.data.eval_examples, seed=synthetic_seed("validation"), size=config.data.size)
@@ -292,7 +292,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             if not held_out or jax.process_count() > 1:
                 return {}
             acc = exact_match(current_model(state), tokenizer, chat, held_out, config.data.task,
-                              max_new_tokens=rl.max_new_tokens)
+                              max_new_tokens=rl.max_new_tokens, stops=stop_tokens)
             return {"eval_accuracy": acc}
 
         def rl_step(state, batch, frozen_arg=None):
@@ -306,7 +306,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                                stop_tokens=stop_tokens, seed=tc.seed * 1_000_003 + step)
             t_roll = time.perf_counter() - t0
             examples = [pool[i] for i in idx for _ in range(rl.group_size)]
-            texts = [tokenizer.decode([t for t in c if t not in stop_tokens]) for c in ro.completions]
+            texts = [tokenizer.decode(c[:-1] if c and c[-1] in stop_tokens else c) for c in ro.completions]
             r = np.array([reward_fn(t, e) for t, e in zip(texts, examples)], np.float32)
             correct = np.array([correct_fn(t, e) for t, e in zip(texts, examples)], np.float32)
             if config.reward.format_weight and config.reward.kind != "format":
