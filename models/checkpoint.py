@@ -184,7 +184,11 @@ def _merged(model, init: dict[str, Any]):
     if isinstance(model.layers.attn, PrefixAttention):
         raise ValueError(f"init.workdir={init.get('workdir')!r} is a prefix-tuning run: its prefixes cannot be merged "
                          "into weights, so it cannot be a base; start from its own base (its init.workdir)")
-    return merge_lora(model)
+    from flax import nnx
+
+    from models.lora import LoraParam
+
+    return merge_lora(model) if nnx.state(model, LoraParam) else model
 
 
 def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):
