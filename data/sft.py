@@ -321,13 +321,16 @@ class ChatTokenizer:
             spans.append((len(before), len(through)))
         return full, spans
 
-    def tokenize(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, messages: Sequence[dict], *, from_message: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(ids [L] int32, mask [L] int32): the whole chat's tokens, and 1 on assistant tokens
-        (every assistant turn, its end-of-turn token included), 0 elsewhere."""
+        (every assistant turn, its end-of-turn token included), 0 elsewhere. With `from_message`
+        = k only the assistant turns among messages[k:] are marked (a preference pair's response
+        after its prompt, data/preferences.py)."""
         full, spans = self.assistant_spans(messages)
         ids, starts = self._encode(full)
         mask = np.zeros(len(ids), np.int32)
-        for k, (a, b) in enumerate(spans):
+        skip = sum(m["role"] == "assistant" for m in messages[:from_message])
+        for k, (a, b) in list(enumerate(spans))[skip:]:
             inside = (starts >= a) & (starts < b)
             if not inside.any():
                 raise ChatRenderError(f"assistant turn {k} renders to no token (characters {a}:{b})")

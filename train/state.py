@@ -89,9 +89,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
     is 1 for that step; the step counter still advances with the data).
 
     With k micro-batches the gradient is accumulated in float32 with each micro-batch weighted by
-    its token count, which equals the gradient of one batch of k times the size exactly (up to
-    float summation order). `opt_device_shardings` (with an offloaded optimizer state): where the
-    state goes for the update.
+    its token count (or by the `weight` its loss reports: a loss that averages per sequence or per
+    pair weights by those), which equals the gradient of one batch of k times the size exactly (up
+    to float summation order). Metrics the loss reports beyond the standard ones (`loss`,
+    `accuracy`, `z_loss`, `num_tokens`, `weight`) come back too, as means over the micro-batches.
+    `opt_device_shardings` (with an offloaded optimizer state): where the state goes for the update.
     """
     if microbatches < 1:
         raise ValueError(f"train.microbatches={microbatches} must be >= 1")
@@ -103,7 +105,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             step_rng = None
         if microbatches == 1:
             (_, m), grads = grad_fn(state.params, batch, step_rng, frozen)
-            n = m["num_tokens"]
+            n = m["weight"] if "weight" in m else m["num_tokens"]
             loss_sum, aux = m["loss"] * n, m
         else:
             mbs = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
@@ -111,10 +113,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             def body(carry, xs):
                 g_acc, loss_acc, n_acc = carry
                 mb, i = xs
-                mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
+                mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 2) + ("length",)) for k, v in mb.items()}
                 r = None if step_rng is None else jax.random.fold_in(step_rng, i)
                 (_, mm), g = grad_fn(state.params, mb, r, frozen)
-                w = mm["num_tokens"]
+                w = mm["weight"] if "weight" in mm else mm["num_tokens"]
                 g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * w, g_acc, g)
                 return (g_acc, loss_acc + mm["loss"] * w, n_acc + w), mm
 
@@ -137,6 +139,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
         params, new_opt_state = keep(params, state.params), keep(new_opt_state, opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "num_tokens": n, "accuracy": aux["accuracy"],
                    "z_loss": aux["z_loss"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        metrics.update({k: v for k, v in aux.items() if k not in metrics and k != "weight"})
         return TrainState(step=state.step + 1, params=params, opt_state=new_opt_state, rng=rng), metrics
 
     return train_step

@@ -1,0 +1,154 @@
+"""What the two preference programs (rl/reward.py, rl/dpo.py) share, as small functions.
+
+Both start like SFT (train/sft.py: the base, its tokenizer, the PEFT method, the resolved config)
+and train on batches of chosen / rejected pairs (data/preferences.py) with pretraining's loop
+(train/loop.py). Here: checking the preference sections of a config, preparing the workdir, the
+trained / frozen split on the mesh, the pair data (training iterator and held-out batches), pair
+batches on the devices and the held-out evaluation. Each program's `run` reads top to bottom
+with these.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from data import pipeline, preferences
+from data.sources import check_paths
+from models.sharding import logical_to_spec, named_shardings
+from train import lifecycle
+from train.sft import _axes_tree, resolve_config
+from train.state import TrainState
+
+PAIR_KEYS = preferences.PAIR_KEYS
+COUNTED = ("truncated_pairs", "dropped_pairs")  # summed over a log interval
+
+
+def resolve(config, num_devices: int):
+    """(model config, mesh, resolved config dict) as SFT resolves them (train/sft.py), after checking
+    the preference data fields."""
+    dc = config.data
+    if dc.render not in preferences.RENDERS:
+        raise ValueError(f"data.render={dc.render!r} is not valid; expected one of {preferences.RENDERS}")
+    if not 0.0 <= dc.eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction={dc.eval_fraction} must be in [0, 1)")
+    return resolve_config(config, num_devices)
+
+
+def data_specs(config):
+    """(training sources, held-out sources, holdout split): the held-out pairs are `data.eval_sources`
+    or, with `data.eval_fraction` > 0, that share of the training sources (then not trained on)."""
+    train = preferences.specs_from_config(config.data.sources)
+    evals = preferences.specs_from_config(config.data.eval_sources)
+    if not train:
+        raise ValueError("data.sources is empty: give at least one source of preference pairs")
+    if evals and config.data.eval_fraction > 0:
+        raise ValueError(f"data.eval_fraction={config.data.eval_fraction} holds out pairs of the training sources, "
+                         "but data.eval_sources are given too: keep one")
+    check_paths(train + evals)
+    return train, evals, bool(config.data.eval_fraction > 0)
+
+
+def prepare_workdir(workdir: pathlib.Path, resolved: dict, tokenizer_files: dict, *, program: str) -> None:
+    """Refuses another run's workdir (train/lifecycle.py), then writes config.json and the base's
+    tokenizer files (process 0)."""
+    from models.checkpoint import committed_steps
+
+    lifecycle.check_workdir(workdir, resolved, committed_steps(workdir), program=program)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        for name, src in tokenizer_files.items():
+            if not (workdir / name).is_file():
+                (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, workdir / name)
+
+
+def split_on_mesh(model, trainable, mesh, rules):
+    """(graphdef, trained params, frozen rest, their shardings, trained count): `model` split into
+    what `trainable` selects and the rest, as pure dicts placed per their logical axes."""
+    graphdef, trained, rest = nnx.split(model, trainable, ...)
+    trained_sh = named_shardings(_axes_tree(trained), nnx.to_pure_dict(trained), mesh, rules)
+    rest_sh = named_shardings(_axes_tree(rest), nnx.to_pure_dict(rest), mesh, rules)
+    params = jax.device_put(nnx.to_pure_dict(trained), trained_sh)
+    rest = jax.device_put(nnx.to_pure_dict(rest), rest_sh)
+    n = sum(np.size(x) for x in jax.tree.leaves(params))
+    return graphdef, params, rest, n
+
+
+def new_state(params, tx, seed: int, mesh) -> TrainState:
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                      opt_state=jax.jit(tx.init)(params),
+                      rng=jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)), replicated))
+
+
+def pair_data(config, tokenizer, template: str, seq: int, train_specs, eval_specs, holdout: bool):
+    """(training iterator (checkpointable, this process's shards), held-out batches (a list))."""
+    dc, tc = config.data, config.train
+    num_shards = dc.num_shards or jax.process_count()
+    shard_ids = pipeline.process_shards(num_shards, jax.process_index(), jax.process_count())
+    kw = dict(seq_len=seq, chat_template=template, render=dc.render, truncation=dc.truncation,
+              eval_fraction=dc.eval_fraction)
+    data_iter = preferences.sharded_preference_batches(
+        train_specs, tokenizer, batch_size=tc.batch_size, num_shards=num_shards, shard_ids=shard_ids, seed=tc.seed,
+        shuffle_window=dc.shuffle_window, num_workers=dc.num_workers, holdout="train" if holdout else None, **kw)
+    eval_batches = preferences.eval_pair_batches(
+        eval_specs or train_specs, tokenizer, batch_size=tc.batch_size, num_pairs=tc.eval_pairs if (
+            eval_specs or holdout) else 0, num_shards=num_shards, shard_ids=shard_ids,
+        holdout="eval" if holdout else None, **kw)
+    return data_iter, eval_batches
+
+
+def pair_shardings(mesh, rules, batch_size: int, seq: int) -> dict[str, NamedSharding]:
+    """Shardings of the PAIR_KEYS arrays [P, 2, T]: pairs over the batch axes, never split."""
+    spec = logical_to_spec(("batch", None, "length"), (batch_size, 2, seq), mesh, rules)
+    return {k: NamedSharding(mesh, spec) for k in PAIR_KEYS}
+
+
+def global_pairs(local: dict, shardings: dict) -> dict:
+    """This process's pair batch as global arrays."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in PAIR_KEYS}
+
+
+def batch_stats(local: dict, num_sources: int) -> dict[str, np.ndarray]:
+    """Host statistics of a pair batch for the train lines: response tokens per source, the share of
+    positions that are padding / response tokens, overlong pairs truncated or dropped."""
+    mask = local["loss_mask_BCT"]
+    per_pair = mask.sum(axis=(1, 2))
+    counts = np.array([per_pair[local["source_B"] == i].sum() for i in range(num_sources)], np.float32)
+    c = preferences.pair_counts(local)
+    return {"source_tokens": counts, "padding_fraction": np.float32((local["segment_ids_BCT"] == 0).mean()),
+            "trained_token_fraction": np.float32(mask.mean()), "truncated_pairs": np.float32(c["truncated"]),
+            "dropped_pairs": np.float32(c["dropped"])}
+
+
+def make_eval(loss_fn: Callable, shardings: dict, eval_batches: list, frozen) -> Callable[[Any], dict[str, float]]:
+    """evaluate(params) -> {"eval_<metric>": mean over the held-out pairs} of every metric the loss
+    reports ({} without held-out pairs)."""
+    if not eval_batches:
+        return lambda params: {}
+    step = jax.jit(lambda params, batch, frozen: loss_fn(params, batch, None, frozen)[1])
+    batches = [global_pairs(b, shardings) for b in eval_batches]
+
+    def evaluate(params) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        total = 0.0
+        for b in batches:
+            m = jax.device_get(step(params, b, frozen))
+            w = float(m.pop("weight"))
+            m.pop("z_loss", None)
+            total += w
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        return {f"eval_{k}": v / max(total, 1.0) for k, v in sums.items()}
+
+    return evaluate
