@@ -49,7 +49,6 @@ logged with file and line, or a `DataError` naming them with `strict=True`).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import zlib
@@ -59,7 +58,7 @@ import grain
 import numpy as np
 
 from data import pipeline
-from data.sft import (ChatExamples, ChatRecordError, ChatTokenizer, TemplatePrefixError, _ChatExamplesIterator,
+from data.sft import (ChatExamples, ChatRecordError, ChatTokenizer, TemplatePrefixError, _ChatExamplesIterator, _has,
                       _message_list)
 from data.sources import PREFERENCE_SCHEMAS, DataError, EmptySourceError, SourceSpec, check_paths, get_field
 from data.sources import specs_from_config as _specs_from_config
@@ -89,14 +88,6 @@ def _value(obj: Any, field: str) -> Any:
         return _message_list(value, field)
     raise ChatRecordError(f"field {field!r} is {type(value).__name__}, not a string or a list of messages",
                           "not_string")
-
-
-def _has(obj: Any, field: str) -> bool:
-    try:
-        get_field(obj, field)
-    except KeyError:
-        return False
-    return True
 
 
 def detect_schema(obj: Any, spec: SourceSpec) -> str:
@@ -269,6 +260,7 @@ class PairExamples(ChatExamples):
 
 
 class _PairExamplesIterator(_ChatExamplesIterator):
+    kind = "preference"
     def _example(self, rec) -> dict[str, np.ndarray] | None:
         ds = self.ds
         if ds.holdout and holdout_of(rec["file"], rec["line"], ds.eval_fraction) != ds.holdout:
@@ -283,14 +275,8 @@ class _PairExamplesIterator(_ChatExamplesIterator):
         longest = max(len(ids) for ids, _ in sides)
         truncated = 0
         if longest > ds.seq_len:
-            self.overlong += 1
-            keep = all(mask[1:ds.seq_len].any() for _, mask in sides)
-            if ds.truncation == "drop" or not keep:
-                self.pending_dropped += 1
-                if self.overlong <= 5:
-                    logging.warning("preference source %r: dropped %s:%d (%d tokens > seq_len %d%s)", ds.spec.name,
-                                    rec["file"], rec["line"], longest, ds.seq_len,
-                                    "" if ds.truncation == "drop" else "; a response has no token within it")
+            if self.drop_overlong(rec, longest, keep=all(mask[1:ds.seq_len].any() for _, mask in sides),
+                                  what="a response has no token within it"):
                 return None
             sides, truncated = [(ids[:ds.seq_len], mask[:ds.seq_len]) for ids, mask in sides], 1
         rows = [sequence_row(ids, mask, ds.seq_len) for ids, mask in sides]

@@ -385,6 +385,8 @@ class ChatExamples(grain.IterDataset):
 
 
 class _ChatExamplesIterator(grain.DatasetIterator):
+    kind = "SFT"  # in log lines
+
     def __init__(self, parent, ds: ChatExamples):
         super().__init__(parent)
         self.ds = ds
@@ -421,14 +423,7 @@ class _ChatExamplesIterator(grain.DatasetIterator):
             raise DataError(rec["file"], rec["line"], str(e)) from None
         n, truncated = len(ids) - 1, 0
         if n > ds.seq_len:
-            keep = mask[1:ds.seq_len + 1].any()
-            self.overlong += 1
-            if ds.truncation == "drop" or not keep:
-                self.pending_dropped += 1
-                if self.overlong <= 5:
-                    logging.warning("SFT source %r: dropped %s:%d (%d tokens > seq_len %d%s)", ds.spec.name,
-                                    rec["file"], rec["line"], n, ds.seq_len,
-                                    "" if ds.truncation == "drop" else "; no assistant token within it")
+            if self.drop_overlong(rec, n, keep=mask[1:ds.seq_len + 1].any(), what="no assistant token within it"):
                 return None
             ids, mask, n, truncated = ids[:ds.seq_len + 1], mask[:ds.seq_len + 1], ds.seq_len, 1
         first = np.zeros(n, np.int32)
@@ -437,6 +432,19 @@ class _ChatExamplesIterator(grain.DatasetIterator):
         doc["truncated"][0], doc["dropped"][0] = truncated, self.pending_dropped
         self.pending_dropped = 0
         return doc
+
+    def drop_overlong(self, rec, n: int, *, keep: bool, what: str) -> bool:
+        """Counts an example of `n` > seq_len tokens; True (counted as dropped, the first few logged)
+        when it is dropped: truncation "drop", or nothing to train on is left (`keep` False: `what`)."""
+        ds = self.ds
+        self.overlong += 1
+        if ds.truncation != "drop" and keep:
+            return False
+        self.pending_dropped += 1
+        if self.overlong <= 5:
+            logging.warning("%s source %r: dropped %s:%d (%d tokens > seq_len %d%s)", self.kind, ds.spec.name,
+                            rec["file"], rec["line"], n, ds.seq_len, "" if ds.truncation == "drop" else f"; {what}")
+        return True
 
     def no_examples_error(self, why: str = "") -> EmptySourceError:
         ds = self.ds

@@ -139,6 +139,9 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     from models.transformer import abstract_params_and_shardings, merge_params
 
     run = read_run_config(workdir)
+    if "reward" in run:  # a scalar head on the decoder, not a language model
+        raise ValueError(f"{workdir} is a reward model run (python -m rl.reward): load it with "
+                         "rl.reward_model.load_reward_model")
     if (run.get("peft") or {}).get("method", "full") != "full":
         return _load_adapted(workdir, run, step=step, return_step=return_step)
     # a pipelined run's model is the same model: loaded for evaluation or decoding, it runs unpipelined
@@ -159,6 +162,7 @@ def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
 
     if init.get("workdir"):
         model, base_cfg = load(init["workdir"], step=init.get("step"))
+        model = _without_adapters(model, init["workdir"])
     elif init.get("hf_dir"):
         from models import hf
 
@@ -171,6 +175,23 @@ def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
     graphdef, _ = split_params(abstract_model(cfg))
     params = jax.tree.map(lambda x: x.astype(cfg.params_dtype), split_params(model)[1])
     return merge_params(graphdef, params), cfg
+
+
+def _without_adapters(model, workdir):
+    """A LoRA / QLoRA run as a base: its adapters merged into plain weights (W + scale A B; an NF4
+    base dequantized), so a new run can put its own method on it. A prefix-tuning run cannot be one."""
+    from flax import nnx
+
+    from models.lora import LoraKernel, merge_lora
+    from models.prefix import PrefixAttention
+
+    modules = [m for _, m in nnx.iter_modules(model)]
+    if any(isinstance(m, PrefixAttention) for m in modules):
+        raise ValueError(f"init.workdir={str(workdir)!r} is a prefix-tuning run: its prefixes are attention inputs, not "
+                         "weights, so it cannot be the base of another run; start from its own base instead")
+    if any(isinstance(getattr(m, "kernel", None), LoraKernel) for m in modules):
+        return merge_lora(model)
+    return model
 
 
 def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):

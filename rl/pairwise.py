@@ -2,17 +2,16 @@
 
 Both start like SFT (train/sft.py: the base, its tokenizer, the PEFT method, the resolved config)
 and train on batches of chosen / rejected pairs (data/preferences.py) with pretraining's loop
-(train/loop.py). Here: checking the preference sections of a config, preparing the workdir, the
-trained / frozen split on the mesh, the pair data (training iterator and held-out batches), pair
+(train/loop.py), starting as train/runs.py says. Here: checking the preference sections of a
+config, the trained / frozen split on the mesh, the pair data (training iterator and held-out batches), pair
 batches on the devices and the held-out evaluation. Each program's `run` reads top to bottom
 with these.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import pathlib
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -22,11 +21,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from data import pipeline, preferences
+from data.sft import chat_template_for
 from data.sources import check_paths
 from models.sharding import logical_to_spec, named_shardings
-from train import lifecycle
-from train.sft import _axes_tree, resolve_config
-from train.state import TrainState
+from train import lifecycle, loop, runs
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.flops import system_peak_flops
+from train.optimizer import make_optimizer
+from train.sft import _axes_tree, base_tokenizer, resolve_config
+from train.state import TrainState, make_train_step
 
 PAIR_KEYS = preferences.PAIR_KEYS
 COUNTED = ("truncated_pairs", "dropped_pairs")  # summed over a log interval
@@ -43,6 +47,44 @@ def resolve(config, num_devices: int):
     return resolve_config(config, num_devices)
 
 
+@dataclasses.dataclass
+class Start:
+    """What a preference program knows once its config is checked and its workdir prepared."""
+
+    model_cfg: Any  # the base's ModelConfig with the run's dtypes
+    resolved: dict  # config.json
+    seq: int  # data.seq_len, clamped to the base's max_seq_len
+    tx: Any  # the optimizer
+    schedule: Callable
+    guard: lifecycle.NanGuard
+    train_specs: list
+    eval_specs: list
+    holdout: bool  # the held-out pairs are a share of the training sources
+    tokenizer: Any
+    template: str  # the chat template
+    mesh: Any
+    rules: Any
+    peak_flops: float
+
+
+def start(config, workdir: pathlib.Path, *, program: str) -> Start:
+    """Checks the config (one-line errors before anything is written, as train/lifecycle.py wants),
+    then prepares the workdir (train/runs.py) and builds the mesh."""
+    tc = config.train
+    with lifecycle.config_errors():
+        model_cfg, mesh_spec, resolved = resolve(config, jax.device_count())
+        tx, schedule = make_optimizer(config.optimizer, tc.steps)
+        guard = lifecycle.NanGuard(tc.nan_policy, tc.nan_max_skips)
+        train_specs, eval_specs, holdout = data_specs(config)
+        tokenizer, tokenizer_files = base_tokenizer(config)
+        template = chat_template_for(tokenizer, config.data.chat_template)
+    runs.prepare_workdir(workdir, resolved, tokenizer_files, program=program)
+    return Start(model_cfg=model_cfg, resolved=resolved, seq=resolved["data"]["seq_len"], tx=tx, schedule=schedule,
+                 guard=guard, train_specs=train_specs, eval_specs=eval_specs, holdout=holdout, tokenizer=tokenizer,
+                 template=template, mesh=mesh_lib.make_mesh(mesh_spec["shape"]), rules=mesh_spec["rules"],
+                 peak_flops=system_peak_flops(model_cfg.dtype))
+
+
 def data_specs(config):
     """(training sources, held-out sources, holdout split): the held-out pairs are `data.eval_sources`
     or, with `data.eval_fraction` > 0, that share of the training sources (then not trained on)."""
@@ -55,21 +97,6 @@ def data_specs(config):
                          "but data.eval_sources are given too: keep one")
     check_paths(train + evals)
     return train, evals, bool(config.data.eval_fraction > 0)
-
-
-def prepare_workdir(workdir: pathlib.Path, resolved: dict, tokenizer_files: dict, *, program: str) -> None:
-    """Refuses another run's workdir (train/lifecycle.py), then writes config.json and the base's
-    tokenizer files (process 0)."""
-    from models.checkpoint import committed_steps
-
-    lifecycle.check_workdir(workdir, resolved, committed_steps(workdir), program=program)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        for name, src in tokenizer_files.items():
-            if not (workdir / name).is_file():
-                (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, workdir / name)
 
 
 def split_on_mesh(model, trainable, mesh, rules):
@@ -129,6 +156,45 @@ def batch_stats(local: dict, num_sources: int) -> dict[str, np.ndarray]:
     return {"source_tokens": counts, "padding_fraction": np.float32((local["segment_ids_BCT"] == 0).mean()),
             "trained_token_fraction": np.float32(mask.mean()), "truncated_pairs": np.float32(c["truncated"]),
             "dropped_pairs": np.float32(c["dropped"])}
+
+
+def loop_parts(config, s: Start, workdir, runlog, state, frozen, loss_fn: Callable, *, trained: int,
+               flops_per_token: float, extra_eval: Callable[[Any], dict] | None = None) -> loop.Parts | None:
+    """Everything train/loop.py's `run_steps` needs, the run resumed from its newest checkpoint
+    (train/runs.py; None when it is already complete): the pair data, the step of train/state.py
+    jitted with the state's, the pairs' and `frozen`'s shardings (the state donated), the held-out
+    pair evaluation (`make_eval`) plus `extra_eval(state)`, and the next pair batch on the devices
+    with its statistics."""
+    tc = config.train
+    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+    data_iter, eval_batches = pair_data(config, s.tokenizer, s.template, s.seq, s.train_specs, s.eval_specs,
+                                        s.holdout)
+    resumed = runs.resume(ckpt, state, data_iter, runlog, workdir=workdir, steps=tc.steps, peak_flops=s.peak_flops,
+                          trained_parameters=trained)
+    if resumed is None:
+        return None
+    state, start, writer = resumed
+    pair_sh = pair_shardings(s.mesh, s.rules, tc.batch_size, s.seq)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    use_dropout = (s.model_cfg.dropout_rate > 0
+                   or (config.peft.method in ("lora", "qlora") and config.peft.lora.dropout > 0))
+    train_step = jax.jit(make_train_step(loss_fn, s.tx, microbatches=tc.microbatches, use_dropout=use_dropout),
+                         in_shardings=(shardings, pair_sh, jax.tree.map(lambda x: x.sharding, frozen)),
+                         out_shardings=(shardings, None), donate_argnums=(0,))
+    evaluate_pairs = make_eval(loss_fn, pair_sh, eval_batches, frozen)
+
+    def evaluate(state) -> dict[str, float]:
+        return {**evaluate_pairs(state.params), **(extra_eval(state) if extra_eval else {})}
+
+    def next_batch():
+        local = next(data_iter)
+        return global_pairs(local, pair_sh), batch_stats(local, len(s.train_specs))
+
+    return loop.Parts(tc=tc, state=state, start=start, train_step=train_step, next_batch=next_batch, ckpt=ckpt,
+                      data_iter=data_iter, writer=writer, runlog=runlog, guard=s.guard, schedule=s.schedule,
+                      evaluate=evaluate, tokens_per_step=2 * tc.batch_size * s.seq, flops_per_token=flops_per_token,
+                      peak_flops=s.peak_flops, source_names=tuple(sp.name for sp in s.train_specs), summed=COUNTED,
+                      frozen=frozen, workdir=workdir)
 
 
 def make_eval(loss_fn: Callable, shardings: dict, eval_batches: list, frozen) -> Callable[[Any], dict[str, float]]:
