@@ -74,13 +74,13 @@ def train_section(**overrides):
         batch_size=16,  # pairs per step (2x as many sequences)
         microbatches=1,  # gradient accumulation: each loss weighs its micro-batch by its pairs
         seed=0,  # head / adapters init, data order, dropout
-        log_every=10,
-        eval_every=100,
+        log_every=10,  # steps per train line
+        eval_every=100,  # steps per evaluation, and one at step 0 (0: only at the end)
         eval_pairs=256,  # held-out pairs evaluated (the first ones of the held-out sources)
         checkpoint_every=200,
         keep_checkpoints=2,
         async_checkpoint=True,
-        nan_policy="skip",
+        nan_policy="skip",  # a non-finite step: "skip" its update (up to nan_max_skips in a row) | "stop"
         nan_max_skips=10,
     )
     d.update(overrides)

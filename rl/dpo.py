@@ -53,6 +53,8 @@ def check(config) -> None:
         raise ValueError(f"dpo.beta={d.beta} must be > 0")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    if d.loss == "ipo" and d.label_smoothing:
+        raise ValueError(f"dpo.label_smoothing={d.label_smoothing} applies to the dpo and simpo losses, not ipo")
     if config.peft.method not in METHODS:
         raise ValueError(f"peft.method={config.peft.method!r} cannot train DPO here; expected one of {METHODS} "
                          "(the reference of a prefix-tuned policy would need the base without prefixes)")

@@ -221,3 +221,39 @@ def test_reward_is_read_at_the_last_real_token_left_or_right_padded():
     scorer = reward_model.RewardScorer(model)
     np.testing.assert_allclose(scorer.score([ids.tolist(), ids[:4].tolist()])[0], alone[0], rtol=1e-5)
     np.testing.assert_allclose(scorer.score(left, segment_ids=seg_l), alone, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["dp", "fsdp_tp"])
+def test_dpo_step_on_a_mesh_equals_one_device(strategy):
+    """The programs' step (rl/pairwise.py shardings: pairs over the batch axes, parameters by their
+    logical axes) on 8 fake devices, with 2 micro-batches = one device, one batch."""
+    from models.sharding import use_rules
+    from rl import pairwise
+    from train import mesh as mesh_lib
+
+    cfg = tiny_model_config()
+    batch = _pairs(np.random.default_rng(14), 8, 97, seq_len=16)
+    tx = optax.adam(1e-2)
+
+    def two_steps(params, frozen, loss_fn, microbatches, batch):
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(0)))
+        step = jax.jit(make_train_step(loss_fn, tx, microbatches=microbatches))
+        for _ in range(2):
+            state, m = step(state, batch, frozen)
+        return jax.device_get(state.params), float(m["loss"])
+
+    loss_fn, params, frozen = _full_dpo("dpo")
+    want, want_loss = two_steps(params, frozen, loss_fn, 1, batch)
+    spec = mesh_lib.resolve({"strategy": strategy}, 8, cfg, 16)
+    mesh = mesh_lib.make_mesh(spec["shape"])
+    with jax.set_mesh(mesh), use_rules(spec["rules"]):
+        model = transformer.build(cfg, seed=1)
+        graphdef, params, rest, _ = pairwise.split_on_mesh(model, nnx.Param, mesh, spec["rules"])
+        ref = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(5), x.shape), params)
+        loss_fn = preference.dpo_loss_fn(graphdef, beta=0.2, label_smoothing=0.1, reference="frozen")
+        sh = pairwise.pair_shardings(mesh, spec["rules"], 8, 16)
+        got, got_loss = two_steps(params, {"rest": rest, "ref": ref}, loss_fn, 2,
+                                  {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
