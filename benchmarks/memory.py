@@ -35,6 +35,7 @@ jax.config.update("jax_num_cpu_devices", 8)  # before anything touches a device
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import records  # noqa: E402
+from benchmarks.records import xla_bytes  # noqa: E402
 from configs import pretrain  # noqa: E402
 from models.config import REMAT_POLICIES, ModelConfig  # noqa: E402
 from models.sharding import use_rules  # noqa: E402
@@ -89,12 +90,6 @@ def compiled_memory(model_cfg: ModelConfig, tx, mesh, rules, batch_size: int, se
         step = jax.jit(make_train_step(lm_loss_fn(graphdef), tx), in_shardings=(sh, bsh), out_shardings=(sh, None),
                        donate_argnums=(0,))
         return step.lower(abstract_state(model_cfg, tx, sh), batch).compile().memory_analysis()
-
-
-def xla_bytes(m) -> int:
-    """Per-device bytes a compiled step needs: arguments + temporaries + outputs not aliased to an
-    argument (the donated state's new value reuses the old one's buffers)."""
-    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
 def accuracy_case(preset: str, strategy: str, remat: str, batch_size: int) -> dict:
@@ -187,16 +182,9 @@ def main(argv=None):
     ap.add_argument("--name", default="memory", help="record name")
     ap.add_argument("--records-dir", default=str(records.RECORDS), help="where the JSON record goes")
     args = ap.parse_args(argv)
-    sections = args.sections.split(",")
-    for s in sections:
-        if s not in ("accuracy", "scale"):
-            ap.error(f"--sections: {s!r} is not one of accuracy, scale")
-    for r in args.remats.split(","):
-        if r not in REMAT_POLICIES:
-            ap.error(f"--remats: {r!r} is not one of {REMAT_POLICIES}")
-    for s in args.strategies.split(","):
-        if s not in (SINGLE, *mesh_lib.STRATEGIES):
-            ap.error(f"--strategies: {s!r} is not one of {(SINGLE, *mesh_lib.STRATEGIES)}")
+    sections = records.comma_list(ap, "--sections", args.sections, ("accuracy", "scale"))
+    records.comma_list(ap, "--remats", args.remats, REMAT_POLICIES)
+    records.comma_list(ap, "--strategies", args.strategies, (SINGLE, *mesh_lib.STRATEGIES))
     if args.batch < 8 or args.batch % 8:
         ap.error(f"--batch={args.batch} must be a positive multiple of 8 (the fake devices)")
     tables, results = [], {}

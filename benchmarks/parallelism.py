@@ -98,9 +98,7 @@ def main(argv=None):
     ap.add_argument("--name", default="parallelism", help="record name")
     ap.add_argument("--records-dir", default=str(records.RECORDS), help="where the JSON record goes")
     args = ap.parse_args(argv)
-    for s in args.strategies.split(","):
-        if s not in mesh_lib.STRATEGIES:
-            ap.error(f"--strategies: {s!r} is not one of {mesh_lib.STRATEGIES}")
+    records.comma_list(ap, "--strategies", args.strategies, mesh_lib.STRATEGIES)
     if args.rounds < 1 or args.steps < 1:
         ap.error(f"--rounds={args.rounds} and --steps={args.steps} must be >= 1")
     config = pretrain.get_config(args.preset)

@@ -90,6 +90,25 @@ def ratio_summary(num: list, den: list) -> dict[str, float]:
     return summarize([a / b for a, b in zip(num, den)])
 
 
+def comma_list(ap, flag: str, value: str, valid) -> list[str]:
+    """The items of a comma-separated argument; argparse's error (exit 2) names one not in `valid`."""
+    items = value.split(",")
+    for item in items:
+        if item not in valid:
+            ap.error(f"{flag}: {item!r} is not one of {tuple(valid)}")
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled memory
+
+
+def xla_bytes(m) -> int:
+    """Per-device bytes a compiled step needs, from its `memory_analysis()`: arguments + temporaries +
+    outputs not aliased to an argument (the donated state's new value reuses the old one's buffers)."""
+    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
 # --------------------------------------------------------------------------------------------
 # Provenance
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib
 import multiprocessing
 import os
 import pathlib
@@ -152,7 +153,7 @@ class TorchRunner:
                 tie_word_embeddings=m["tie_embeddings"], rms_norm_eps=m["norm_eps"], rope_theta=m["rope_theta"])
             torch.manual_seed(spec["seed"])
             model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
-        model = model.to(self.device).train()
+        model = self.prepare(model.to(self.device).train(), spec)
         model.config.use_cache = False
         if spec["remat"] != "none":  # the same memory trade as Loom's remat (every layer, recomputed)
             if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
@@ -176,12 +177,18 @@ class TorchRunner:
                      "gradient_checkpointing": spec["remat"] != "none", "threads": torch.get_num_threads()}
         self.clip = float(spec["optimizer"].get("clip_norm", 0.0))
 
+    def prepare(self, model, spec: dict):
+        """The module to train, from the loaded `LlamaForCausalLM` (a subclass wraps it, e.g. in adapters)."""
+        return model
+
     def _adamw(self, fused: bool = True):
         """(AdamW with Loom's hyper-parameters, "fused" | "foreach (why)"): weight decay on matrices
         but not on embeddings or norms, as Loom's mask; the fused kernel unless this torch refuses it."""
         opt = self.opt_cfg
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # a frozen base under adapters
+                continue
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": float(opt["weight_decay"])},
                   {"params": no_decay, "weight_decay": 0.0}]
@@ -230,11 +237,20 @@ class TorchRunner:
             self.torch.cuda.synchronize()
 
 
+def _runner_class(spec: dict):
+    """LoomRunner or TorchRunner by `impl`, or another benchmark's runner: `runner` = "module:Class"
+    (it has first_step() -> loss, run(), info, and optimizer_kind when `impl` is "torch")."""
+    if spec.get("runner"):
+        module, name = spec["runner"].split(":")
+        return getattr(importlib.import_module(module), name)
+    return LoomRunner if spec["impl"] == "loom" else TorchRunner
+
+
 def _setup(spec: dict) -> dict:
     """In the worker: build the implementation, run its first step (compilation) and warm-up steps."""
     global _RUNNER
     t = time.perf_counter()
-    _RUNNER = LoomRunner(spec) if spec["impl"] == "loom" else TorchRunner(spec)
+    _RUNNER = _runner_class(spec)(spec)
     build_s = time.perf_counter() - t
     t = time.perf_counter()
     loss0 = _RUNNER.first_step()
@@ -390,18 +406,26 @@ def run_preset(preset: str, args, peaks: dict) -> dict:
         if not peaks:  # once per run, on a warm device, while no other implementation runs
             peaks.update(_measure_peaks(loom0, args.dtypes.split(","), platform != "cpu"))
             peaks["_device"], peaks["_platform"] = loom0.info["device"], platform
-        slowest = max(max(w.info["warmup_s"] or [w.info["first_step_s"]]) for w in live.values())
-        steps = args.steps or max(1, min(10, int(args.round_seconds / slowest)))
-        print(f"  {args.rounds} interleaved rounds x {steps} steps per implementation", flush=True)
-        samples = records.interleaved({n: (lambda w=w: w.steps(steps)) for n, w in live.items()}, args.rounds,
-                                      warmup=0, pause=args.pause)
-        return {"config": cfg, "steps_per_round": steps, "samples": samples,
-                "workers": {n: {"spec": {k: v for k, v in w.spec.items() if k not in ("model", "optimizer")},
-                                "info": w.info, "error": w.error} for n, w in workers.items()}}
+        return timed_rounds(cfg, workers, args)
     finally:
         for w in locals().get("workers", {}).values():
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def timed_rounds(cfg: dict, workers: dict[str, Worker], args) -> dict:
+    """Times the started workers in `args.rounds` interleaved rounds of the same number of steps each
+    (`args.steps`, or as many as fit `args.round_seconds` by the slowest warm-up); the result a
+    record keeps: config, steps per round, every round's step times, each worker's spec and info."""
+    live = {n: w for n, w in workers.items() if not w.error}
+    slowest = max(max(w.info["warmup_s"] or [w.info["first_step_s"]]) for w in live.values())
+    steps = args.steps or max(1, min(10, int(args.round_seconds / slowest)))
+    print(f"  {args.rounds} interleaved rounds x {steps} steps per implementation", flush=True)
+    samples = records.interleaved({n: (lambda w=w: w.steps(steps)) for n, w in live.items()}, args.rounds,
+                                  warmup=0, pause=args.pause)
+    return {"config": cfg, "steps_per_round": steps, "samples": samples,
+            "workers": {n: {"spec": {k: v for k, v in w.spec.items() if k not in ("model", "optimizer")},
+                            "info": w.info, "error": w.error} for n, w in workers.items()}}
 
 
 def _model_flops_per_token(cfg: dict) -> float:
@@ -566,12 +590,8 @@ def main(argv=None):
     ap.add_argument("--name", default="", help="record name (default: train_step_<platform>)")
     ap.add_argument("--records-dir", default=str(records.RECORDS), help="where the JSON record goes")
     args = ap.parse_args(argv)
-    for dt in args.dtypes.split(","):
-        if dt not in SHORT:
-            ap.error(f"--dtypes: {dt!r} is not one of {tuple(SHORT)}")
-    for mode in args.torch_modes.split(","):
-        if mode not in TORCH_MODES:
-            ap.error(f"--torch-modes: {mode!r} is not one of {TORCH_MODES}")
+    records.comma_list(ap, "--dtypes", args.dtypes, SHORT)
+    records.comma_list(ap, "--torch-modes", args.torch_modes, TORCH_MODES)
     if args.rounds < 1:
         ap.error(f"--rounds={args.rounds} must be >= 1")
     # several processes share one GPU: none may take most of its memory up front

@@ -39,9 +39,12 @@ def preference_data(chat: bool):
     """The data section of a preference program (rl.reward, rl.dpo)."""
     return config_dict.ConfigDict(dict(
         sources=chat_sources() if chat else arith_sources(),
-        # held-out pairs: these sources, or (eval_fraction > 0) a hashed share of the training sources
+        # held-out pairs: these sources, or (none given) the held-out split of the training sources:
+        # round(eval_fraction x records) records, at least eval_min_records, at most eval_max_records
         eval_sources=config_dict.ConfigDict() if chat else arith_sources("validation"),
         eval_fraction=0.05 if chat else 0.0,
+        eval_min_records=16,
+        eval_max_records=1000,
         seq_len=512 if chat else 32,  # tokens per sequence (prompt + response); clamped to the base's max_seq_len
         chat_template=placeholder(str),  # unset: the tokenizer's own, else Loom's default (data/sft.py)
         render="chat",  # "chat": every pair through the chat template | "text": plain-text pairs as written

@@ -39,8 +39,8 @@ and `source_B`, `truncated_B`, `dropped_B` ([P] int32) for the counts. A pair wh
 longer than seq_len is cut to its first seq_len tokens ("truncate"; dropped instead when either
 side keeps no response token) or dropped ("drop"). Padding pairs (`pad_pairs`) have no token at all.
 
-Held-out pairs: given eval sources, or with `holdout` = "train" / "eval" and `eval_fraction` a
-deterministic split of the same sources by a hash of each record's file name and line.
+Held-out pairs: eval sources of their own, or the held-out split of the training sources
+(data/sources.py `split_heldout`, as SFT's).
 
 Bad input: a record of unknown shape, a missing or mistyped field, responses that share no prompt
 or are identical, a chat the template fails on: a bad record of its source (skipped, counted and
@@ -49,9 +49,7 @@ logged with file and line, or a `DataError` naming them with `strict=True`).
 
 from __future__ import annotations
 
-import os
 import re
-import zlib
 from typing import Any, Sequence
 
 import grain
@@ -67,7 +65,6 @@ from data.tokenizer import with_specials
 SCHEMAS = PREFERENCE_SCHEMAS
 RENDERS = ("chat", "text")
 TRUNCATIONS = ("truncate", "drop")
-HOLDOUTS = (None, "train", "eval")
 PAIR_KEYS = tuple(k[:-2] + "BCT" for k in pipeline.BATCH_KEYS)  # inputs_BCT, targets_BCT, ...
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # HH-RLHF's turn markers
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -227,12 +224,6 @@ def sequence_row(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, n
     return row
 
 
-def holdout_of(file: str, line: int, eval_fraction: float) -> str:
-    """"eval" for the records a deterministic hash of (file name, line) puts in the held-out share."""
-    h = zlib.crc32(f"{os.path.basename(str(file))}:{line}".encode()) / 2 ** 32
-    return "eval" if h < eval_fraction else "train"
-
-
 # --------------------------------------------------------------------------------------------
 # Examples: one source's records -> pair documents
 
@@ -240,31 +231,24 @@ def holdout_of(file: str, line: int, eval_fraction: float) -> str:
 class PairExamples(ChatExamples):
     """One source's pair records -> documents {"<key>_BCT": [2, seq_len] for PAIR_KEYS, "source_B",
     "truncated_B", "dropped_B"} (the batch adds the leading P). Overlong pairs and bad records are
-    handled and counted as data/sft.py `ChatExamples` does for chats; with `holdout` only the
-    records of that side of the `eval_fraction` split are read."""
+    handled and counted as data/sft.py `ChatExamples` does for chats."""
 
     def __init__(self, parent: grain.IterDataset, pairs: PairTokenizer, spec: SourceSpec, *, source_id: int,
-                 seq_len: int, truncation: str = "truncate", holdout: str | None = None, eval_fraction: float = 0.0):
+                 seq_len: int, truncation: str = "truncate"):
         super().__init__(parent, pairs.chat, spec, source_id=source_id, seq_len=seq_len, truncation=truncation)
-        if holdout not in HOLDOUTS:
-            raise ValueError(f"holdout={holdout!r} is not valid; expected one of {HOLDOUTS}")
-        if holdout and not 0.0 < eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1) to hold out pairs of a source")
-        self.pairs, self.holdout, self.eval_fraction = pairs, holdout, eval_fraction
+        self.pairs = pairs
 
     def __iter__(self):
         return _PairExamplesIterator(self._parent.__iter__(), self)
 
     def __str__(self):
-        return f"PairExamples({self.spec.name!r}, seq_len={self.seq_len}, holdout={self.holdout!r})"
+        return f"PairExamples({self.spec.name!r}, seq_len={self.seq_len})"
 
 
 class _PairExamplesIterator(_ChatExamplesIterator):
     kind = "preference"
     def _example(self, rec) -> dict[str, np.ndarray] | None:
         ds = self.ds
-        if ds.holdout and holdout_of(rec["file"], rec["line"], ds.eval_fraction) != ds.holdout:
-            return None
         try:
             sides = ds.pairs.tokenize(rec["pair"])
         except ChatRecordError as e:
@@ -289,7 +273,7 @@ class _PairExamplesIterator(_ChatExamplesIterator):
     def no_examples_error(self, why: str = "") -> EmptySourceError:
         ds = self.ds
         where = ds.spec.path or f"{ds.spec.format}:{ds.spec.split}"
-        held = f" in its {ds.holdout} share (eval_fraction={ds.eval_fraction})" if ds.holdout else ""
+        held = f" on its {ds.spec.heldout.side} side" if ds.spec.heldout is not None else ""
         first = f" (first: {self.bad.first})" if self.bad.first else ""
         return EmptySourceError(f"source {ds.spec.name!r} ({where}) yielded 0 preference pairs{held}: "
                                 f"{self.pending_dropped} longer than seq_len={ds.seq_len}, {self.bad.total} bad "
@@ -334,7 +318,7 @@ def specs_from_config(sources) -> list[SourceSpec]:
 
 def preference_batches(specs: Sequence[SourceSpec], tokenizer, *, seq_len: int, batch_size: int,
                        chat_template: str | None = None, render: str = "chat", truncation: str = "truncate",
-                       holdout: str | None = None, eval_fraction: float = 0.0, seed: int = 0, shuffle: bool = True,
+                       seed: int = 0, shuffle: bool = True,
                        num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
                        shuffle_window: int = 0, num_workers: int = 0, drop_remainder: bool = True) -> grain.IterDataset:
     """Batches of `batch_size` preference pairs for this process (see the module docstring), a
@@ -351,8 +335,7 @@ def preference_batches(specs: Sequence[SourceSpec], tokenizer, *, seq_len: int, 
     pairs = PairTokenizer(tokenizer, chat_template, render)
 
     def documents(records, i, spec):
-        return PairExamples(records, pairs, spec, source_id=i, seq_len=seq_len, truncation=truncation,
-                            holdout=holdout, eval_fraction=eval_fraction)
+        return PairExamples(records, pairs, spec, source_id=i, seq_len=seq_len, truncation=truncation)
 
     docs = pipeline.mixture_docs(specs, tokenizer, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                                  shard_index=shard_index, shard_count=shard_count, documents=documents)

@@ -14,7 +14,9 @@ Record shapes (`SourceSpec.schema`; "auto" detects each record's, in this order)
                      (instruction, then a blank line and the input when there is one) / assistant
 The field names are the spec's `messages_field`, `prompt_field`, ... (defaults as above; dots
 reach nested keys). Every chat must hold an assistant turn. The `synthetic` format gives
-prompt / completion records of a data/synthetic.py task (exact answers, verifiable).
+prompt / completion records of a data/synthetic.py task (exact answers, verifiable). A source
+with `schema="text"` gives plain documents (`[bos] + tokens + [eos]`, as pretraining) whose every
+target is trained: continued pretraining, e.g. on long documents to extend a model's context.
 
 Chat template: `chat_template_for(tokenizer, override)`: the override (template text, a `.jinja`
 file, a named template of the tokenizer, or "loom"), else the tokenizer's own (jinja, rendered
@@ -23,6 +25,8 @@ as transformers does), else Loom's `DEFAULT_CHAT_TEMPLATE` (which serving shares
     <s><|system|>\\nBe brief.</s><|user|>\\nHi</s><|assistant|>\\nHello</s>
 
 with the tokenizer's BOS / EOS for <s> / </s>: each turn ends with EOS, so a model stops at EOS.
+Other templates end a turn with a token of their own (Llama 3's `<|eot_id|>`, ChatML's
+`<|im_end|>`): `ChatTokenizer.stop_ids()` gives EOS and that token, what generation stops at.
 For Loom's sentencepiece tokenizers, whose BOS / EOS have no text that encodes to them, the
 template's `bos_token` / `eos_token` become those ids (the same strings inside a message stay text).
 
@@ -56,7 +60,7 @@ from data import pipeline
 from data.sources import CHAT_SCHEMAS, BadRecords, DataError, EmptySourceError, SourceSpec, check_paths, get_field
 from data.sources import specs_from_config as _specs_from_config
 
-SCHEMAS = CHAT_SCHEMAS
+SCHEMAS = CHAT_SCHEMAS + ("text",)  # "text": plain documents, every target trained
 TRUNCATIONS = ("truncate", "drop")
 # Per-target document features: the loss mask, and the overlong-example counts that ride in the
 # batches (`truncated_BT`, `dropped_BT`), so a trainer counts them exactly with worker processes
@@ -196,7 +200,7 @@ def record_messages(obj: Any, spec: SourceSpec) -> list[dict]:
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     else:
-        raise ValueError(f"schema={schema!r} is not a chat schema; expected one of {SCHEMAS}")
+        raise ValueError(f"schema={schema!r} is not a chat schema; expected one of {CHAT_SCHEMAS}")
     if not any(m["role"] == "assistant" for m in messages):
         roles = [m["role"] for m in messages]
         raise ChatRecordError(f"chat has no assistant turn (roles {roles}): nothing to train on", "no_assistant")
@@ -336,6 +340,29 @@ class ChatTokenizer:
                 raise ChatRenderError(f"assistant turn {k} renders to no token (characters {a}:{b})")
             mask |= inside
         return np.asarray(ids, np.int32), mask
+
+    def stop_ids(self) -> list[int]:
+        """Ids that end an assistant answer: EOS, and the special token the template writes right
+        after an assistant message's content (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`,
+        Gemma's `<end_of_turn>`), found by rendering a probe chat. A turn that ends in plain text
+        (a blank line) adds nothing: generation would stop at every such text."""
+        eos = self.tokenizer.eos_id
+        stops = [] if eos is None or eos < 0 else [int(eos)]
+        answer = "Hello"
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
+        try:
+            full, [(a, b)] = self.assistant_spans(probe)
+        except (ChatRecordError, TemplatePrefixError):
+            return stops
+        at = full.find(answer, a, b)
+        if at < 0:  # the template rewrote the content
+            return stops
+        special = set(self.marks.values()) | set(getattr(self.tokenizer, "special_ids", set)())
+        ids, starts = self._encode(full)
+        after = [int(i) for i, st in zip(ids, starts) if at + len(answer) <= st < b]
+        if after and after[0] in special and after[0] not in stops:
+            stops.append(after[0])
+        return stops
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of `messages` followed by the generation prompt (what a model completes)."""
@@ -489,11 +516,24 @@ def specs_from_config(sources) -> list[SourceSpec]:
 
 
 def check_specs(specs: Sequence[SourceSpec]) -> None:
-    """ValueError naming a source that does not give chats."""
+    """ValueError naming a source whose schema SFT does not read."""
     for s in specs:
         if s.schema not in SCHEMAS:
-            raise ValueError(f"source {s.name!r}: SFT reads chats, but schema={s.schema!r}; set it to one of "
-                             f"{SCHEMAS} ('auto' detects each record's shape)")
+            raise ValueError(f"source {s.name!r}: SFT reads chats or plain text, but schema={s.schema!r}; set it "
+                             f"to one of {SCHEMAS} ('auto' detects each record's chat shape)")
+
+
+class TextExample:
+    """A plain-text record -> a document of FEATURES with every target trained (`schema="text"`)."""
+
+    def __init__(self, tokenizer, source_id: int):
+        self.tokenize = pipeline.TokenizeDocument(tokenizer, source_id)
+
+    def __call__(self, rec) -> dict[str, np.ndarray]:
+        doc = self.tokenize(rec)
+        n = len(doc["targets"])
+        return {**doc, "loss_mask": np.ones(n, np.int32), "truncated": np.zeros(n, np.int32),
+                "dropped": np.zeros(n, np.int32)}
 
 
 def _documents(specs, tokenizer, chat_template, seq_len, truncation):
@@ -505,6 +545,8 @@ def _documents(specs, tokenizer, chat_template, seq_len, truncation):
     chat = ChatTokenizer(tokenizer, chat_template)
 
     def documents(records, i, spec):
+        if spec.schema == "text":
+            return records.map(TextExample(tokenizer, i))
         return ChatExamples(records, chat, spec, source_id=i, seq_len=seq_len, truncation=truncation)
 
     return documents

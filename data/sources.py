@@ -25,6 +25,12 @@ Formats (`SourceSpec.format`):
                 {"text": prompt + answer, "prompt", "completion": answer, "task"}, plus
                 "chosen": answer and "rejected": a near miss under a preference schema
 
+Held-out splits (`SourceSpec.heldout`, a `HeldOut`; `split_heldout(specs, ...)` makes both
+sides): a deterministic share of a jsonl / parquet / hf / text (line or file units) source's
+records, chosen by a hash of each record's index in the source (its files sorted, every line or
+row counted), goes to the "eval" side and never to the "train" side. The choice depends only on
+the files' unit counts, so it is the same in every process, data shard, worker and resumed run.
+
 Streaming formats (text, jsonl, parquet, hf) never hold more than one file's current unit in
 memory; their iterator state is (epoch, file, unit, byte offset), so a resumed run reopens the
 file where it stopped. Random-access formats (array_record, tfds, embedded, synthetic) are grain
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
 import io
@@ -54,6 +61,7 @@ import random
 from typing import Any, Iterator, Sequence
 
 import grain
+import numpy as np
 
 FORMATS = ("text", "jsonl", "parquet", "hf", "array_record", "tfds", "embedded", "synthetic")
 STREAMING = ("text", "jsonl", "parquet", "hf")
@@ -115,6 +123,7 @@ class SourceSpec:
     task: str = ""  # synthetic: a data/synthetic.py task name
     size: int = 0  # synthetic: the task's difficulty (digits / characters); 0 = its default
     num_examples: int = 10_000  # synthetic: examples per epoch
+    heldout: "HeldOut | None" = None  # a held-out split: this spec reads its "train" or "eval" side
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -140,6 +149,11 @@ class SourceSpec:
             if self.num_examples < 1 or self.size < 0:
                 raise ValueError(f"source {self.name!r}: num_examples={self.num_examples} must be >= 1 and "
                                  f"size={self.size} >= 0")
+        if self.heldout is not None and not can_hold_out(self):
+            raise ValueError(f"source {self.name!r}: a held-out split reads jsonl, parquet, hf or text (line or "
+                             f"file units) sources, not format {self.format!r}" +
+                             (f" with text_unit={self.text_unit!r}" if self.format == "text" else "") +
+                             "; give held-out sources of their own")
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "SourceSpec":
@@ -523,6 +537,140 @@ def _units(path, spec, start_unit, start_offset, bad, keep_fields):
 
 
 # --------------------------------------------------------------------------------------------
+# Held-out splits
+
+HELDOUT_SIDES = ("train", "eval")
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """One side of a source's held-out split. The split holds out k of the source's N units (the
+    lines of jsonl / text files, the rows of Parquet / Arrow files, or the files of a text source
+    read whole): k = round(fraction * N), at least `min_records`, at most `max_records`, and never
+    more than N // 2; the k units whose indices (files in sorted order, units counted from the first
+    file's first) hash lowest under `seed`. Blank lines and bad records are units too (they just
+    give no record on either side)."""
+
+    side: str  # "train": every record but the held-out ones | "eval": the held-out ones only
+    fraction: float = 0.02
+    min_records: int = 16
+    max_records: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.side not in HELDOUT_SIDES:
+            raise ValueError(f"held-out side={self.side!r} is not valid; expected one of {HELDOUT_SIDES}")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"the held-out fraction {self.fraction} must be in (0, 1)")
+        if not 0 <= self.min_records <= self.max_records:
+            raise ValueError(f"held-out counts min={self.min_records}, max={self.max_records}: need 0 <= min <= max")
+
+    def count(self, n: int) -> int:
+        """Units held out of a source of `n`."""
+        return min(max(round(self.fraction * n), self.min_records), self.max_records, n // 2)
+
+
+def can_hold_out(spec: SourceSpec) -> bool:
+    """Whether a source's records can be split by `HeldOut` (streaming files with countable units)."""
+    return spec.format in ("jsonl", "parquet", "hf") or (spec.format == "text" and spec.text_unit in ("line", "file"))
+
+
+def split_heldout(specs: Sequence[SourceSpec], *, fraction: float, min_records: int = 16, max_records: int = 1000,
+                  seed: int = 0) -> tuple[list[SourceSpec], list[SourceSpec]]:
+    """(train specs, eval specs): each source's two sides of its held-out split (see `HeldOut`)."""
+    train, held = [], []
+    for s in specs:
+        if not can_hold_out(s):
+            raise ValueError(f"source {s.name!r} (format {s.format!r}) cannot be split into training and held-out "
+                             "records (jsonl, parquet, hf and text sources can): give held-out sources of its own")
+        h = HeldOut("train", fraction, min_records, max_records, seed)
+        train.append(dataclasses.replace(s, heldout=h))
+        held.append(dataclasses.replace(s, heldout=dataclasses.replace(h, side="eval")))
+    return train, held
+
+
+def count_units(path: str, spec: SourceSpec) -> int:
+    """Units of one file, as records' `line` numbers count them: lines (jsonl, text by line), rows
+    (Parquet, Arrow), or 1 (text read whole). A truncated compressed file counts what is readable."""
+    if spec.format == "text" and spec.text_unit == "file":
+        return 1
+    if spec.format in ("jsonl", "text"):
+        n, last = 0, b"\n"
+        try:
+            with open_binary(path) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    n, last = n + chunk.count(b"\n"), chunk[-1:]
+        except _broken_stream_errors():
+            pass
+        return n + (last != b"\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    with pa.memory_map(path) as source:
+        try:
+            return sum(b.num_rows for b in pa.ipc.open_stream(source))
+        except pa.ArrowInvalid:
+            return pa.ipc.open_file(source).count_rows()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (a bijection of uint64, so no two indices tie)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def heldout_indices(n: int, k: int, seed: int = 0, chunk: int = 1 << 20) -> np.ndarray:
+    """The k of range(n) whose hashes under `seed` are lowest, sorted (O(chunk + k) memory)."""
+    offset = np.uint64((seed * _GOLDEN + _GOLDEN) % (1 << 64))
+    best_h, best_i = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    if k <= 0:
+        return best_i
+    for a in range(0, n, chunk):
+        i = np.arange(a, min(n, a + chunk), dtype=np.int64)
+        h = np.concatenate([best_h, _mix64(i.astype(np.uint64) + offset)])
+        i = np.concatenate([best_i, i])
+        if len(h) > k:
+            keep = np.argpartition(h, k - 1)[:k]
+            h, i = h[keep], i[keep]
+        best_h, best_i = h, i
+    return np.sort(best_i)
+
+
+@functools.lru_cache(maxsize=32)
+def _heldout_units(name: str, files: tuple[str, ...], stamps: tuple, fmt: str, text_unit: str, counts: tuple):
+    spec = SourceSpec(name, fmt, path=files[0], text_unit=text_unit)
+    sizes = [count_units(f, spec) for f in files]
+    total = sum(sizes)
+    fraction, min_records, max_records, seed = counts
+    held = heldout_indices(total, HeldOut("eval", fraction, min_records, max_records).count(total), seed)
+    starts = np.cumsum([0] + sizes)
+    lines = {}
+    for j, f in enumerate(files):
+        mine = held[(held >= starts[j]) & (held < starts[j + 1])]
+        if len(mine):
+            lines[f] = frozenset(int(u - starts[j]) + 1 for u in mine)
+    logging.info("source %r: %d of its %d records (lines / rows) held out (fraction %g, at least %d, at most %d, "
+                 "at most half)", name, len(held), total, fraction, min_records, max_records)
+    return lines, dict(zip(files, sizes)), len(held), total
+
+
+def heldout_lines(spec: SourceSpec, files: Sequence[str]) -> tuple[dict[str, frozenset[int]], dict[str, int]]:
+    """({file: the held-out `line` numbers in it}, {file: its units}) of `spec.heldout`'s split of
+    `files`; computed once per process for the same files (their sizes and times are part of the key)."""
+    h = spec.heldout
+    stamps = tuple((os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    lines, sizes, k, total = _heldout_units(spec.name, tuple(files), stamps, spec.format, spec.text_unit,
+                                            (h.fraction, h.min_records, h.max_records, h.seed))
+    if k == 0 and h.side == "eval":
+        raise EmptySourceError(f"source {spec.name!r} ({spec.path}) has {total} records: too few to hold any out")
+    return lines, sizes
+
+
+# --------------------------------------------------------------------------------------------
 # Streaming sources as grain IterDatasets
 
 
@@ -532,7 +680,9 @@ class StreamingSource(grain.IterDataset):
     Sharding: with at least as many files as shards, shard k reads files k, k+n, ...; otherwise
     every shard reads every file and keeps records k, k+n, ... Worker processes (grain's
     `mp_prefetch`) subdivide a shard the same way (`set_slice`). `num_epochs=None` repeats
-    forever; each epoch visits the files in a fresh seeded order when `shuffle_files`.
+    forever; each epoch visits the files in a fresh seeded order when `shuffle_files`. With
+    `spec.heldout` only the files holding records of its side are read, and records of the other
+    side are passed over before sharding (so shards split the side's records evenly).
     """
 
     def __init__(self, spec: SourceSpec, *, shard_index: int = 0, shard_count: int = 1,
@@ -543,6 +693,12 @@ class StreamingSource(grain.IterDataset):
             raise ValueError(f"StreamingSource reads {STREAMING}, not {spec.format!r}")
         self.spec = spec
         self.files = list(files) if files is not None else _source_files(spec)
+        self.heldout, self.eval_side = None, False  # {file: held-out line numbers}, and which side is read
+        if spec.heldout is not None:
+            self.heldout, units = heldout_lines(spec, self.files)
+            self.eval_side = spec.heldout.side == "eval"
+            self.files = [f for f in self.files
+                          if (f in self.heldout if self.eval_side else len(self.heldout.get(f, ())) < units[f])]
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_epochs, self.seed, self.shuffle_files, self.keep_fields = num_epochs, seed, shuffle_files, keep_fields
 
@@ -625,6 +781,9 @@ class _StreamingIterator(grain.DatasetIterator):
                     raise self.no_documents_error(
                         why=f"; stopped after {MAX_SKIPPED_WITHOUT_DOCUMENT} bad records without a document")
                 continue
+            held = self.ds.heldout
+            if held is not None and (rec["line"] in held.get(rec["file"], ())) != self.ds.eval_side:
+                continue  # the other side of the held-out split
             self._epoch_documents += 1
             self._documents += 1
             if not self._file_level:

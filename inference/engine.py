@@ -27,6 +27,7 @@ from jax.experimental import io_callback
 
 from inference import decode_layout as layout_lib
 from inference.sampling import check_sampling, sample
+from models.logprobs import token_logprobs
 from models.transformer import init_cache, split_params
 
 
@@ -77,12 +78,12 @@ def _generate(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, keys_B,
         seen = seen.at[jnp.arange(b)[:, None], tokens_BP].max(segment_ids_BP > 0)
 
     def pick(logits_BV, seen_BV, step):
-        logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1)
         scored = apply_repetition_penalty(logits_BV, seen_BV, repetition_penalty)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
         tok = jax.vmap(lambda lg, k: sample(lg[None], k, temperature=temperature, top_k=top_k, top_p=top_p,
                                             min_p=min_p)[0])(scored, step_keys)
-        return tok, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
+        # the log-prob RL pins (models/logprobs.py): log_softmax(logits / T), no penalty or filter
+        return tok, token_logprobs(logits_BV[:, None], tok[:, None], temperature)[:, 0]
 
     def emit(step, tok, done, seen, out_ids, out_lp, lp):
         """Record token `tok` as new token number `step` of each row not yet done."""
@@ -197,8 +198,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         `fold_in(key(seed), i)`: copies of one prompt give independent samples, reproducibly);
         or one seed per prompt, each row's stream `key(seed_i)` alone, so a request's samples do
         not depend on its batch-mates or its place in the batch.
-      return_logprobs: also return each chosen token's log-probability under the model's
-        unfiltered distribution (temperature 1, no penalty), as RL needs.
+      return_logprobs: also return each chosen token's log-probability log_softmax(logits / T)
+        over the full vocabulary (T = `temperature`, 1 when greedy; no top-k / top-p filter, no
+        repetition penalty): the sampler's log-prob RL compares with the trainer's
+        (models.logprobs.token_logprobs).
       decode_layout: run the decode steps on the CPU decode layout (inference/decode_layout.py):
         None decides by `decode_layout.applies` (float32, one CPU device, batch <= 16), True
         forces it (one device), False never. Tokens and log-probs are the same either way.

@@ -155,20 +155,21 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
 
 def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
     """(model, config) of a fine-tuning run's base: `init.workdir` (any Loom workdir, at
-    `init.step` or its newest) or `init.hf_dir` (a Hugging Face directory). With `cfg` (the run's
+    `init.step` or its newest; a LoRA / QLoRA run's adapters merged into its weights) or
+    `init.hf_dir` (a Hugging Face directory). With `cfg` (the run's
     model config: the base's shape with its own dtypes), the parameters are cast to
     `cfg.param_dtype` and the model computes in `cfg.dtype`."""
     from models.transformer import abstract_model, merge_params, split_params
 
     if init.get("workdir"):
         model, base_cfg = load(init["workdir"], step=init.get("step"))
-        model = _without_adapters(model, init["workdir"])
     elif init.get("hf_dir"):
         from models import hf
 
         model, base_cfg = hf.load(init["hf_dir"])
     else:
         raise ValueError("init.workdir and init.hf_dir are both unset: name the base model to fine-tune")
+    model = _merged(model, init)
     if cfg is None:
         return model, base_cfg
     cfg = cfg.replace(pipeline_stages=1)
@@ -177,21 +178,16 @@ def load_base(init: dict[str, Any], cfg: ModelConfig | None = None):
     return merge_params(graphdef, params), cfg
 
 
-def _without_adapters(model, workdir):
-    """A LoRA / QLoRA run as a base: its adapters merged into plain weights (W + scale A B; an NF4
-    base dequantized), so a new run can put its own method on it. A prefix-tuning run cannot be one."""
-    from flax import nnx
-
-    from models.lora import LoraKernel, merge_lora
+def _merged(model, init: dict[str, Any]):
+    """A base that is itself a fine-tuning run, as plain weights: LoRA / QLoRA adapters merged
+    (W + scale A B); a prefix-tuned run is refused (its prefixes are attention inputs, no weights)."""
+    from models.lora import merge_lora
     from models.prefix import PrefixAttention
 
-    modules = [m for _, m in nnx.iter_modules(model)]
-    if any(isinstance(m, PrefixAttention) for m in modules):
-        raise ValueError(f"init.workdir={str(workdir)!r} is a prefix-tuning run: its prefixes are attention inputs, not "
-                         "weights, so it cannot be the base of another run; start from its own base instead")
-    if any(isinstance(getattr(m, "kernel", None), LoraKernel) for m in modules):
-        return merge_lora(model)
-    return model
+    if isinstance(model.layers.attn, PrefixAttention):
+        raise ValueError(f"init.workdir={init.get('workdir')!r} is a prefix-tuning run: its prefixes cannot be merged "
+                         "into weights, so it cannot be a base; start from its own base (its init.workdir)")
+    return merge_lora(model)
 
 
 def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):

@@ -100,14 +100,15 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 return {}
             policy = nnx.merge(graphdef, state.params, rest)
             return {"eval_answer_accuracy": float(np.mean([
-                exact_match(policy, s.tokenizer, chat, ex, task, max_new_tokens=tc.sample_tokens) for task, ex in exact]))}
+                exact_match(policy, s.tokenizer, chat, ex, task, max_new_tokens=tc.sample_tokens, stops=s.stops)
+                for task, ex in exact]))}
 
         # a step is the policy's forward and backward (3 forwards) plus the reference's forward
         flops_tok = flops_per_token(s.model_cfg, s.seq)["train"] * (4 / 3 if with_ref else 1)
-        parts = pairwise.loop_parts(config, s, workdir, runlog, state, frozen, loss_fn, trained=n_trained,
+        parts, start = pairwise.loop_parts(config, s, workdir, runlog, state, frozen, loss_fn, trained=n_trained,
                                     flops_per_token=flops_tok, extra_eval=answer_accuracy)
         if parts is None:
-            return {"step": tc.steps, "complete": True, "exit_code": 0}
+            return lifecycle.already_complete(start)
         state, outcome = loop.run_steps(parts)
         parts.writer.close()
         summary: dict[str, Any] = {"method": method, "loss_type": dc.loss, "trained_parameters": n_trained, **outcome}

@@ -2,7 +2,7 @@
 
 Both start like SFT (train/sft.py: the base, its tokenizer, the PEFT method, the resolved config)
 and train on batches of chosen / rejected pairs (data/preferences.py) with pretraining's loop
-(train/loop.py), starting as train/runs.py says. Here: checking the preference sections of a
+(train/loop.py). Here: checking the preference sections of a
 config, the trained / frozen split on the mesh, the pair data (training iterator and held-out batches), pair
 batches on the devices and the held-out evaluation. Each program's `run` reads top to bottom
 with these.
@@ -21,15 +21,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from data import pipeline, preferences
-from data.sft import chat_template_for
-from data.sources import check_paths
+from data.sft import ChatTokenizer, chat_template_for
+from data.sources import check_paths, split_heldout
+from models.checkpoint import committed_steps
 from models.sharding import logical_to_spec, named_shardings
-from train import lifecycle, loop, runs
+from train import lifecycle, loop
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.flops import system_peak_flops
 from train.optimizer import make_optimizer
-from train.sft import _axes_tree, base_tokenizer, resolve_config
+from train.sft import _axes_tree, base_tokenizer, generation_stops, resolve_config
 from train.state import TrainState, make_train_step
 
 PAIR_KEYS = preferences.PAIR_KEYS
@@ -58,10 +59,10 @@ class Start:
     schedule: Callable
     guard: lifecycle.NanGuard
     train_specs: list
-    eval_specs: list
-    holdout: bool  # the held-out pairs are a share of the training sources
+    eval_specs: list  # eval sources, or the held-out side of the training sources
     tokenizer: Any
     template: str  # the chat template
+    stops: list  # token ids generation stops at (EOS, the template's end of turn)
     mesh: Any
     rules: Any
     peak_flops: float
@@ -69,34 +70,42 @@ class Start:
 
 def start(config, workdir: pathlib.Path, *, program: str) -> Start:
     """Checks the config (one-line errors before anything is written, as train/lifecycle.py wants),
-    then prepares the workdir (train/runs.py) and builds the mesh."""
+    then refuses another run's workdir, writes config.json and the base's tokenizer files, and
+    builds the mesh."""
     tc = config.train
     with lifecycle.config_errors():
         model_cfg, mesh_spec, resolved = resolve(config, jax.device_count())
         tx, schedule = make_optimizer(config.optimizer, tc.steps)
         guard = lifecycle.NanGuard(tc.nan_policy, tc.nan_max_skips)
-        train_specs, eval_specs, holdout = data_specs(config)
+        train_specs, eval_specs = data_specs(config.data)
         tokenizer, tokenizer_files = base_tokenizer(config)
         template = chat_template_for(tokenizer, config.data.chat_template)
-    runs.prepare_workdir(workdir, resolved, tokenizer_files, program=program)
+    lifecycle.check_workdir(workdir, resolved, committed_steps(workdir), program=program)
+    lifecycle.write_run_files(workdir, resolved, tokenizer_files, enabled=jax.process_index() == 0)
+    stops = generation_stops(ChatTokenizer(tokenizer, template), tokenizer_files) if config.data.render == "chat" \
+        else [tokenizer.eos_id]
     return Start(model_cfg=model_cfg, resolved=resolved, seq=resolved["data"]["seq_len"], tx=tx, schedule=schedule,
-                 guard=guard, train_specs=train_specs, eval_specs=eval_specs, holdout=holdout, tokenizer=tokenizer,
-                 template=template, mesh=mesh_lib.make_mesh(mesh_spec["shape"]), rules=mesh_spec["rules"],
+                 guard=guard, train_specs=train_specs, eval_specs=eval_specs, tokenizer=tokenizer, template=template,
+                 stops=stops, mesh=mesh_lib.make_mesh(mesh_spec["shape"]), rules=mesh_spec["rules"],
                  peak_flops=system_peak_flops(model_cfg.dtype))
 
 
-def data_specs(config):
-    """(training sources, held-out sources, holdout split): the held-out pairs are `data.eval_sources`
-    or, with `data.eval_fraction` > 0, that share of the training sources (then not trained on)."""
-    train = preferences.specs_from_config(config.data.sources)
-    evals = preferences.specs_from_config(config.data.eval_sources)
+def data_specs(dc) -> tuple[list, list]:
+    """(training sources, held-out sources): `data.eval_sources` when it names any, else each
+    training source's held-out split (`data.eval_fraction`, data/sources.py `split_heldout`, as SFT
+    has it; none at 0)."""
+    train = preferences.specs_from_config(dc.sources)
     if not train:
         raise ValueError("data.sources is empty: give at least one source of preference pairs")
-    if evals and config.data.eval_fraction > 0:
-        raise ValueError(f"data.eval_fraction={config.data.eval_fraction} holds out pairs of the training sources, "
-                         "but data.eval_sources are given too: keep one")
-    check_paths(train + evals)
-    return train, evals, bool(config.data.eval_fraction > 0)
+    if list(dc.eval_sources.keys()):
+        specs = (train, preferences.specs_from_config(dc.eval_sources))
+    elif dc.eval_fraction:
+        specs = split_heldout(train, fraction=dc.eval_fraction, min_records=dc.eval_min_records,
+                              max_records=dc.eval_max_records)
+    else:
+        specs = (train, [])
+    check_paths(specs[0] + specs[1])
+    return specs
 
 
 def split_on_mesh(model, trainable, mesh, rules):
@@ -118,20 +127,18 @@ def new_state(params, tx, seed: int, mesh) -> TrainState:
                       rng=jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)), replicated))
 
 
-def pair_data(config, tokenizer, template: str, seq: int, train_specs, eval_specs, holdout: bool):
+def pair_data(config, s: Start):
     """(training iterator (checkpointable, this process's shards), held-out batches (a list))."""
     dc, tc = config.data, config.train
     num_shards = dc.num_shards or jax.process_count()
     shard_ids = pipeline.process_shards(num_shards, jax.process_index(), jax.process_count())
-    kw = dict(seq_len=seq, chat_template=template, render=dc.render, truncation=dc.truncation,
-              eval_fraction=dc.eval_fraction)
+    kw = dict(seq_len=s.seq, chat_template=s.template, render=dc.render, truncation=dc.truncation)
     data_iter = preferences.sharded_preference_batches(
-        train_specs, tokenizer, batch_size=tc.batch_size, num_shards=num_shards, shard_ids=shard_ids, seed=tc.seed,
-        shuffle_window=dc.shuffle_window, num_workers=dc.num_workers, holdout="train" if holdout else None, **kw)
-    eval_batches = preferences.eval_pair_batches(
-        eval_specs or train_specs, tokenizer, batch_size=tc.batch_size, num_pairs=tc.eval_pairs if (
-            eval_specs or holdout) else 0, num_shards=num_shards, shard_ids=shard_ids,
-        holdout="eval" if holdout else None, **kw)
+        s.train_specs, s.tokenizer, batch_size=tc.batch_size, num_shards=num_shards, shard_ids=shard_ids, seed=tc.seed,
+        shuffle_window=dc.shuffle_window, num_workers=dc.num_workers, **kw)
+    eval_batches = preferences.eval_pair_batches(s.eval_specs, s.tokenizer, batch_size=tc.batch_size,
+                                                 num_pairs=tc.eval_pairs if s.eval_specs else 0,
+                                                 num_shards=num_shards, shard_ids=shard_ids, **kw)
     return data_iter, eval_batches
 
 
@@ -159,21 +166,23 @@ def batch_stats(local: dict, num_sources: int) -> dict[str, np.ndarray]:
 
 
 def loop_parts(config, s: Start, workdir, runlog, state, frozen, loss_fn: Callable, *, trained: int,
-               flops_per_token: float, extra_eval: Callable[[Any], dict] | None = None) -> loop.Parts | None:
-    """Everything train/loop.py's `run_steps` needs, the run resumed from its newest checkpoint
-    (train/runs.py; None when it is already complete): the pair data, the step of train/state.py
+               flops_per_token: float, extra_eval: Callable[[Any], dict] | None = None):
+    """(everything train/loop.py's `run_steps` needs, the step the run starts at), the run resumed
+    from its newest checkpoint (the parts None when it is already complete): the pair data, the step of train/state.py
     jitted with the state's, the pairs' and `frozen`'s shardings (the state donated), the held-out
     pair evaluation (`make_eval`) plus `extra_eval(state)`, and the next pair batch on the devices
     with its statistics."""
     tc = config.train
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    data_iter, eval_batches = pair_data(config, s.tokenizer, s.template, s.seq, s.train_specs, s.eval_specs,
-                                        s.holdout)
-    resumed = runs.resume(ckpt, state, data_iter, runlog, workdir=workdir, steps=tc.steps, peak_flops=s.peak_flops,
-                          trained_parameters=trained)
-    if resumed is None:
-        return None
-    state, start, writer = resumed
+    data_iter, eval_batches = pair_data(config, s)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore(abstract, data_iter)
+    state = restored if restored is not None else state
+    start = int(jax.device_get(state.step))
+    writer = lifecycle.open_metrics(workdir, tc.steps, start, restored is not None, runlog, ckpt,
+                                    enabled=jax.process_index() == 0, peak_flops=s.peak_flops, trained_parameters=trained)
+    if writer is None:
+        return None, start
     pair_sh = pair_shardings(s.mesh, s.rules, tc.batch_size, s.seq)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     use_dropout = (s.model_cfg.dropout_rate > 0
@@ -194,7 +203,7 @@ def loop_parts(config, s: Start, workdir, runlog, state, frozen, loss_fn: Callab
                       data_iter=data_iter, writer=writer, runlog=runlog, guard=s.guard, schedule=s.schedule,
                       evaluate=evaluate, tokens_per_step=2 * tc.batch_size * s.seq, flops_per_token=flops_per_token,
                       peak_flops=s.peak_flops, source_names=tuple(sp.name for sp in s.train_specs), summed=COUNTED,
-                      frozen=frozen, workdir=workdir)
+                      frozen=frozen, workdir=workdir), start
 
 
 def make_eval(loss_fn: Callable, shardings: dict, eval_batches: list, frozen) -> Callable[[Any], dict[str, float]]:

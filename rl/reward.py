@@ -53,10 +53,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         state = pairwise.new_state(params, s.tx, tc.seed, s.mesh)
         loss_fn = reward_loss_fn(graphdef, center=config.reward.center_coeff)
 
-        parts = pairwise.loop_parts(config, s, workdir, runlog, state, frozen, loss_fn, trained=n_trained,
+        parts, start = pairwise.loop_parts(config, s, workdir, runlog, state, frozen, loss_fn, trained=n_trained,
                                     flops_per_token=flops_per_token(s.model_cfg, s.seq)["train"])
         if parts is None:
-            return {"step": tc.steps, "complete": True, "exit_code": 0}
+            return lifecycle.already_complete(start)
         state, outcome = loop.run_steps(parts)
         parts.writer.close()
         summary: dict[str, Any] = {"method": method, "trained_parameters": n_trained, **outcome}

@@ -240,6 +240,44 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+def write_run_files(workdir: pathlib.Path, resolved: Mapping[str, Any], files: Mapping[str, Any] | None = None, *,
+                    enabled: bool = True) -> None:
+    """The run's `config.json` (the resolved config) and the files it carries ({relative name:
+    source path}, e.g. the base's tokenizer; copied once), written by process 0 (`enabled`)."""
+    import shutil
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not enabled:
+        return
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    for name, src in (files or {}).items():
+        if not (workdir / name).is_file():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, workdir / name)
+
+
+def open_metrics(workdir: pathlib.Path, steps: int, start: int, resumed: bool, runlog: RunLog, ckpt, *,
+                 enabled: bool = True, **event: Any):
+    """The MetricsWriter of a run starting at `start` (logging its start or resume event with
+    `event`'s fields), or None when a resumed run is already complete (the exit is logged and the
+    checkpointer closed: the program returns `already_complete(start)`)."""
+    from train.metrics import MetricsWriter
+
+    if start >= steps and resumed:
+        logging.info("run in %s is already complete (step %d of %d)", workdir, start, steps)
+        runlog.event("exit", reason="already complete", step=start)
+        ckpt.close()
+        return None
+    writer = MetricsWriter(workdir, total_steps=steps, enabled=enabled, resume_step=start)
+    runlog.event("resume" if resumed else "start", step=start, steps=steps, command=command_line(), **event)
+    return writer
+
+
+def already_complete(step: int) -> dict[str, Any]:
+    """What a program returns for a run that was already complete."""
+    return {"step": step, "resumed_from": step, "complete": True, "exit_code": 0}
+
+
 def last_line(e: BaseException) -> str:
     """An exception as one line: `Type: message` (its first line)."""
     text = str(e).strip().splitlines()

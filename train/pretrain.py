@@ -13,7 +13,6 @@ checkpoint, `loss.png`, and `samples.txt`.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import pathlib
@@ -39,7 +38,7 @@ from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer, saved_data_shards
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
-from train.metrics import MetricsWriter, batch_stats
+from train.metrics import batch_stats
 from train.optimizer import make_optimizer, warmup_steps
 from train.state import (abstract_state, create_state, make_eval_step, make_train_step, on_device,
                          state_shardings)
@@ -173,11 +172,9 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(f"data.tokenizer.path={config.data.tokenizer.path!r} does not exist")
     lifecycle.check_workdir(workdir, resolved, committed_steps(workdir))
     tokenizer, train_specs, eval_specs = load_data(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        if isinstance(tokenizer, SentencePieceTokenizer) and not (workdir / TOKENIZER_FILE).is_file():
-            tokenizer.save(workdir / TOKENIZER_FILE)
+    lifecycle.write_run_files(workdir, resolved, enabled=is_main)
+    if is_main and isinstance(tokenizer, SentencePieceTokenizer) and not (workdir / TOKENIZER_FILE).is_file():
+        tokenizer.save(workdir / TOKENIZER_FILE)
     runlog = lifecycle.RunLog(workdir, enabled=is_main)
     mesh = mesh_lib.make_mesh(mesh_spec["shape"])
     rules = mesh_spec["rules"]
@@ -211,14 +208,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         if restored is not None:
             state = restored
         start = int(jax.device_get(state.step))
-        if start >= tc.steps and restored is not None:
-            logging.info("run in %s is already complete (step %d of %d)", workdir, start, tc.steps)
-            runlog.event("exit", reason="already complete", step=start)
-            ckpt.close()
-            return {"step": start, "resumed_from": start, "complete": True, "exit_code": 0}
-        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
-        runlog.event("resume" if restored is not None else "start", step=start, steps=tc.steps,
-                     command=lifecycle.command_line(), peak_flops=peak)
+        writer = lifecycle.open_metrics(workdir, tc.steps, start, restored is not None, runlog, ckpt, enabled=is_main,
+                                        peak_flops=peak)
+        if writer is None:
+            return lifecycle.already_complete(start)
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}

@@ -11,10 +11,14 @@ what is frozen (the frozen part is an argument of every step, never differentiat
 optimizer or the checkpoint), then train on chat batches (data/sft.py: the loss on assistant
 tokens only). Evaluations give the held-out loss and, for sources with exact answers (the
 `synthetic` format), `eval_accuracy`: held-out prompts answered greedily through
-`inference.generate` and checked by the task's verifier. The workdir keeps what training changed
-(every parameter for `full`, the adapters or prefixes otherwise), the resolved config with the base's model
-section, and the base's tokenizer files; `models.checkpoint.load(workdir)` gives the fine-tuned
-model.
+`inference.generate` and checked by the task's verifier. Without eval sources the held-out
+examples are a split of the training sources (`data.eval_fraction`), whose chats' last answers
+samples.txt shows next to the model's; generation stops at EOS and the chat template's end-of-turn
+token. A config with a `context` section (the long_context preset, a base's context extended by
+RoPE scaling) also reports perplexity at L, 2L, ... before and after (evals/long_context.py).
+The workdir keeps what training changed (every parameter for `full`, the adapters or prefixes
+otherwise), the resolved config with the base's model section, and the base's tokenizer files;
+`models.checkpoint.load(workdir)` gives the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -34,8 +37,9 @@ from flax import nnx
 
 from data import pipeline, sft
 from data import synthetic
-from data.sources import check_paths, synthetic_seed
+from data.sources import check_paths, read_all, split_heldout, synthetic_seed
 from data.tokenizer import SentencePieceTokenizer
+from evals.long_context import REPORT_FILE, ContextReport, heldout_pieces, report_lengths
 from inference import generate
 from inference.loading import checkpoint_kind, load_tokenizer
 from models import peft
@@ -47,7 +51,6 @@ from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.flops import system_peak_flops
 from train.loss import lm_loss_fn
-from train.metrics import MetricsWriter
 from train.optimizer import make_optimizer, warmup_steps
 from train.state import TrainState, make_eval_step, make_train_step
 
@@ -58,8 +61,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
                       "tokenizer.model", "generation_config.json")
 
 
-def base_model_config(config) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """(the base's model config with this run's dtype overrides, the base's `hf` section or None)."""
+def base_config(config) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """(the base's model config as it is, the base's `hf` section or None)."""
     init = config.init
     if bool(init.workdir) == bool(init.hf_dir):
         raise ValueError("set exactly one of init.workdir and init.hf_dir (the base model); " + init.how
@@ -80,9 +83,17 @@ def base_model_config(config) -> tuple[ModelConfig, dict[str, Any] | None]:
         hf_config = read_hf_config(path)
         cfg = families.from_hf_config(hf_config, where=str(path / "config.json"))
         hf_section = {"architecture": families.architecture_of(hf_config), "config": hf_config}
+    return cfg, hf_section
+
+
+def base_model_config(config) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """(the base's model config with this run's dtype and context overrides, the base's `hf`
+    section or None)."""
+    cfg, hf_section = base_config(config)
     overrides = {k: v for k, v in (("dtype", config.model.dtype), ("param_dtype", config.model.param_dtype)) if v}
     if config.peft.method == "qlora" and "dtype" not in overrides:
         overrides["dtype"] = "bfloat16"  # QLoRA computes in bf16 over the NF4 base
+    overrides.update(context_overrides(config.model, cfg))
     return cfg.replace(**overrides, pipeline_stages=1), hf_section
 
 
@@ -92,7 +103,7 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
     if config.data.truncation not in sft.TRUNCATIONS:
         raise ValueError(f"data.truncation={config.data.truncation!r} is not valid; expected one of {sft.TRUNCATIONS}")
     model_cfg, hf_section = base_model_config(config)
-    seq = config.data.seq_len
+    seq = config.data.seq_len or model_cfg.max_seq_len
     if seq > model_cfg.max_seq_len:
         logging.warning("data.seq_len=%d is above the base's max_seq_len=%d: using %d", seq, model_cfg.max_seq_len,
                         model_cfg.max_seq_len)
@@ -150,11 +161,11 @@ def _axes_tree(state: nnx.State):
     return out
 
 
-def exact_match(model, tokenizer, chat, examples: list[dict], task: str, *, max_new_tokens: int) -> float:
+def exact_match(model, tokenizer, chat, examples: list[dict], task: str, *, max_new_tokens: int,
+                stops: list[int]) -> float:
     """Share of `examples` ({"prompt", "answer"}) whose greedy completion the task's verifier accepts."""
     prompts = [chat.prompt_ids([{"role": "user", "content": e["prompt"]}]) for e in examples]
-    outs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=[tokenizer.eos_id])
-    texts = [tokenizer.decode([t for t in o if t != tokenizer.eos_id]) for o in outs]
+    texts = answers(model, tokenizer, prompts, stops, max_new_tokens=max_new_tokens)
     return float(np.mean([synthetic.verify(task, t, e["answer"]) for t, e in zip(texts, examples)]))
 
 
@@ -169,23 +180,19 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         seq = resolved["data"]["seq_len"]
         tx, schedule = make_optimizer(config.optimizer, tc.steps)
         guard = lifecycle.NanGuard(tc.nan_policy, tc.nan_max_skips)
-        train_specs = sft.specs_from_config(config.data.sources)
-        eval_specs = sft.specs_from_config(config.data.eval_sources)
-        if not train_specs:
-            raise ValueError("data.sources is empty: give at least one chat / instruction source")
+        train_specs, eval_specs = data_specs(config.data)
         check_paths(train_specs + eval_specs)
         tokenizer, tokenizer_files = base_tokenizer(config)
         template = sft.chat_template_for(tokenizer, config.data.chat_template)
+        context_cfg = config.get("context")  # a perplexity-by-context-length report (the long_context preset)
+        if context_cfg is not None and context_cfg.eval_sequences > 0 and all(s.schema != "text" for s in eval_specs):
+            raise ValueError("context.eval_sequences > 0 scores held-out text: give data.eval_sources with "
+                             "schema='text' (or set context.eval_sequences=0)")
     lifecycle.check_workdir(workdir, resolved, committed_steps(workdir))
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-        for name, src in tokenizer_files.items():
-            if not (workdir / name).is_file():
-                (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, workdir / name)
+    lifecycle.write_run_files(workdir, resolved, tokenizer_files, enabled=is_main)
     runlog = lifecycle.RunLog(workdir, enabled=is_main)
     chat = sft.ChatTokenizer(tokenizer, template)
+    stops = generation_stops(chat, tokenizer_files)
     mesh = mesh_lib.make_mesh(mesh_spec["shape"])
     rules = mesh_spec["rules"]
     method = config.peft.method
@@ -228,13 +235,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         if restored is not None:
             state = restored
         start = int(jax.device_get(state.step))
-        if start >= tc.steps and restored is not None:
-            runlog.event("exit", reason="already complete", step=start)
-            ckpt.close()
-            return {"step": start, "resumed_from": start, "complete": True, "exit_code": 0}
-        writer = MetricsWriter(workdir, total_steps=tc.steps, enabled=is_main, resume_step=start)
-        runlog.event("resume" if restored is not None else "start", step=start, steps=tc.steps,
-                     command=lifecycle.command_line(), peak_flops=peak, trained_parameters=n_trained)
+        writer = lifecycle.open_metrics(workdir, tc.steps, start, restored is not None, runlog, ckpt, enabled=is_main,
+                                        peak_flops=peak, trained_parameters=n_trained)
+        if writer is None:
+            return lifecycle.already_complete(start)
 
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
@@ -260,6 +264,19 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         def current_model(state):
             return nnx.merge(graphdef, state.params, frozen)
 
+        report = None
+        if context_cfg is not None and context_cfg.eval_sequences > 0 and jax.process_count() == 1:
+            report = context_report(config, model_cfg, tokenizer, eval_specs, workdir if is_main else None)
+            if start == 0 and not report.has("base"):  # the base as it was: its own RoPE, this run's dtypes
+                raw = base_config(config)[0]
+                as_was = model_cfg.replace(**{k: getattr(raw, k) for k in CONTEXT_FIELDS if k != "max_seq_len"})
+                base_model, _ = load_base({"workdir": config.init.workdir, "hf_dir": config.init.hf_dir,
+                                           "step": config.init.step}, as_was)
+                writer.write(0, {f"base_ppl_at_{n}": v for n, v in report.measure("base", base_model, step=0).items()})
+                del base_model
+            if start == 0 and tc.eval_every <= 0:  # no evaluation at step 0 to measure it
+                report.measure("scaled", current_model(state), step=0)
+
         def evaluate(state) -> dict[str, float]:
             out: dict[str, float] = {}
             if eval_batches:
@@ -271,9 +288,13 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 out.update(eval_loss=loss, eval_ppl=math.exp(min(loss, 50.0)))
             if exact and jax.process_count() == 1:
                 model = current_model(state)
-                accs = [exact_match(model, tokenizer, chat, ex, task, max_new_tokens=tc.sample_tokens)
+                accs = [exact_match(model, tokenizer, chat, ex, task, max_new_tokens=tc.sample_tokens, stops=stops)
                         for task, ex in exact]
                 out["eval_accuracy"] = float(np.mean(accs))
+            if report is not None:
+                step = int(jax.device_get(state.step))
+                kind = "scaled" if step == 0 else "fine_tuned"
+                out.update({f"ppl_at_{n}": v for n, v in report.measure(kind, current_model(state), step=step).items()})
             return out
 
         num_sources = len(train_specs)
@@ -304,16 +325,127 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
             task, ex = exact[0]
             ex = ex[:tc.num_samples]
             prompts = [chat.prompt_ids([{"role": "user", "content": e["prompt"]}]) for e in ex]
-            outs = generate(current_model(state), prompts, max_new_tokens=tc.sample_tokens,
-                            stop_tokens=[tokenizer.eos_id])
-            blocks = [f"=== prompt ===\n{e['prompt']}\n=== greedy answer (expected {e['answer']!r}) ===\n"
-                      f"{tokenizer.decode([t for t in o if t != tokenizer.eos_id])}\n" for e, o in zip(ex, outs)]
+            outs = answers(current_model(state), tokenizer, prompts, stops, max_new_tokens=tc.sample_tokens)
+            blocks = [f"=== prompt ===\n{e['prompt']}\n=== greedy answer (expected {e['answer']!r}) ===\n{o}\n"
+                      for e, o in zip(ex, outs)]
             (workdir / SAMPLES_FILE).write_text("\n".join(blocks))
+        elif is_main and tc.num_samples > 0 and eval_specs and jax.process_count() == 1:
+            chats = heldout_chats(eval_specs, chat, tc.num_samples, room=model_cfg.max_seq_len - tc.sample_tokens)
+            if chats:
+                (workdir / SAMPLES_FILE).write_text(chat_samples(current_model(state), tokenizer, chat, chats, stops,
+                                                                 max_new_tokens=tc.sample_tokens))
+        if report is not None:
+            summary["context_extension"] = report.data
+            logging.info("perplexity by context length (%s):\n%s", REPORT_FILE, report.table())
         writer.close()
         runlog.event("exit", reason="finished", step=tc.steps, final_eval_loss=summary.get("final_eval_loss"))
         logging.info("done: %s", summary)
         return summary
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out data, generation stops, held-out chat samples and context extension
+
+
+CONTEXT_FIELDS = ("rope_scaling", "rope_scaling_factor", "rope_original_max_seq_len", "max_seq_len")
+
+
+def context_overrides(model_section, base: ModelConfig) -> dict[str, Any]:
+    """The context fields (CONTEXT_FIELDS) a config's `model` section sets, unset ones left to the
+    base. Setting a RoPE scaling on a base without one makes the unset ones follow it:
+    rope_original_max_seq_len = the base's max_seq_len, max_seq_len = that times the factor."""
+    out = {k: model_section.get(k) for k in CONTEXT_FIELDS if model_section.get(k) is not None}
+    if not out:
+        return out
+    if base.position_embedding != "rope":
+        raise ValueError(f"model.{next(iter(out))} is set, but only RoPE bases change their context (this base's "
+                         f"position_embedding is {base.position_embedding!r})")
+    if out.get("rope_scaling", "none") != "none" and base.rope_scaling == "none":
+        factor = out.get("rope_scaling_factor", base.rope_scaling_factor)
+        out.setdefault("rope_original_max_seq_len", base.max_seq_len)
+        out.setdefault("max_seq_len", int(round(out["rope_original_max_seq_len"] * factor)))
+    return out
+
+
+def data_specs(dc) -> tuple[list, list]:
+    """(training sources, held-out sources): `data.eval_sources` when it names any, else each
+    training source's held-out split (`data.eval_fraction`, data/sources.py `HeldOut`; none at 0)."""
+    train = sft.specs_from_config(dc.sources)
+    if list(dc.eval_sources.keys()):
+        return train, sft.specs_from_config(dc.eval_sources)
+    if not dc.get("eval_fraction", 0.0):
+        return train, []
+    return split_heldout(train, fraction=dc.eval_fraction, min_records=dc.eval_min_records,
+                         max_records=dc.eval_max_records)
+
+
+def generation_stops(chat, tokenizer_files: dict) -> list[int]:
+    """The ids generation stops at: EOS and the chat template's end-of-turn token
+    (`ChatTokenizer.stop_ids`), and those a Hugging Face base's generation_config.json lists as
+    `eos_token_id`."""
+    stops = chat.stop_ids()
+    path = tokenizer_files.get(f"{TOKENIZER_SUBDIR}/generation_config.json")
+    if path is not None:
+        eos = json.loads(pathlib.Path(path).read_text()).get("eos_token_id")
+        for i in [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []:
+            if isinstance(i, int) and 0 <= i < chat.tokenizer.vocab_size and i not in stops:
+                stops.append(i)
+    return stops
+
+
+def answers(model, tokenizer, prompts: list[list[int]], stops: list[int], *, max_new_tokens: int) -> list[str]:
+    """Greedy completions of token-id prompts, decoded without the stop token that ended them."""
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stops)
+    return [tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
+
+
+def heldout_chats(specs, chat, n: int, *, room: int) -> list[tuple[list[dict], str]]:
+    """The first `n` held-out chats of `specs` whose prompt fits in `room` tokens, each as (the
+    messages before its last assistant turn, that turn's content)."""
+    out = []
+    for spec in specs:
+        if spec.schema == "text":
+            continue
+        for rec in read_all(spec):
+            msgs = rec["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            try:
+                fits = last > 0 and len(chat.prompt_ids(msgs[:last])) <= room
+            except sft.ChatRecordError:
+                fits = False
+            if fits:
+                out.append((msgs[:last], msgs[last]["content"]))
+                if len(out) == n:
+                    return out
+    return out
+
+
+def chat_samples(model, tokenizer, chat, chats: list[tuple[list[dict], str]], stops: list[int], *,
+                 max_new_tokens: int) -> str:
+    """samples.txt for held-out chats: each conversation up to its last answer, the model's greedy
+    answer, and the data's."""
+    outs = answers(model, tokenizer, [chat.prompt_ids(p) for p, _ in chats], stops, max_new_tokens=max_new_tokens)
+    blocks = []
+    for (prompt, reference), out in zip(chats, outs):
+        turns = "\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
+        blocks.append(f"=== prompt ===\n{turns}\n=== greedy answer ===\n{out}\n=== reference answer ===\n{reference}\n")
+    return "\n".join(blocks)
+
+
+def context_report(config, model_cfg: ModelConfig, tokenizer, eval_specs, workdir) -> ContextReport:
+    """Perplexity at L, 2L, ..., max_seq_len (or `context.lengths`) on `context.eval_sequences`
+    pieces of the held-out text documents (evals/long_context.py), L being the base's context."""
+    cc = config.context
+    original = model_cfg.rope_original_max_seq_len or model_cfg.max_seq_len
+    lengths = report_lengths(original, model_cfg.max_seq_len, tuple(cc.lengths))
+    texts = (rec["text"] for spec in eval_specs if spec.schema == "text" for rec in read_all(spec))
+    pieces = heldout_pieces(texts, tokenizer, model_cfg.max_seq_len, cc.eval_sequences)
+    if not pieces:
+        raise ValueError(f"context: no held-out document has {model_cfg.max_seq_len} tokens to score")
+    meta = {"original_max_seq_len": original, "max_seq_len": model_cfg.max_seq_len,
+            "rope_scaling": model_cfg.rope_scaling, "rope_scaling_factor": model_cfg.rope_scaling_factor}
+    return ContextReport(workdir, tokenizer, pieces, lengths, meta)
 
 
 if __name__ == "__main__":

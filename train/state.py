@@ -89,11 +89,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
     is 1 for that step; the step counter still advances with the data).
 
     With k micro-batches the gradient is accumulated in float32 with each micro-batch weighted by
-    its token count (or by the `weight` its loss reports: a loss that averages per sequence or per
-    pair weights by those), which equals the gradient of one batch of k times the size exactly (up
-    to float summation order). Metrics the loss reports beyond the standard ones (`loss`,
-    `accuracy`, `z_loss`, `num_tokens`, `weight`) come back too, as means over the micro-batches.
-    `opt_device_shardings` (with an offloaded optimizer state): where the state goes for the update.
+    its weight, which equals the gradient of one batch of k times the size exactly (up to float
+    summation order): the loss's `weight` metric when it states one (RL's per-sequence or
+    constant-normalised losses: rl/losses.py), else its token count `num_tokens`. The loss's other
+    metrics come back averaged over the micro-batches. `opt_device_shardings` (with an offloaded
+    optimizer state): where the state goes for the update.
     """
     if microbatches < 1:
         raise ValueError(f"train.microbatches={microbatches} must be >= 1")
@@ -105,7 +105,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             step_rng = None
         if microbatches == 1:
             (_, m), grads = grad_fn(state.params, batch, step_rng, frozen)
-            n = m["weight"] if "weight" in m else m["num_tokens"]
+            n = _weight(m)
             loss_sum, aux = m["loss"] * n, m
         else:
             mbs = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
@@ -116,7 +116,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
                 mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 2) + ("length",)) for k, v in mb.items()}
                 r = None if step_rng is None else jax.random.fold_in(step_rng, i)
                 (_, mm), g = grad_fn(state.params, mb, r, frozen)
-                w = mm["weight"] if "weight" in mm else mm["num_tokens"]
+                w = _weight(mm)
                 g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32) * w, g_acc, g)
                 return (g_acc, loss_acc + mm["loss"] * w, n_acc + w), mm
 
@@ -137,12 +137,17 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         params, new_opt_state = keep(params, state.params), keep(new_opt_state, opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "num_tokens": n, "accuracy": aux["accuracy"],
-                   "z_loss": aux["z_loss"], "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        metrics.update({k: v for k, v in aux.items() if k not in metrics and k != "weight"})
+        extra = {k: v for k, v in aux.items() if k not in ("loss", "num_tokens", "weight")}
+        metrics = {**extra, "loss": loss, "grad_norm": grad_norm, "num_tokens": n,
+                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=new_opt_state, rng=rng), metrics
 
     return train_step
+
+
+def _weight(metrics):
+    """What a micro-batch's mean loss is weighted by: its stated `weight`, else its tokens."""
+    return metrics["weight"] if "weight" in metrics else metrics["num_tokens"]
 
 
 def make_eval_step(loss_fn: Callable):

@@ -201,6 +201,10 @@ class HFTokenizer(_ChatMixin):
     def id_to_piece(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
+    def special_ids(self) -> set[int]:
+        """Ids of the added tokens marked special (a chat template's turn markers among them)."""
+        return {int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def __getstate__(self):
         return {"json": self._json, "config": self.config, "templates": self.templates, "name": self.name}
 
@@ -313,6 +317,10 @@ class HFSentencePieceTokenizer(_ChatMixin):
 
     def id_to_piece(self, i: int) -> str:
         return self._special_ids.get(int(i)) or self._sp.id_to_piece(int(i))
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special and added tokens (BOS / EOS and a chat template's turn markers among them)."""
+        return set(self._special_ids)
 
     def __getstate__(self):
         return {"proto": self._proto, "config": self.config, "templates": self.templates, "name": self.name}

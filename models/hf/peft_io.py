@@ -434,7 +434,9 @@ def load_prefix_adapter(model, adapter_dir: str | os.PathLike):
         raise ValueError(f"{where}: PEFT's prefixes cannot be carried over to this model: " + "; ".join(reasons))
     if config.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']}; a decoder has 1")
-    length = int(config["num_virtual_tokens"])
+    length = config.get("num_virtual_tokens")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"{where}: num_virtual_tokens={length!r}; expected an integer >= 1")
     with SafetensorsReader(file) as reader:
         keys = list(reader.keys())
         if keys != [PREFIX_KEY]:

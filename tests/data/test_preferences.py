@@ -150,19 +150,22 @@ def test_synthetic_pairs_prefer_the_answer_over_a_near_miss(sp_tok):
     assert synthetic.distractor("reverse", "abcd", 1) != "abcd"
 
 
-def test_holdout_split_is_deterministic_and_disjoint(sp_tok, tmp_path):
+def test_held_out_split_of_a_pair_source_is_disjoint(sp_tok, tmp_path):
+    """The training sources' held-out split (data/sources.py `split_heldout`, as SFT's) on pairs."""
+    from data.sources import split_heldout
+
     r = random.Random(2)
     recs = [{"prompt": f"q{i} " + _text(r, 1, 3), "chosen": "yes", "rejected": "no"} for i in range(200)]
     spec = SourceSpec(name="p", format="jsonl", path=str(_jsonl(tmp_path / "p.jsonl", recs)), schema="preference")
+    (train,), (held,) = split_heldout([spec], fraction=0.1, min_records=4, max_records=100)
 
-    def prompts(holdout):
-        it = preferences.preference_batches([spec], sp_tok, seq_len=64, batch_size=1, shuffle=False, num_epochs=1,
-                                            holdout=holdout, eval_fraction=0.1, render="text")
+    def prompts(s):
+        it = preferences.preference_batches([s], sp_tok, seq_len=64, batch_size=1, shuffle=False, num_epochs=1,
+                                            render="text")
         return {sp_tok.decode([int(t) for t in b["inputs_BCT"][0, 0] if t]).split(" ")[0] for b in it}
 
-    train, held = prompts("train"), prompts("eval")
-    assert not train & held and len(train | held) == 200 and 5 <= len(held) <= 40
-    assert held == prompts("eval")
+    t, h = prompts(train), prompts(held)
+    assert not t & h and len(t | h) == 200 and len(h) == 20
 
 
 def test_overlong_pairs_are_truncated_or_dropped_and_counted(sp_tok, tmp_path):

@@ -207,8 +207,8 @@ def test_schemas_detected_and_forced(tmp_path):
     # only format and path: the SFT config gives schema "auto"
     (spec,) = sft.specs_from_config({"chat": {"format": "jsonl", "path": str(p)}})
     assert spec.schema == "auto" and len(list(read_all(spec))) == 5
-    with pytest.raises(ValueError, match=r"source 'chat': SFT reads chats, but schema='text'"):
-        sft.specs_from_config({"chat": {"format": "jsonl", "path": str(p), "schema": "text"}})
+    with pytest.raises(ValueError, match=r"source 'chat': schema='xml' is not valid"):
+        sft.specs_from_config({"chat": {"format": "jsonl", "path": str(p), "schema": "xml"}})
 
 
 def test_field_overrides(tmp_path):
@@ -487,3 +487,85 @@ def test_missing_file_and_bad_configs(tmp_path, sp_tok, monkeypatch):
         next(iter(sft.sft_docs([spec], sp_tok, seq_len=8, truncation="drop")))
     with pytest.raises(EmptySourceError, match=r"yielded 0 SFT examples: 7 longer than seq_len=8 \(no assistant"):
         list(sft.sft_docs([spec], sp_tok, seq_len=8, num_epochs=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out split, plain text, stop tokens, packed logits
+
+
+def test_heldout_chats_never_reach_training(tmp_path, sp_tok):
+    from data.sources import split_heldout
+
+    r = random.Random(1001)
+    p = _write_jsonl(tmp_path / "chats.jsonl", _chat_records(r, 80, 1, 6))
+    (spec,) = sft.specs_from_config({"chat": {"format": "jsonl", "path": str(p)}})
+    (train,), (held,) = split_heldout([spec], fraction=0.1, min_records=5, max_records=100)
+
+    def keys(s, **kw):
+        return {_doc_key(d["targets"]) for d in sft.sft_docs([s], sp_tok, seq_len=512, num_epochs=1, **kw)}
+
+    a, b = keys(train), keys(held, shuffle=False)
+    assert len(b) == 8 and not a & b and a | b == keys(spec) and len(a) == 72
+    # several epochs of shuffled training (as a run reads it) see no held-out example either
+    seen = {_doc_key(d["targets"]) for _, d in zip(range(300), sft.sft_docs([train], sp_tok, seq_len=512, seed=4))}
+    assert seen == a
+
+
+def test_text_sources_train_every_token(tmp_path, sp_tok):
+    docs = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n" * 20]
+    p = _write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    (spec,) = sft.specs_from_config({"code": {"format": "jsonl", "path": str(p), "schema": "text"}})
+    got = list(sft.sft_docs([spec], sp_tok, seq_len=64, shuffle=False, num_epochs=1))
+    for d, text in zip(got, docs):  # [bos] + tokens + [eos], every target trained, nothing cut
+        ids = [sp_tok.bos_id] + sp_tok.encode(text) + [sp_tok.eos_id]
+        assert d["inputs"].tolist() == ids[:-1] and d["targets"].tolist() == ids[1:]
+        assert d["loss_mask"].all() and not d["truncated"].any() and not d["dropped"].any()
+    rows = list(sft.sft_batches([spec], sp_tok, seq_len=64, batch_size=1, shuffle=False, num_epochs=1,
+                                packing="concat", drop_remainder=False))
+    assert sum(int(b["loss_mask_BT"].sum()) for b in rows) == sum(len(d["targets"]) for d in got)
+
+
+def test_stop_ids_include_the_templates_end_of_turn(hf_dir, sp_tok):
+    from data.tokenizer.hf import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(hf_dir)
+    eos, eot, im_end = tok.eos_id, tok.encode("<|eot_id|>"), tok.encode("<|im_end|>")
+    assert len(eot) == 1 and len(im_end) == 1 and eot != [eos]
+    assert sft.ChatTokenizer(tok).stop_ids() == [eos] + eot  # Llama 3: <|eot_id|> ends a turn
+    assert sft.ChatTokenizer(tok, CHATML).stop_ids() == [eos] + im_end  # ChatML: <|im_end|>
+    assert sft.ChatTokenizer(tok, "loom").stop_ids() == [eos]  # Loom's template ends turns with EOS
+    assert sft.ChatTokenizer(sp_tok).stop_ids() == [sp_tok.eos_id]
+    # a turn ending in plain text (here a blank line) adds no stop token
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}"
+    assert sft.ChatTokenizer(tok, plain).stop_ids() == [eos]
+
+
+def test_packed_logits_equal_each_example_alone(tmp_path, sp_tok):
+    """A packed SFT row (several examples, segment ids and restarting positions) gives every
+    example the logits it gets run alone (float32, 1e-5)."""
+    import jax
+
+    from models import transformer as T
+    from tests.helpers import tiny_model_config
+
+    seq = 256
+    graphdef, params = T.split_params(T.build(tiny_model_config(vocab_size=sp_tok.vocab_size, max_seq_len=seq), seed=3))
+    logits = jax.jit(lambda batch: T.apply(graphdef, params, batch))
+    r = random.Random(1101)
+    p = _write_jsonl(tmp_path / "chats.jsonl", _chat_records(r, 24, 1, 4))
+    spec = SourceSpec("c", "jsonl", path=str(p), schema="auto")
+    batch = next(iter(sft.sft_batches([spec], sp_tok, seq_len=seq, batch_size=2, shuffle=False, num_packing_bins=4)))
+    seg = batch["segment_ids_BT"]
+    packed = np.asarray(logits({k: batch[k] for k in ("inputs_BT", "positions_BT", "segment_ids_BT")}))
+    assert packed.dtype == np.float32
+    where = [(b, seg[b] == s) for b in range(len(seg)) for s in np.unique(seg[b][seg[b] > 0])]
+    assert len(where) >= 6 and all(len(np.unique(s[s > 0])) >= 3 for s in seg)  # several examples per row
+    # each example alone in a row of its own: its tokens first, then padding it cannot see
+    alone_in = np.zeros((len(where), seq), np.int32)
+    alone_seg = np.zeros((len(where), seq), np.int32)
+    for i, (b, m) in enumerate(where):
+        alone_in[i, :m.sum()], alone_seg[i, :m.sum()] = batch["inputs_BT"][b][m], 1
+    alone = np.asarray(logits({"inputs_BT": alone_in, "segment_ids_BT": alone_seg,
+                               "positions_BT": np.broadcast_to(np.arange(seq, dtype=np.int32), alone_in.shape)}))
+    for i, (b, m) in enumerate(where):
+        np.testing.assert_allclose(packed[b][m], alone[i, :m.sum()], atol=1e-5, rtol=0)

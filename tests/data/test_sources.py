@@ -241,3 +241,65 @@ def test_streaming_resume_mid_file(tmp_path, fmt):
     it2.set_state(state)
     assert [r["text"] for r in it2] == rest
     assert sorted(head + rest) == sorted(docs * 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out splits
+
+def _heldout_files(tmp_path, fmt):
+    """A source of 3 files (jsonl: one gzipped, with a blank line and a bad record; or parquet) and
+    its documents."""
+    docs = _docs(230, seed=11)
+    if fmt == "jsonl":
+        lines = [json.dumps({"text": d}) for d in docs]
+        (tmp_path / "a.jsonl").write_text("\n".join(lines[:90]) + "\n\n{bad json\n")
+        (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines[90:200]) + "\n").encode()))
+        (tmp_path / "c.jsonl").write_text("\n".join(lines[200:]))  # no final newline
+        return SourceSpec("h", "jsonl", path=str(tmp_path / "*.jsonl*")), docs, 92 + 110 + 30
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, part in (("a", docs[:100]), ("b", docs[100:101]), ("c", docs[101:])):
+        pq.write_table(pa.table({"text": part}), tmp_path / f"{name}.parquet", row_group_size=17)
+    return SourceSpec("h", "parquet", path=str(tmp_path / "*.parquet")), docs, len(docs)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_heldout_split_is_disjoint_covers_and_is_deterministic(tmp_path, fmt):
+    from data import sources
+
+    spec, docs, units = _heldout_files(tmp_path, fmt)
+    (train,), (held,) = sources.split_heldout([spec], fraction=0.1, min_records=4, max_records=1000)
+    a, b = _texts(train), _texts(held)
+    assert len(b) >= round(0.1 * units) - 2 and not set(a) & set(b)  # (a held-out unit may be the blank / bad line)
+    assert sorted(a + b) == sorted(docs) and len(a) + len(b) == len(docs)
+    # a fresh computation (another process), every data shard, a resumed reader: the same split
+    sources._heldout_units.cache_clear()
+    assert _texts(held) == b and _texts(train) == a
+    for side, want in ((train, a), (held, b)):
+        shards = [_texts(side, shard_index=i, shard_count=4) for i in range(4)]
+        assert sorted(sum(shards, [])) == sorted(want) and sum(map(len, shards)) == len(want)
+    it = iter(source_dataset(train, num_epochs=1))
+    head = [next(it)["text"] for _ in range(50)]
+    state = json.loads(json.dumps(it.get_state()))
+    it2 = iter(source_dataset(train, num_epochs=1))
+    it2.set_state(state)
+    assert head + [r["text"] for r in it2] == a
+    # another seed holds out other records; the sizes: fraction, at least min, at most max and half
+    (_,), (other,) = sources.split_heldout([spec], fraction=0.1, min_records=4, max_records=1000, seed=1)
+    assert set(_texts(other)) != set(b)
+    count = sources.HeldOut("eval", 0.02, 16, 1000).count
+    assert [count(n) for n in (10, 40, 1000, 10_000, 100_000)] == [5, 16, 20, 200, 1000]
+
+
+def test_heldout_split_refuses_what_it_cannot_split(tmp_path):
+    from data import sources
+
+    with pytest.raises(ValueError, match="source 'e' .*cannot be split"):
+        sources.split_heldout([SourceSpec("e", "embedded")], fraction=0.1)
+    with pytest.raises(ValueError, match="text_unit='paragraph'"):
+        SourceSpec("p", "text", path="x", text_unit="paragraph", heldout=sources.HeldOut("eval"))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "only"}) + "\n")
+    (_,), (held,) = sources.split_heldout([SourceSpec("o", "jsonl", path=str(tmp_path / "one.jsonl"))], fraction=0.5)
+    with pytest.raises(sources.EmptySourceError, match="has 1 records: too few to hold any out"):
+        _texts(held)

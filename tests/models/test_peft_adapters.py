@@ -196,7 +196,7 @@ def test_unsupported_adapters_fail_clearly(llama, tmp_path):
         "rank_pattern": dict(config=dict(rank_pattern={"q_proj": 8})),
         "init_lora_weights='pissa' is not supported (PiSSA": dict(config=dict(init_lora_weights="pissa")),
         "bias='all'": dict(config=dict(bias="all")),
-        "only LoRA": dict(config=dict(peft_type="PREFIX_TUNING")),
+        "only LoRA": dict(config=dict(peft_type="IA3")),
         "no LoRA adapter of a": dict(tensors=lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A":
                                                         np.zeros((4, 128), np.float32)}),
         "are missing": dict(tensors=lambda t: {n: v for n, v in t.items() if n != k}),
@@ -235,8 +235,8 @@ def test_adapter_only_export_refuses_runs_without_hf_adapters(tmp_path):
     with pytest.raises(ValueError, match="trained Loom workdir, not a Hugging Face model as published"):
         peft_io.export_adapter(run("on_trained", peft={"method": "lora"}, hf=hf_section,
                                    init={"workdir": str(trained)}), tmp_path / "o3")
-    with pytest.raises(ValueError, match="prefix adapters: not yet exportable"):
-        peft_io.export_adapter(run("prefix", peft={"method": "prefix"}, hf=hf_section, init={"hf_dir": "base"}),
+    with pytest.raises(ValueError, match="peft.method='ia3' has no PEFT adapter export"):
+        peft_io.export_adapter(run("ia3", peft={"method": "ia3"}, hf=hf_section, init={"hf_dir": "base"}),
                                tmp_path / "o4")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
 
