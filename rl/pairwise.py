@@ -2,10 +2,10 @@
 
 Both start like SFT (train/sft.py: the base, its tokenizer, the PEFT method, the resolved config)
 and train on batches of chosen / rejected pairs (data/preferences.py) with pretraining's loop
-(train/loop.py). Here: checking the preference sections of a
-config, the trained / frozen split on the mesh, the pair data (training iterator and held-out batches), pair
-batches on the devices and the held-out evaluation. Each program's `run` reads top to bottom
-with these.
+(train/loop.py). Here: the checked config and prepared workdir (`start`), the trained / frozen
+split on the mesh, the pair data (training iterator and held-out batches), and the loop's parts
+(`loop_parts`: resume, the jitted step, pair batches on the devices, the held-out evaluation).
+Each program's `run` reads top to bottom with these.
 """
 
 from __future__ import annotations
