@@ -42,6 +42,7 @@ def test_memory_figures_follow_the_methods():
     assert 4.125 < 8 * dq["projection_bytes"] / weights < 4.5  # 8-bit absmaxes (+ their scales and means)
 
 
+@pytest.mark.slow  # spawns the torch peer; the benchmark itself checks the same losses every run
 def test_the_peer_starts_from_loom_weights_and_computes_the_same_step(tmp_path):
     pytest.importorskip("peft")
     args = types.SimpleNamespace(warmup=1, dtype="float32", no_peer=False, torch_modes="eager",

@@ -215,6 +215,7 @@ def test_long_context_preset_resolves_to_the_extended_model(tiny_run):
         context_overrides({"max_seq_len": 512}, base_cfg.replace(position_embedding="learned"))
 
 
+@pytest.mark.slow  # 30-70 s: the fast tests keep the preset's resolution and the report's arithmetic
 def test_long_context_run_reports_perplexity_by_length(tiny_run, tmp_path):
     """A short run (factor 2: 256 -> 512): base and scaled perplexities at step 0, the fine-tuned
     ones at the end, in metrics.jsonl and context_extension.json."""
