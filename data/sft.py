@@ -325,13 +325,16 @@ class ChatTokenizer:
             spans.append((len(before), len(through)))
         return full, spans
 
-    def tokenize(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, messages: Sequence[dict], *, from_message: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(ids [L] int32, mask [L] int32): the whole chat's tokens, and 1 on assistant tokens
-        (every assistant turn, its end-of-turn token included), 0 elsewhere."""
+        (every assistant turn, its end-of-turn token included), 0 elsewhere. With `from_message`
+        = k only the assistant turns among messages[k:] are marked (a preference pair's response
+        after its prompt, data/preferences.py)."""
         full, spans = self.assistant_spans(messages)
         ids, starts = self._encode(full)
         mask = np.zeros(len(ids), np.int32)
-        for k, (a, b) in enumerate(spans):
+        skip = sum(m["role"] == "assistant" for m in messages[:from_message])
+        for k, (a, b) in list(enumerate(spans))[skip:]:
             inside = (starts >= a) & (starts < b)
             if not inside.any():
                 raise ChatRenderError(f"assistant turn {k} renders to no token (characters {a}:{b})")
@@ -409,6 +412,8 @@ class ChatExamples(grain.IterDataset):
 
 
 class _ChatExamplesIterator(grain.DatasetIterator):
+    kind = "SFT"  # in log lines
+
     def __init__(self, parent, ds: ChatExamples):
         super().__init__(parent)
         self.ds = ds
@@ -445,14 +450,7 @@ class _ChatExamplesIterator(grain.DatasetIterator):
             raise DataError(rec["file"], rec["line"], str(e)) from None
         n, truncated = len(ids) - 1, 0
         if n > ds.seq_len:
-            keep = mask[1:ds.seq_len + 1].any()
-            self.overlong += 1
-            if ds.truncation == "drop" or not keep:
-                self.pending_dropped += 1
-                if self.overlong <= 5:
-                    logging.warning("SFT source %r: dropped %s:%d (%d tokens > seq_len %d%s)", ds.spec.name,
-                                    rec["file"], rec["line"], n, ds.seq_len,
-                                    "" if ds.truncation == "drop" else "; no assistant token within it")
+            if self.drop_overlong(rec, n, keep=mask[1:ds.seq_len + 1].any(), what="no assistant token within it"):
                 return None
             ids, mask, n, truncated = ids[:ds.seq_len + 1], mask[:ds.seq_len + 1], ds.seq_len, 1
         first = np.zeros(n, np.int32)
@@ -461,6 +459,19 @@ class _ChatExamplesIterator(grain.DatasetIterator):
         doc["truncated"][0], doc["dropped"][0] = truncated, self.pending_dropped
         self.pending_dropped = 0
         return doc
+
+    def drop_overlong(self, rec, n: int, *, keep: bool, what: str) -> bool:
+        """Counts an example of `n` > seq_len tokens; True (counted as dropped, the first few logged)
+        when it is dropped: truncation "drop", or nothing to train on is left (`keep` False: `what`)."""
+        ds = self.ds
+        self.overlong += 1
+        if ds.truncation != "drop" and keep:
+            return False
+        self.pending_dropped += 1
+        if self.overlong <= 5:
+            logging.warning("%s source %r: dropped %s:%d (%d tokens > seq_len %d%s)", self.kind, ds.spec.name,
+                            rec["file"], rec["line"], n, ds.seq_len, "" if ds.truncation == "drop" else f"; {what}")
+        return True
 
     def no_examples_error(self, why: str = "") -> EmptySourceError:
         ds = self.ds

@@ -7,7 +7,9 @@ index of an ArrayRecord/TFDS record) and `fields` holds every input field when a
 (`keep_fields=True`, as the cleaning tool does). A source whose `schema` is a chat schema (SFT:
 "auto", "messages", "prompt_completion", "alpaca"; see data/sft.py) gives
 `"messages": [{"role", "content"}, ...]` instead of "text", read from the fields the schema
-names; a record that is no chat is a bad record like any other.
+names; a record that is no chat is a bad record like any other. A preference schema
+("preference", "implicit_prompt", "explicit_prompt"; see data/preferences.py) gives
+`"pair": {"prompt", "chosen", "rejected", "render"}` the same way.
 
 Formats (`SourceSpec.format`):
   text          files or directories (globs, comma-separated; `.gz` / `.zst` decompressed on the
@@ -20,7 +22,8 @@ Formats (`SourceSpec.format`):
   tfds          `tfds.data_source(name, split, file_format="array_record")`, no TensorFlow
   embedded      the running Python's standard library (data/corpus.py)
   synthetic     `num_examples` examples of a data/synthetic.py `task` (seeded by `split`): records
-                {"text": prompt + answer, "prompt", "completion": answer, "task"}
+                {"text": prompt + answer, "prompt", "completion": answer, "task"}, plus
+                "chosen": answer and "rejected": a near miss under a preference schema
 
 Held-out splits (`SourceSpec.heldout`, a `HeldOut`; `split_heldout(specs, ...)` makes both
 sides): a deterministic share of a jsonl / parquet / hf / text (line or file units) source's
@@ -64,7 +67,9 @@ FORMATS = ("text", "jsonl", "parquet", "hf", "array_record", "tfds", "embedded",
 STREAMING = ("text", "jsonl", "parquet", "hf")
 TEXT_UNITS = ("file", "line", "paragraph")
 CHAT_SCHEMAS = ("auto", "messages", "prompt_completion", "alpaca")  # records read as chats (data/sft.py)
-SCHEMAS = ("text",) + CHAT_SCHEMAS
+# records read as chosen / rejected pairs (data/preferences.py)
+PREFERENCE_SCHEMAS = ("preference", "implicit_prompt", "explicit_prompt")
+SCHEMAS = ("text",) + CHAT_SCHEMAS + PREFERENCE_SCHEMAS
 _EXTENSIONS = {
     "text": None,  # any file
     "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst"),
@@ -105,13 +110,16 @@ class SourceSpec:
     strict: bool = False  # raise on the first bad record instead of skipping it
     # What a record is: "text" (the text at text_field; pretraining) or a chat for SFT, its shape
     # detected per record ("auto") or forced, read from these fields (dots reach nested keys):
-    schema: str = "text"  # "text" | "auto" | "messages" | "prompt_completion" | "alpaca"
+    schema: str = "text"  # "text" | "auto" | "messages" | "prompt_completion" | "alpaca" | a PREFERENCE_SCHEMAS one
     messages_field: str = "messages"  # messages: a list of {"role", "content"}
     prompt_field: str = "prompt"  # prompt_completion: strings, or lists of messages
     completion_field: str = "completion"
     instruction_field: str = "instruction"  # alpaca: instruction (+ input, optional) -> output
     input_field: str = "input"
     output_field: str = "output"
+    # preference pairs (data/preferences.py): prompt at prompt_field (explicit prompts only)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     task: str = ""  # synthetic: a data/synthetic.py task name
     size: int = 0  # synthetic: the task's difficulty (digits / characters); 0 = its default
     num_examples: int = 10_000  # synthetic: examples per epoch
@@ -220,7 +228,17 @@ def get_field(obj: Any, dotted: str):
 
 
 def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) -> str | list[dict] | None:
-    """The record's text, or its chat messages for a chat schema; None (reported to `bad`) if bad."""
+    """The record's text, its chat messages for a chat schema, or its pair for a preference
+    schema; None (reported to `bad`) if bad."""
+    if spec.schema in PREFERENCE_SCHEMAS:
+        from data.preferences import record_pair
+        from data.sft import ChatRecordError
+
+        try:
+            return record_pair(obj, spec)
+        except ChatRecordError as e:
+            bad.report(file, line, str(e), e.kind)
+            return None
     if spec.schema != "text":
         from data.sft import ChatRecordError, record_messages
 
@@ -251,7 +269,7 @@ def _text_of(obj: Any, spec: SourceSpec, file: str, line: int, bad: BadRecords) 
 
 
 def _record(value, spec, file, line, fields, keep_fields):
-    key = "text" if isinstance(value, str) else "messages"
+    key = "text" if isinstance(value, str) else "pair" if isinstance(value, dict) else "messages"
     return {key: value, "source": spec.name, "file": file, "line": line, "fields": fields if keep_fields else None}
 
 
@@ -858,6 +876,11 @@ class _SyntheticRecord:
         line = index % self.size + 1  # grain passes epoch-extended indices after repeat
         obj = {"text": example["prompt"] + example["answer"], "prompt": example["prompt"],
                "completion": example["answer"], "task": self.spec.task}
+        if self.spec.schema in PREFERENCE_SCHEMAS:  # a pair: the right answer over a near miss
+            from data import synthetic
+
+            obj.update(chosen=example["answer"],
+                       rejected=synthetic.distractor(self.spec.task, example["answer"], f"{self.spec.split}:{line}"))
         value = _text_of(obj, self.spec, self.file, line, self.bad)
         return None if value is None else _record(value, self.spec, self.file, line, obj, self.keep_fields)
 

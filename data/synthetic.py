@@ -178,6 +178,18 @@ def _distractor(task: Task, rng: random.Random, answer: str) -> str:
     return "".join(chars)
 
 
+def distractor(name: str, answer: str, seed) -> str:
+    """A wrong answer near `answer` (a numeric offset, or a changed / swapped character), the same
+    for the same (name, answer, seed): the rejected side of synthetic preference pairs."""
+    task = get(name)
+    rng = random.Random(f"loom-synthetic-distractor:{name}:{seed}:{answer}")
+    for _ in range(100):
+        d = _distractor(task, rng, answer)
+        if d != answer:
+            return d
+    raise ValueError(f"synthetic task {name!r}: no wrong answer near {answer!r}")
+
+
 def multiple_choice(name: str, n: int, seed: int = 0, size: int = 0, num_choices: int = 4) -> list[dict]:
     """`n` multiple-choice items {"query", "choices", "gold"} built from the task's examples: the
     right answer and `num_choices - 1` distinct near-miss distractors, in a seeded order."""

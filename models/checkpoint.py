@@ -139,6 +139,9 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     from models.transformer import abstract_params_and_shardings, merge_params
 
     run = read_run_config(workdir)
+    if "reward" in run:  # a scalar head on the decoder, not a language model
+        raise ValueError(f"{workdir} is a reward model run (python -m rl.reward): load it with "
+                         "rl.reward_model.load_reward_model")
     if (run.get("peft") or {}).get("method", "full") != "full":
         return _load_adapted(workdir, run, step=step, return_step=return_step)
     # a pipelined run's model is the same model: loaded for evaluation or decoding, it runs unpipelined

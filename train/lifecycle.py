@@ -419,8 +419,8 @@ class Faults:
                    nan_at=tuple(int(x) for x in env.get("LOOM_FAULT_NAN_AT_STEP", "").split(",") if x))
 
     def corrupt(self, batch: dict, step: int) -> dict:
-        if step in self.nan_at:
-            batch = dict(batch, loss_mask_BT=batch["loss_mask_BT"] * np.float32("nan"))
+        if step in self.nan_at:  # the loss mask, whatever its shape suffix (pair batches: loss_mask_BCT)
+            batch = {k: v * np.float32("nan") if k.startswith("loss_mask") else v for k, v in batch.items()}
         return batch
 
     def after_step(self, step: int, ckpt) -> None:

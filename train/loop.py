@@ -95,7 +95,7 @@ def run_steps(p: Parts) -> tuple[Any, dict[str, Any]]:
         line.update(m)
         if per_source is not None and len(p.source_names) > 1:  # tokens per source over the interval
             line.update({f"tokens_{name}": float(c) for name, c in zip(p.source_names, per_source)})
-        if tc.z_loss:
+        if getattr(tc, "z_loss", 0.0):  # a training config without z-loss (preference programs) has no field
             line["z_loss"] = z
         if skipped:
             line["skipped_steps"] = skipped

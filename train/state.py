@@ -113,7 +113,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             def body(carry, xs):
                 g_acc, loss_acc, n_acc = carry
                 mb, i = xs
-                mb = {k: constrain(v, ("batch", "length")) for k, v in mb.items()}
+                mb = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 2) + ("length",)) for k, v in mb.items()}
                 r = None if step_rng is None else jax.random.fold_in(step_rng, i)
                 (_, mm), g = grad_fn(state.params, mb, r, frozen)
                 w = _weight(mm)

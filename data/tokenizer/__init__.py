@@ -163,7 +163,8 @@ def corpus_tokenizer(texts: Sequence[str] | Callable[[], Sequence[str]], *, fing
 KINDS = ("sentencepiece", "hf")
 _LATER_FIELDS = {"schema": "text", "messages_field": "messages", "prompt_field": "prompt",
                  "completion_field": "completion", "instruction_field": "instruction", "input_field": "input",
-                 "output_field": "output", "task": "", "size": 0, "num_examples": 10_000, "heldout": None}
+                 "output_field": "output", "task": "", "size": 0, "num_examples": 10_000, "heldout": None,
+                 "chosen_field": "chosen", "rejected_field": "rejected"}
 
 
 def sources_fingerprint(specs) -> str:
@@ -173,7 +174,7 @@ def sources_fingerprint(specs) -> str:
 
     h = hashlib.sha256()
     for spec in specs:
-        # The chat, synthetic and held-out fields count only when set, so text sources keep
+        # The chat, preference, synthetic and held-out fields count only when set, so text sources keep
         # the fingerprints, and cached tokenizers, they had before those fields existed.
         h.update(repr(sorted((k, v) for k, v in vars(spec).items()
                              if k not in _LATER_FIELDS or v != _LATER_FIELDS[k])).encode())
