@@ -23,13 +23,14 @@ from benchmarks.records import RECORDS, REPO, describe_machine, markdown_table  
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 NOTES = REPO / "benchmarks" / "notes"
 # sections in this order (by record-name prefix); others follow alphabetically
-ORDER = ("train_step", "sft", "decode", "dedup", "data_pipeline", "memory", "parallelism", "attention", "gpu")
+ORDER = ("train_step", "sft", "rl", "decode", "dedup", "data_pipeline", "memory", "parallelism", "attention", "gpu")
 # Records the benchmarks are meant to produce and the command that produces each: one missing is
 # listed under "Pending" (its figures appear only once a run has written it).
 GPU_NOTE = " on one GPU; then copy `$OUT/records/*.json` into `benchmarks/records/`"
 EXPECTED = {
     "train_step_cpu": "`.venv/bin/python benchmarks/train_step.py`",
     "sft_cpu": "`.venv/bin/python benchmarks/sft.py`",
+    "rl_cpu": "`.venv/bin/python benchmarks/rl.py`",
     "data_pipeline": "`.venv/bin/python benchmarks/data_pipeline.py`",
     "memory": "`.venv/bin/python benchmarks/memory.py`",
     "parallelism": "`.venv/bin/python benchmarks/parallelism.py`",

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-all=(decode decode_extra train_step sft dedup data_pipeline parallelism memory)
+all=(decode decode_extra train_step sft rl dedup data_pipeline parallelism memory)
 steps=("${@:-${all[@]}}")
 for s in "${steps[@]}"; do
   echo "=== $s ($(date -u +%H:%M:%S))"
@@ -15,6 +15,7 @@ for s in "${steps[@]}"; do
     decode_extra)  $PY benchmarks/decode.py --sections=layout,speculative,quantize ;;
     train_step)    $PY benchmarks/train_step.py --baseline=3451f03 ;;
     sft)           $PY benchmarks/sft.py ;;
+    rl)            $PY benchmarks/rl.py ;;
     dedup)         $PY benchmarks/dedup.py --check_truth ;;
     data_pipeline) $PY benchmarks/data_pipeline.py ;;
     parallelism)   $PY benchmarks/parallelism.py ;;
