@@ -93,6 +93,15 @@ def get_config(arg=None):
         init_std=0.02,  # normal init std (output projections scaled by 1/sqrt(2 L))
         pipeline_stages=1,  # GPipe stages over mesh.shape.stage (set from the mesh at run time); 1 = off
         pipeline_microbatches=0,  # micro-batches per pipelined step (bubble (S-1)/(M+S-1)); 0 = 2 x stages
+        # multi-head latent attention (DeepSeek-V2, models/mla.py), on when kv_lora_rank > 0; then
+        # head_dim = qk_rope_head_dim and num_kv_heads = num_heads
+        mla=config_dict.ConfigDict(dict(
+            q_lora_rank=0,  # queries through a low-rank bottleneck of this rank (+ RMSNorm); 0 = one projection
+            kv_lora_rank=0,  # the compressed latent the KV cache holds per token and layer; 0 = off
+            qk_nope_head_dim=0,  # per-head query/key dims without RoPE (keys from the latent)
+            qk_rope_head_dim=0,  # decoupled RoPE dims per query head and of the one shared key
+            v_head_dim=0,  # per-head value dims (from the latent)
+        )),
         **{**family, **extra},
     ))
 

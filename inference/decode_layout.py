@@ -13,7 +13,10 @@ machine streams. The layout therefore
 Everything else is the model's own: the blocks are the model's `Block` modules (whatever
 attention / MLP / kernel variants they hold; a wrapper kernel keeps its own parameters and gets
 its plain `base` re-laid, see models/projection.py), and the prefill runs the model itself
-(stacked layers: prefill is compute-bound, where one large matmul wins).
+(stacked layers: prefill is compute-bound, where one large matmul wins). Kernels an attention
+reads whole rather than multiplies by (its `DENSE_PROJECTIONS`: latent attention's kv_b, whose
+halves the absorbed decode folds into the query and the output, models/mla.py) keep their layout.
+The cache's buffers are split per layer whatever their shape (latent attention caches [B, S, R]).
 
 `generate` uses it for float32 models on one CPU device at batch <= `MAX_ROWS` (`applies`),
 built once per model and set of weights (`for_model`). It holds one extra copy of the kernels.
@@ -108,7 +111,8 @@ class TiedHead(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """A `KVCache` as one [B, K, S, H] buffer per layer (what the unrolled blocks carry)."""
+    """A `KVCache` as one buffer per layer (what the unrolled blocks carry): [B, K, S, H], or
+    latent attention's [B, S, R] and [B, S, Hr]."""
 
     k: tuple
     v: tuple
@@ -184,7 +188,12 @@ def _lay_out(stacked: Block, head: Einsum | None, table_VD, *, panel: int, num_l
     whose transpose is the tied head; with neither (a quantized tied table) the model's head
     stays."""
 
+    # projections an attention reads whole (`kernel.dense`, e.g. latent attention's kv_b) stay as they are
+    whole = {("attn", name) for name in getattr(stacked.attn, "DENSE_PROJECTIONS", ())}
+
     def relay(path, proj, kernel):
+        if tuple(path[-2:]) in whole:
+            return kernel
         return map_plain_kernels(kernel, lambda k: PanelKernel.lay_out(k, proj.spec, panel))
 
     graphdef, state = nnx.split(stacked)

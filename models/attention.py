@@ -1,6 +1,7 @@
 """The one attention function every model calls.
 
-`dot_product_attention(q_BTNH, k_BSKH, v_BSKH, ...)` with `impl` chosen by config:
+`dot_product_attention(q_BTNH, k_BSKH, v_BSKV, ...)` with `impl` chosen by config (values may
+have a head dim V of their own, as multi-head latent attention's):
   "xla"    plain JAX: blockwise causal attention with a recomputing backward for training rows
            (T == S), the masked-softmax definition (`pallas_kernels.reference`) otherwise;
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs;
@@ -58,7 +59,7 @@ def _sl(x, lo, hi):
 
 def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    kh, hv = k.shape[2], v.shape[-1]
     qr = q.reshape(b, t, kh, n // kh, h)
     outs, lses = [], []
     for i in range(t // block):
@@ -70,10 +71,10 @@ def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
         m = s.max(-1, keepdims=True)
         p = jnp.exp(s - m)  # masked scores are MASK_VALUE: 0 here, except in rows with no key at all
         l_sum = p.sum(-1, keepdims=True)
-        o = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v[:, :end], preferred_element_type=jnp.float32)
+        o = jnp.einsum("BKGTS,BSKV->BTKGV", p.astype(v.dtype), v[:, :end], preferred_element_type=jnp.float32)
         outs.append(jnp.where(jnp.moveaxis(live, 3, 1), o / jnp.moveaxis(l_sum, 3, 1), 0.0))
         lses.append(jnp.where(live, m + jnp.log(l_sum), MASK_VALUE)[..., 0])
-    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, h).astype(q.dtype)
+    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, hv).astype(q.dtype)
     lse = jnp.concatenate(lses, axis=-1)  # [B, K, G, T]
     return out, lse
 
@@ -92,12 +93,12 @@ def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
     q, k, v, pos, seg, window, out, lse = res
     d_out, d_lse = cts
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    kh, hv = k.shape[2], v.shape[-1]
     g = n // kh
     qr = q.reshape(b, t, kh, g, h)
-    do = d_out.reshape(b, t, kh, g, h)
+    do = d_out.reshape(b, t, kh, g, hv)
     # delta = rowsum(dO * O) - dlse: the softmax backward's per-row correction
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", do.astype(jnp.float32), out.reshape(b, t, kh, g, h).astype(jnp.float32))
+    delta = jnp.einsum("BTKGV,BTKGV->BKGT", do.astype(jnp.float32), out.reshape(b, t, kh, g, hv).astype(jnp.float32))
     if d_lse is not None:
         delta = delta - d_lse.astype(jnp.float32)
     dq_blocks = []
@@ -110,9 +111,9 @@ def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
         s, mask, th = _scores(qb, kb, pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
                               causal=causal, window=window, softcap=softcap, scale=scale)
         p = jnp.exp(s - lse[..., lo:hi, None]) * mask.any(-1, keepdims=True)  # rows with no key: no gradient
-        dv = dv.at[:, :end].add(jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), dob,
+        dv = dv.at[:, :end].add(jnp.einsum("BKGTS,BTKGV->BSKV", p.astype(v.dtype), dob,
                                            preferred_element_type=jnp.float32))
-        dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("BTKGV,BSKV->BKGTS", dob, vb, preferred_element_type=jnp.float32)
         ds = jnp.where(mask, p * (dp - delta[..., lo:hi, None]), 0.0)
         if softcap:
             ds = ds * (1.0 - th * th)
@@ -138,6 +139,8 @@ def _block_size(t: int) -> int | None:
 def _cudnn_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse,
                      explicit_positions, explicit_segments):
     unsupported = []
+    if v.shape[-1] != k.shape[-1]:
+        unsupported.append(f"values with their own head dim (v {v.shape[-1]}, q/k {k.shape[-1]})")
     if explicit_segments:
         unsupported.append("segment_ids")
     if explicit_positions:
@@ -158,14 +161,16 @@ def _cudnn_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
                                         implementation="cudnn")
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causal=True,
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions=None, causal=True,
                           window=None, softcap=None, scale=None, return_lse=False, impl="xla"):
     """Multi-head attention with grouped-query K/V, masks from positions and segment ids.
 
     Args:
       q_BTNH: queries [batch, q_len, heads, head_dim].
-      k_BSKH, v_BSKH: keys and values [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0
-        (query head n uses kv head n // (heads // kv_heads), as Hugging Face's `repeat_kv`).
+      k_BSKH, v_BSKV: keys [batch, kv_len, kv_heads, head_dim] and values [batch, kv_len, kv_heads,
+        v_head_dim]; heads % kv_heads == 0 (query head n uses kv head n // (heads // kv_heads), as
+        Hugging Face's `repeat_kv`). v_head_dim may differ from head_dim (multi-head latent
+        attention, models/mla.py): "xla" and "pallas" take it, "cudnn" raises.
       segment_ids: int [B, T] shared by q and kv, or a (q_BT, kv_BS) pair; 0 marks padding.
       positions: int [B, T] or a (q_BT, kv_BS) pair; default: queries are the last T of S keys.
       causal: mask keys at later positions.
@@ -175,11 +180,11 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
       return_lse: also return the log-sum-exp of the scaled scores, [B, N, T] float32.
       impl: "xla" | "cudnn" | "pallas".
     Returns:
-      out_BTNH in q's dtype, and lse_BNT if `return_lse`.
+      out_BTNV (V = v_head_dim) in q's dtype, and lse_BNT if `return_lse`.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is not valid; expected one of {IMPLS}")
-    b, t, n, h, s, kh = check_qkv(q_BTNH, k_BSKH, v_BSKH)
+    b, t, n, h, s, kh = check_qkv(q_BTNH, k_BSKH, v_BSKV)
     scale = (1.0 / h ** 0.5) if scale is None else scale
     q_seg, k_seg = split_pair(segment_ids, "segment_ids")
     q_pos, k_pos = split_pair(positions, "positions")
@@ -192,20 +197,20 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions
     shared = not isinstance(segment_ids, (tuple, list)) and not isinstance(positions, (tuple, list))
     if impl != "cudnn" and t == s and shared and sequence_shards() > 1:
         # context parallelism: the sequence is sharded over the mesh's `sequence` axis
-        return ring_attention(q_BTNH, k_BSKH, v_BSKH, positions=q_pos, segment_ids=q_seg, causal=causal,
+        return ring_attention(q_BTNH, k_BSKH, v_BSKV, positions=q_pos, segment_ids=q_seg, causal=causal,
                               window=window, softcap=softcap, scale=scale, return_lse=return_lse)
     if impl == "xla":
         block = _block_size(t) if (t == s and shared) else None
         if block is not None:
             window_arr = None if window is None else jnp.asarray(window, jnp.int32)
-            out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKH, q_pos, q_seg, window_arr, causal, softcap or None,
+            out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKV, q_pos, q_seg, window_arr, causal, softcap or None,
                                   float(scale), block)
             return (out, lse.reshape(b, n, t)) if return_lse else out
-        return masked_attention(q_BTNH, k_BSKH, v_BSKH, **kw)
+        return masked_attention(q_BTNH, k_BSKH, v_BSKV, **kw)
     if impl == "cudnn":
-        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **kw, explicit_positions=positions is not None,
+        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKV, **kw, explicit_positions=positions is not None,
                                 explicit_segments=segment_ids is not None)
-    return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids=segment_ids, positions=positions,
+    return flash_attention(q_BTNH, k_BSKH, v_BSKV, segment_ids=segment_ids, positions=positions,
                            causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
 
 

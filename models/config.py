@@ -1,7 +1,9 @@
 """The model's hyper-parameters as a frozen dataclass, built from a config's `model` section.
 
 Field names follow Hugging Face's words (`hidden_size`, `num_kv_heads`...). `models/` never
-imports `configs/`: programs pass `ModelConfig.from_dict(config.model.to_dict())`.
+imports `configs/`: programs pass `ModelConfig.from_dict(config.model.to_dict())`. Sub-sections
+(`model.mla`) are frozen dataclasses of their own, given as dicts (JSON, ml_collections) or
+instances.
 """
 
 from __future__ import annotations
@@ -18,6 +20,26 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434; models/mla.py), on when
+    `kv_lora_rank` > 0. Field names are DeepSeek's `config.json` words."""
+
+    q_lora_rank: int = 0  # queries through a rank-q_lora_rank bottleneck (+ RMSNorm); 0 = one projection
+    kv_lora_rank: int = 0  # the compressed latent c_kv that the KV cache holds; 0 = MLA off
+    qk_nope_head_dim: int = 0  # per-head query/key dims without position (from the latent)
+    qk_rope_head_dim: int = 0  # decoupled RoPE dims per query head and of the one shared key (= head_dim)
+    v_head_dim: int = 0  # per-head value dims (from the latent)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +92,19 @@ class ModelConfig:
     init_std: float = 0.02
     pipeline_stages: int = 1  # GPipe stages over the mesh's `stage` axis (models/pipeline.py); 1 = no pipeline
     pipeline_microbatches: int = 0  # micro-batches per pipelined forward/backward; 0 = 2 x pipeline_stages
+    mla: MlaConfig = dataclasses.field(default_factory=MlaConfig)  # latent attention; off by default
 
     def __post_init__(self):
         # JSON gives lists; the config must stay hashable (it sits in the model's graphdef)
         object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
+        if isinstance(self.mla, Mapping):
+            known = {f.name for f in dataclasses.fields(MlaConfig)}
+            unknown = sorted(set(self.mla) - known)
+            if unknown:
+                raise ValueError(f"unknown model.mla keys {unknown}; valid keys: {sorted(known)}")
+            object.__setattr__(self, "mla", MlaConfig(**self.mla))
+        elif not isinstance(self.mla, MlaConfig):
+            raise ValueError(f"model.mla={self.mla!r} is not valid; expected a dict of {MlaConfig.__name__} fields")
 
         def check(name, value, valid):
             if value not in valid:
@@ -135,6 +166,33 @@ class ModelConfig:
         if self.pipeline_microbatches < 0:
             raise ValueError(f"model.pipeline_microbatches={self.pipeline_microbatches} must be >= 0 "
                              f"(0 = 2 x pipeline_stages)")
+        self._check_mla()
+
+    def _check_mla(self):
+        m = self.mla
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(m, name) < 0:
+                raise ValueError(f"model.mla.{name}={getattr(m, name)} must be >= 0")
+        if not m.enabled:
+            if m.q_lora_rank:
+                raise ValueError(f"model.mla.q_lora_rank={m.q_lora_rank} needs model.mla.kv_lora_rank > 0 "
+                                 f"(kv_lora_rank 0 = no latent attention)")
+            return
+        if m.qk_rope_head_dim <= 0 or m.qk_rope_head_dim % 2 or m.v_head_dim <= 0:
+            raise ValueError(f"model.mla.qk_rope_head_dim={m.qk_rope_head_dim} must be even and > 0 and "
+                             f"model.mla.v_head_dim={m.v_head_dim} > 0 for latent attention")
+        if self.head_dim != m.qk_rope_head_dim:
+            raise ValueError(f"model.head_dim={self.head_dim} must equal model.mla.qk_rope_head_dim="
+                             f"{m.qk_rope_head_dim} with latent attention: RoPE (and its scaling) runs over the "
+                             f"decoupled rope dims, as DeepSeek-V2's config.json sets head_dim")
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must equal model.num_heads={self.num_heads} "
+                             f"with latent attention (every head has its own keys and values from the latent)")
+        if self.position_embedding != "rope":
+            raise ValueError(f"model.position_embedding={self.position_embedding!r}: latent attention's decoupled "
+                             f"keys need 'rope'")
+        if self.qk_norm:
+            raise ValueError("model.qk_norm=True is not supported with latent attention (model.mla.kv_lora_rank > 0)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -149,6 +207,11 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def attention(self) -> str:
+        """"mla" (multi-head latent attention, models/mla.py) or "mha" (grouped-query, models/transformer.py)."""
+        return "mla" if self.mla.enabled else "mha"
 
     def window(self, layer: int) -> int:
         """The attention window of `layer` (0 = global)."""
@@ -168,8 +231,14 @@ def param_count(cfg: ModelConfig) -> int:
     d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                         cfg.head_dim, cfg.vocab_size)
     norm = d * (2 if cfg.norm == "layernorm" else 1)
-    attn = d * (n + 2 * k) * h + n * h * d
-    attn += (n + 2 * k) * h * cfg.attention_bias + d * cfg.attention_out_bias
+    if cfg.mla.enabled:
+        attn = _mla_matmul_params(cfg) + d * cfg.attention_out_bias
+        m = cfg.mla
+        attn += m.kv_lora_rank + m.q_lora_rank  # the latents' RMSNorm scales
+        attn += (m.kv_lora_rank + m.qk_rope_head_dim + m.q_lora_rank) * cfg.attention_bias  # on q_a, kv_a
+    else:
+        attn = d * (n + 2 * k) * h + n * h * d
+        attn += (n + 2 * k) * h * cfg.attention_bias + d * cfg.attention_out_bias
     if cfg.qk_norm:
         attn += 2 * h * (2 if cfg.norm == "layernorm" else 1)
     mlp = d * f * (3 if cfg.gated_mlp else 2) + (f * (2 if cfg.gated_mlp else 1) + d) * cfg.mlp_bias
@@ -178,6 +247,14 @@ def param_count(cfg: ModelConfig) -> int:
     total += cfg.max_seq_len * d * (cfg.position_embedding == "learned")
     total += d * v * (not cfg.tie_embeddings)
     return total
+
+
+def _mla_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one latent-attention layer's projections (q or q_a + q_b, kv_a, kv_b, o)."""
+    m, d, n = cfg.mla, cfg.hidden_size, cfg.num_heads
+    q = d * m.q_lora_rank + m.q_lora_rank * n * m.qk_head_dim if m.q_lora_rank else d * n * m.qk_head_dim
+    kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
+    return q + kv + n * m.v_head_dim * d
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
@@ -190,8 +267,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     """
     t = seq_len or cfg.max_seq_len
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    matmul_params = cfg.num_layers * (d * (n + 2 * k) * h + n * h * d + d * f * (3 if cfg.gated_mlp else 2))
+    attn_params = _mla_matmul_params(cfg) if cfg.mla.enabled else d * (n + 2 * k) * h + n * h * d
+    matmul_params = cfg.num_layers * (attn_params + d * f * (3 if cfg.gated_mlp else 2))
     matmul_params += d * cfg.vocab_size
-    attention = cfg.num_layers * 2 * 2 * n * h * t
+    if cfg.mla.enabled:  # scores over the q/k head dims, values over v's (the training form, keys expanded)
+        attention = cfg.num_layers * 2 * n * t * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim)
+    else:
+        attention = cfg.num_layers * 2 * 2 * n * h * t
     forward = 2 * matmul_params + attention
     return {"forward": float(forward), "train": float(3 * forward)}

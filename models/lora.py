@@ -36,7 +36,8 @@ from flax import nnx
 
 from models.projection import F32, Einsum, Kernel, contracted, dropout, map_kernels, mixed_einsum
 
-# the projections of a Decoder by their last path component (`lm_head` exists when untied)
+# the projections of a Decoder by their last path component (`lm_head` exists when untied);
+# latent attention (models/mla.py) has its own: q (or q_a and q_b), kv_a, kv_b, o
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -128,6 +128,9 @@ def apply_prefix(model: Decoder, *, length: int, reparam: int = 0, seed: int = 0
     if isinstance(model.layers.attn, PrefixAttention):
         raise ValueError("the model already has prefixes")
     cfg = model.config
+    if type(model.layers.attn) is not Attention:
+        raise ValueError(f"prefix tuning needs grouped-query attention; this model's layers run "
+                         f"{type(model.layers.attn).__name__} (model.mla={cfg.mla}): use LoRA instead")
     model = nnx.clone(model)
     model.layers.attn = PrefixAttention(
         model.layers.attn, key=jax.random.fold_in(jax.random.key(seed), 0x9E37), num_layers=cfg.num_layers,

@@ -61,7 +61,7 @@ def _merge(out, lse, out_i, lse_i):
 
 def _attend_block(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, window, softcap, scale):
     """Attention of a query block to a key block, skipped when the mask is empty. f32 out, lse."""
-    b, t, n, h = q.shape
+    b, t, n, h = q.shape[:3] + v.shape[-1:]  # the output has v's head dim
 
     def compute(_):
         out, lse = masked_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
@@ -77,7 +77,7 @@ def _attend_block(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, window, softca
 
 def _local(q, k, v, pos, seg, window, *, causal, softcap, scale, shards):
     """One device's share: its query block against every key block, arriving around the ring."""
-    b, t, n, h = q.shape
+    b, t, n, h = q.shape[:3] + v.shape[-1:]  # the output has v's head dim
     half = t // 2
     q_parts = [(q[:, :half], pos[:, :half], seg[:, :half]), (q[:, half:], pos[:, half:], seg[:, half:])]
     perm = [(i, (i + 1) % shards) for i in range(shards)]

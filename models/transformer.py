@@ -10,7 +10,9 @@ the config, or, with `pipeline_stages > 1`, as a GPipe pipeline over the mesh's 
 intermediate arrays carry the letters of their shape (`x_BTD`, `q_BTNH`, `logits_BTV`).
 Variants (quantized weights, adapters, prefix attention, MoE layers) plug in by replacing a
 projection's kernel or a submodule in the NNX graph, never by a branch here: models/projection.py
-says how. The model always runs its stacked layers; the CPU decode layout (unrolled layers,
+says how. The one choice made here is the attention the config names (`attention_layer`:
+grouped-query `Attention`, or multi-head latent attention from models/mla.py), built into the
+layers from the start since its parameters differ. The model always runs its stacked layers; the CPU decode layout (unrolled layers,
 re-laid weights) lives in inference/decode_layout.py and runs these same modules.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
 norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
@@ -197,10 +199,14 @@ class KVCache:
     and each layer writes its new keys and values in place. `segment_ids` is 0 for slots not
     written yet (and for padding tokens), so they are masked; `positions` holds each written
     token's position (RoPE and causal/window masks use them).
+
+    Multi-head latent attention (models/mla.py) caches its latent instead: `k` holds the
+    compressed c_kv [L, B, S, kv_lora_rank] and `v` the shared rotated key k_pe [L, B, S,
+    qk_rope_head_dim]; everything else (slots, masks, the layer scan, the decode layout) is the same.
     """
 
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
+    k: jax.Array  # [L, B, K, S, H]; latent attention: c_kv [L, B, S, kv_lora_rank]
+    v: jax.Array  # [L, B, K, S, H]; latent attention: k_pe [L, B, S, qk_rope_head_dim]
     segment_ids: jax.Array  # [B, S] int32
     positions: jax.Array  # [B, S] int32
     index: jax.Array  # [] int32: the next slot to write
@@ -211,9 +217,14 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    """An empty cache of `max_len` slots (in the compute dtype unless `dtype` is given)."""
     dtype = dtype or cfg.compute_dtype
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    if cfg.mla.enabled:  # the latent: c_kv and the shared k_pe (models/mla.py)
+        k_shape = (cfg.num_layers, batch, max_len, cfg.mla.kv_lora_rank)
+        v_shape = (cfg.num_layers, batch, max_len, cfg.mla.qk_rope_head_dim)
+    else:
+        k_shape = v_shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return KVCache(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    positions=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
@@ -351,6 +362,16 @@ class Mlp(nnx.Module):
         return self.down(h_BTF, rng=rd)
 
 
+def attention_layer(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The config's attention: grouped-query `Attention`, or multi-head latent attention
+    (models/mla.py, which builds on this module) when `cfg.mla` is on."""
+    if cfg.mla.enabled:
+        from models.mla import MlaAttention
+
+        return MlaAttention(cfg, rngs=rngs)
+    return Attention(cfg, rngs=rngs)
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x)).
 
@@ -362,7 +383,7 @@ class Block(nnx.Module):
         norm = functools.partial(Norm, cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype,
                                  offset=cfg.norm_weight_offset)
         self.attn_norm = norm()
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = attention_layer(cfg, rngs=rngs)
         self.mlp_norm = norm()
         self.mlp = Mlp(cfg, rngs=rngs)
         self.attn_post_norm = self.mlp_post_norm = nnx.data(None)

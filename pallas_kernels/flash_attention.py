@@ -173,18 +173,22 @@ def _pad_to(x, length, axis, mode="constant"):
     return jnp.pad(x, widths, mode=mode)
 
 
-def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, causal=True, segment_ids=None, positions=None, window=None,
+def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, positions=None, window=None,
                     softcap=None, scale=None, sm_scale=None, return_lse=False, block_sizes=None, backend=None,
                     interpret=None):
     """Flash attention with Pallas kernels; `dot_product_attention`'s keywords and meanings.
 
     Supported: float32 and bfloat16 on TPU (any head_dim; lane-aligned 128/256 avoid transposes),
     bfloat16 with head_dim 64/128/256 on GPU (Hopper); any lengths (padded to whole tiles here).
+    Values whose head dim differs from q/k's (multi-head latent attention) run the kernels at the
+    larger of the two: zero columns added to q and k leave the scores as they are, zero columns
+    added to v give output columns that are sliced off (the kernels do that work too).
 
     Args:
       q_BTNH: queries [batch, q_len, heads, head_dim], float32 or bfloat16.
-      k_BSKH, v_BSKH: keys, values [batch, kv_len, kv_heads, head_dim], q's dtype; heads % kv_heads == 0
-        (query head n reads kv head n // (heads // kv_heads); K/V are never repeated in memory).
+      k_BSKH, v_BSKV: keys [batch, kv_len, kv_heads, head_dim], values [batch, kv_len, kv_heads,
+        v_head_dim], q's dtype; heads % kv_heads == 0 (query head n reads kv head n // (heads //
+        kv_heads); K/V are never repeated in memory).
       causal: keys at later positions are masked.
       segment_ids: int [B, T] shared by q and kv, or a (q_BT, kv_BS) pair; a query sees only keys
         with its id (0 marks padding, which sees only padding).
@@ -200,9 +204,9 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, causal=True, segment_ids=None, po
         TPU kernels then run in Pallas' HLO interpreter (`pltpu.force_tpu_interpret_mode()` selects
         the TPU simulator instead); GPU kernels in the Mosaic GPU simulator.
     Returns:
-      out_BTNH in q's dtype, and lse_BNT (float32) when `return_lse`.
+      out_BTNV (V = v_head_dim) in q's dtype, and lse_BNT (float32) when `return_lse`.
     """
-    q, k, v = q_BTNH, k_BSKH, v_BSKH
+    q, k, v = q_BTNH, k_BSKH, v_BSKV
     b, t, n, h, s, kh = check_qkv(q, k, v, "flash_attention")
     dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
@@ -216,6 +220,16 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, causal=True, segment_ids=None, po
     softcap = _static_float(softcap, "softcap") or None
     if softcap is not None and softcap < 0:
         raise ValueError(f"softcap={softcap} must be positive (or None/0 for no capping)")
+
+    hv = v.shape[-1]
+    if hv != h:  # one head dim for the kernels: the larger, zero-padded (see the docstring)
+        width = max(h, hv)
+        pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
+        res = flash_attention(pad(q), pad(k), pad(v), causal=causal, segment_ids=segment_ids, positions=positions,
+                              window=window, softcap=softcap, scale=scale, return_lse=return_lse,
+                              block_sizes=block_sizes, backend=backend, interpret=interpret)
+        out, lse = res if return_lse else (res, None)
+        return (out[..., :hv], lse) if return_lse else out[..., :hv]
 
     platform = jax.default_backend()
     if backend is None:

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-def check_qkv(q_BTNH, k_BSKH, v_BSKH, who: str = "attention"):
-    """Validates the [B,T,N,H] / [B,S,K,H] layout; returns (b, t, n, h, s, kv_heads)."""
-    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
-        raise ValueError(f"{who} expects q [B,T,N,H] and k, v [B,S,K,H] of equal shapes; got "
-                         f"q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
+def check_qkv(q_BTNH, k_BSKH, v_BSKV, who: str = "attention"):
+    """Validates the [B,T,N,H] / [B,S,K,H] / [B,S,K,V] layout (values may have a head dim V of
+    their own, as multi-head latent attention's); returns (b, t, n, h, s, kv_heads)."""
+    if q_BTNH.ndim != 4 or k_BSKH.ndim != 4 or v_BSKV.ndim != 4 or v_BSKV.shape[:3] != k_BSKH.shape[:3]:
+        raise ValueError(f"{who} expects q [B,T,N,H], k [B,S,K,H] and v [B,S,K,V] (v's head dim V may differ); "
+                         f"got q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKV.shape}")
     b, t, n, h = q_BTNH.shape
     _, s, kh, hk = k_BSKH.shape
     if k_BSKH.shape[0] != b or hk != h:
@@ -78,7 +79,8 @@ def masked_softmax(s, mask, softcap=None):
 
 
 def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
-    """The definition, on explicit q/kv positions and segment ids. out [B,T,N,H], lse [B,N,T]."""
+    """The definition, on explicit q/kv positions and segment ids. out [B,T,N,V] (V: v's head
+    dim), lse [B,N,T]."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
@@ -88,7 +90,7 @@ def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
     p, lse_BKGT = masked_softmax(s, mask, softcap)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=acc)
-    out_BTNH = out.reshape(b, t, n, h).astype(q.dtype)
+    out_BTNH = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
     if return_lse:
         return out_BTNH, lse_BKGT.reshape(b, n, t)
     return out_BTNH

@@ -13,7 +13,7 @@ from pallas_kernels.reference import masked_attention
 
 def reference(q, k, v, *, q_seg=None, k_seg=None, q_pos=None, k_pos=None, causal=True, window=None,
               softcap=None, scale=None):
-    """Loops over batch and heads in float64; returns (out [B,T,N,H], lse [B,N,T])."""
+    """Loops over batch and heads in float64; returns (out [B,T,N,V], lse [B,N,T])."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -21,7 +21,7 @@ def reference(q, k, v, *, q_seg=None, k_seg=None, q_pos=None, k_pos=None, causal
     if q_pos is None:
         q_pos = np.broadcast_to(np.arange(t) + s - t, (b, t))
         k_pos = np.broadcast_to(np.arange(s), (b, s))
-    out = np.zeros((b, t, n, h))
+    out = np.zeros((b, t, n, v.shape[-1]))
     lse = np.zeros((b, n, t))
     for bi, ni in itertools.product(range(b), range(n)):
         ki = ni // (n // kh)
@@ -234,3 +234,51 @@ def test_fully_masked_rows_are_zero_with_no_gradient():
     assert (np.asarray(out)[:, -3:] == 0).all() and (np.asarray(lse)[:, :, -3:] == MASK_VALUE).all()
     g = jax.grad(lambda v: (dot_product_attention(q, k, v, segment_ids=(q_seg, k_seg))[:, -3:] ** 2).sum())(v)
     assert float(np.abs(np.asarray(g)).max()) == 0.0
+
+
+@pytest.mark.parametrize("t,hv,window,softcap", [
+    (24, 6, None, None),  # plain path, values narrower than q/k (DeepSeek: 128 vs 192)
+    (24, 24, 5, 4.0),  # plain path, values wider
+    (256, 10, 40, None),  # blockwise path (recomputing backward)
+])
+def test_values_with_their_own_head_dim(t, hv, window, softcap):
+    """v [B,S,K,V] with V != H (multi-head latent attention): outputs, lse and gradients equal the
+    float64 definitions."""
+    b, n, kh, h = 2, 4, 2, 16
+    q, k, _ = _inputs(40 + hv, b=b, t=t, s=t, n=n, kh=kh, h=h)
+    v = np.random.default_rng(hv).standard_normal((b, t, kh, hv)).astype(np.float32)
+    seg = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    seg[0, t // 3:], pos[0, t // 3:] = 2, np.arange(t - t // 3)
+    kw = dict(segment_ids=seg, positions=pos, window=window, softcap=softcap)
+    out, lse = dot_product_attention(q, k, v, return_lse=True, **kw)
+    assert out.shape == (b, t, n, hv)
+    ref_out, ref_lse = reference(q, k, v, q_seg=seg, k_seg=seg, q_pos=pos, k_pos=pos, window=window, softcap=softcap)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=1e-5)
+
+    def loss(fn):
+        def f(q, k, v):
+            o, l = fn(q, k, v)
+            return (o ** 2).sum() + (l * 0.1).sum()
+        return f
+
+    grads = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, return_lse=True, **kw)),
+                     argnums=(0, 1, 2))(q, k, v)
+    with jax.enable_x64():
+        plain = lambda q, k, v: masked_attention(  # noqa: E731
+            q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True, window=window, softcap=softcap,
+            scale=1 / np.sqrt(h), return_lse=True)
+        ref = jax.grad(loss(plain), argnums=(0, 1, 2))(*(np.asarray(x, np.float64) for x in (q, k, v)))
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4 * np.abs(r).max(), rtol=1e-4)
+
+
+def test_value_head_dim_errors():
+    q, k, _ = _inputs(50)
+    v = np.zeros((2, 24, 2, 6), np.float32)
+    with pytest.raises(ValueError, match="impl='cudnn' does not support values with their own head dim"):
+        dot_product_attention(q, k, v, impl="cudnn")
+    with pytest.raises(ValueError, match=r"v \[B,S,K,V\]"):
+        dot_product_attention(q, k, np.zeros((2, 23, 2, 6), np.float32))

@@ -74,3 +74,28 @@ def test_zigzag_order_and_errors():
     mesh = make_mesh(resolve_shape({"data": 2, "sequence": 4}, 8))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="divisible by 2 x 4"):
         jax.jit(lambda q, k, v: dot_product_attention(q, k, v, positions=pos, segment_ids=seg))(q, k, v)
+
+
+def test_ring_with_values_of_their_own_head_dim():
+    """Multi-head latent attention's values (head dim 5 against q/k's 8) around a ring of 4."""
+    q, k, _, pos, seg = _case(11)
+    v = np.random.default_rng(12).standard_normal(k.shape[:3] + (5,)).astype(np.float32)
+    real = seg > 0
+    mesh = make_mesh(resolve_shape({"data": 2, "sequence": 4}, 8))
+
+    def loss(fn):
+        def f(q, k, v):
+            o, lse = fn(q, k, v)
+            return (o ** 2 * real[..., None, None]).sum() + (lse * real[:, None, :]).sum(), o
+        return f
+
+    ring = loss(lambda q, k, v: dot_product_attention(q, k, v, positions=pos, segment_ids=seg, return_lse=True))
+    ref = loss(lambda q, k, v: masked_attention(q, k, v, q_pos=pos, k_pos=pos, q_seg=seg, k_seg=seg, causal=True,
+                                                window=None, softcap=None, scale=8 ** -0.5, return_lse=True))
+    with jax.set_mesh(mesh):
+        (_, o), g = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, ro), rg = jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert o.shape == q.shape[:3] + (5,)
+    np.testing.assert_allclose(np.asarray(o)[real], np.asarray(ro)[real], atol=2e-5, rtol=1e-5)
+    for a, b in zip(g, rg):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)

@@ -199,3 +199,27 @@ def test_block_sizes_dataclass_and_dict_agree():
     a = flash_attention(q, k, v, block_sizes=BlockSizes(block_q=128, block_kv=128))
     b = flash_attention(q, k, v, block_sizes=dict(block_q=128, block_kv=128))
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("hv", [12, 48])
+def test_values_with_their_own_head_dim(hv):
+    """v's head dim differs from q/k's (32): the kernels run zero-padded to the larger one; out,
+    lse and gradients equal the float64 reference."""
+    q, k, _ = _qkv(3 + hv, t=40, s=40)
+    v = jnp.asarray(np.random.default_rng(hv).standard_normal(k.shape[:3] + (hv,)), jnp.float32)
+    kw = dict(causal=True, window=17, return_lse=True)
+    out, lse = flash_attention(q, k, v, **kw)
+    assert out.shape == q.shape[:3] + (hv,)
+    x64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+    with jax.enable_x64():
+        ref_out, ref_lse = attention_reference(*x64, **kw)
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, **kw)[0] ** 2).sum()
+
+    grads = jax.grad(loss(flash_attention), argnums=(0, 1, 2))(q, k, v)
+    with jax.enable_x64():
+        ref = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(*x64)
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape and rel_err(g, r) < 1e-5
