@@ -1,5 +1,5 @@
-"""Models: one configurable decoder (the Llama, Mistral, Qwen, Gemma and GPT-2 families), attention,
-sharding names, checkpoints, Hugging Face import and export."""
+"""Models: one configurable decoder (the Llama, Mistral, Qwen, Gemma and GPT-2 families, and DeepSeek-V2's
+latent attention), attention, sharding names, checkpoints, Hugging Face import and export."""
 
 from models.attention import dot_product_attention
 from models.config import ModelConfig, flops_per_token, param_count

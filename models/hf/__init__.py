@@ -7,7 +7,7 @@
 
 `load` reads `config.json` and the safetensors weights (one file or shards with an index) of a
 supported architecture (`ARCHITECTURES`: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2,
-GPT-2). Each parameter is created with `jax.make_array_from_callback`: every device's shard is
+GPT-2, DeepSeek-V2 with dense MLP layers). Each parameter is created with `jax.make_array_from_callback`: every device's shard is
 read from the memory-mapped files (the rows that shard needs, one layer at a time for stacked
 layer parameters) and converted to the requested dtype on the host, so no process ever holds the
 whole model. `save` streams one tensor at a time from the devices to the files.
@@ -19,6 +19,7 @@ with `data.tokenizer.hf`). PEFT LoRA adapter directories, both ways: `models/hf/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -117,8 +118,14 @@ def _read_block(reader: SafetensorsReader, name: str, src: Source, idx: tuple[sl
 
     `idx` holds concrete unit-stride slices over our dims. Each Hugging Face dim is a group of
     consecutive `view` dims (a row-major reshape); the outermost dim of a group is sliced in the
-    read, the inner ones (e.g. head_dim inside heads) after it.
+    read, the inner ones (e.g. head_dim inside heads) after it. A permuted axis (`src.permute`)
+    is read whole, reordered, then sliced.
     """
+    if src.permute is not None:
+        axis, order = src.permute
+        whole = tuple(slice(0, src.ours[axis]) if i == axis else sl for i, sl in enumerate(idx))
+        block = np.take(_read_block(reader, name, dataclasses.replace(src, permute=None), whole), order, axis=axis)
+        return block[tuple(idx[axis] if i == axis else slice(None) for i in range(block.ndim))]
     view_idx: list[slice] = [slice(None)] * len(src.view)
     for i, p in enumerate(src.perm):
         view_idx[p] = idx[i]
@@ -255,6 +262,9 @@ def save(model, path: str | os.PathLike, *, architecture: str | None = None, dty
         full = np.empty(parts[0][1].shape, np_dtype)
         for leaf, src, layer in parts:
             x = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+            if src.permute is not None:  # back to the checkpoint's order
+                axis, order = src.permute
+                x = np.take(x, np.argsort(order), axis=axis)
             block = x.transpose(np.argsort(src.perm)).reshape(src.selected_shape).astype(np_dtype)
             if src.select is None:
                 return block

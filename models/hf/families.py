@@ -10,6 +10,13 @@ A `Source` says how one of our parameters (one layer's slice, for stacked layer 
 laid out in a Hugging Face tensor: PyTorch's `Linear` stores [out, in], our einsum kernels keep
 named dims ([D, N, H] for q, [N, H, D] for o), GPT-2's `Conv1D` stores [in, out] and fuses q|k|v
 into one `c_attn` tensor.
+
+DeepSeek-V2 (`DeepseekV2ForCausalLM`, multi-head latent attention: models/mla.py) is supported
+with dense MLP layers only (`first_k_dense_replace` covering every layer; its MoE layers are not
+modelled here). Its RoPE rotates interleaved pairs (x[2i], x[2i+1]) where Loom rotates halves
+(x[i], x[i + H/2]): the rows of the rope dims of q / q_b (per head) and of kv_a's shared k_pe
+are permuted on import (`Source.permute`: ours[i] = theirs[2i], ours[H/2 + i] = theirs[2i + 1])
+and back on export. Queries and keys are permuted alike, so every score is unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "GPT2LMHeadModel": "gpt2",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
 }
 _BY_MODEL_TYPE = {v: k for k, v in ARCHITECTURES.items()}
 # The order `infer_architecture` tries: the plainest family that reproduces a config wins.
 EXPORT_ORDER = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel")
+                "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "DeepseekV2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 _ACT_IN = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -153,6 +161,8 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
     d, n = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or {"qwen3": 128, "gemma": 256, "gemma2": 256}.get(family, d // n)
     layers = hf["num_hidden_layers"]
+    if family == "deepseek_v2":
+        return _deepseek_v2_config(hf, common, where)
     bias = bool(hf.get("attention_bias", False))
     kw: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf["intermediate_size"], num_layers=layers,
@@ -191,6 +201,40 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
         if hf.get("use_bidirectional_attention"):
             raise ValueError(f"{where}: use_bidirectional_attention=True is not supported (causal models only)")
     return ModelConfig(**kw)
+
+
+def _deepseek_v2_config(hf: dict[str, Any], common: dict[str, Any], where: str) -> ModelConfig:
+    """DeepSeek-V2 with dense MLP layers only: latent attention (`model.mla`), RMSNorm, SwiGLU."""
+    layers = hf["num_hidden_layers"]
+    dense = hf.get("first_k_dense_replace", 0)
+    if dense < layers:
+        raise ValueError(f"{where}: first_k_dense_replace={dense} < num_hidden_layers={layers}: layers "
+                         f"{dense}..{layers - 1} are mixture-of-experts layers, which this importer does not "
+                         f"model (supported: DeepSeek-V2 with dense MLP layers, first_k_dense_replace >= "
+                         f"num_hidden_layers)")
+    if not hf.get("kv_lora_rank"):
+        raise ValueError(f"{where}: kv_lora_rank={hf.get('kv_lora_rank')!r}: DeepSeek-V2 needs a latent rank > 0")
+    rope = hf.get("qk_rope_head_dim", 64)
+    if hf.get("head_dim") not in (None, rope):
+        raise ValueError(f"{where}: head_dim={hf['head_dim']} differs from qk_rope_head_dim={rope} (DeepSeek-V2's "
+                         f"RoPE runs over head_dim = qk_rope_head_dim)")
+    n = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or n
+    if kv != n:
+        raise ValueError(f"{where}: num_key_value_heads={kv} differs from num_attention_heads={n} (latent attention "
+                         f"gives every head its keys and values)")
+    bias = bool(hf.get("attention_bias", False))
+    mla = dict(q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+               qk_nope_head_dim=int(hf.get("qk_nope_head_dim", 128)), qk_rope_head_dim=int(rope),
+               v_head_dim=int(hf.get("v_head_dim", 128)))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=layers, num_heads=n, num_kv_heads=n, head_dim=int(rope),
+        max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_activation(hf.get("hidden_act", "silu"), where, family="deepseek_v2"), gated_mlp=True,
+        position_embedding="rope", tie_embeddings=hf.get("tie_word_embeddings", False), attention_bias=bias,
+        attention_out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), mla=mla, **_rope_fields(hf, where),
+        **common)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +299,13 @@ def to_hf_config(cfg: ModelConfig, architecture: str, base: dict[str, Any] | Non
     windows = _windows_of(cfg)
     sliding = max(windows) or None
     types = ["sliding_attention" if w else "full_attention" for w in windows]
-    if family in ("llama", "gemma"):
+    if family == "deepseek_v2":
+        m = cfg.mla
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, first_k_dense_replace=cfg.num_layers,
+                   q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+                   qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim)
+        out.pop("layer_types", None)
+    elif family in ("llama", "gemma"):
         out.update(attention_bias=cfg.attention_bias)
         if family == "llama":
             out.update(mlp_bias=cfg.mlp_bias)
@@ -348,8 +398,9 @@ class Source:
     """One of our parameters (per layer, for stacked ones) inside a Hugging Face tensor.
 
     ours = hf[select].reshape(view).transpose(perm); `select` = (dim, start, size) takes one block
-    of a fused tensor (GPT-2's q|k|v), None the whole tensor. `name` holds "{i}" for the layer
-    index when the parameter is stacked over layers.
+    of a fused tensor (GPT-2's q|k|v), None the whole tensor. `permute` = (axis, order) then
+    reorders one of our axes, ours = ours.take(order, axis) (DeepSeek's interleaved RoPE rows),
+    None keeps it. `name` holds "{i}" for the layer index when the parameter is stacked over layers.
     """
 
     name: str
@@ -357,6 +408,7 @@ class Source:
     view: tuple[int, ...]
     perm: tuple[int, ...]
     select: tuple[int, int, int] | None = None
+    permute: tuple[int, tuple[int, ...]] | None = None
 
     @property
     def selected_shape(self) -> tuple[int, ...]:
@@ -385,6 +437,45 @@ def _split(name, shape, dims):
     """A tensor [.., prod(dims)] (1-D bias or Conv1D [in, out]) viewed as [.., *dims]."""
     view = tuple(shape[:-1]) + tuple(dims)
     return Source(name, tuple(shape), view, tuple(range(len(view))))
+
+
+def interleaved_to_halves(nope: int, rope: int) -> tuple[int, ...]:
+    """Index order over [nope dims | rope dims] that turns interleaved RoPE pairs into halves:
+    position nope + i takes nope + 2i, position nope + rope/2 + i takes nope + 2i + 1."""
+    return tuple(range(nope)) + tuple(nope + 2 * i for i in range(rope // 2)) + tuple(
+        nope + 2 * i + 1 for i in range(rope // 2))
+
+
+def _deepseek_v2_attention(cfg: ModelConfig, a: str) -> dict[tuple[str, ...], Source]:
+    """Latent attention's parameters in a DeepSeek-V2 layer (`a` = "model.layers.{i}.self_attn.")."""
+    m, d, n = cfg.mla, cfg.hidden_size, cfg.num_heads
+    hq, r, hr = m.qk_head_dim, m.kv_lora_rank, m.qk_rope_head_dim
+    q_rows = (2, interleaved_to_halves(m.qk_nope_head_dim, hr))  # ours [in, N, Hq]: the head dims
+    s: dict[tuple[str, ...], Source] = {}
+    if m.q_lora_rank:
+        rq = m.q_lora_rank
+        s[("layers", "attn", "q_a", "kernel")] = _linear(a + "q_a_proj.weight", (rq,), (d,))
+        if cfg.attention_bias:
+            s[("layers", "attn", "q_a", "bias")] = _same(a + "q_a_proj.bias", rq)
+        s[("layers", "attn", "q_norm", "scale")] = _same(a + "q_a_layernorm.weight", rq)
+        s[("layers", "attn", "q_b", "kernel")] = dataclasses.replace(_linear(a + "q_b_proj.weight", (n, hq), (rq,)),
+                                                                     permute=q_rows)
+    else:
+        s[("layers", "attn", "q", "kernel")] = dataclasses.replace(_linear(a + "q_proj.weight", (n, hq), (d,)),
+                                                                   permute=q_rows)
+    kv_rows = interleaved_to_halves(r, hr)  # [c_kv | k_pe]
+    s[("layers", "attn", "kv_a", "kernel")] = dataclasses.replace(
+        _linear(a + "kv_a_proj_with_mqa.weight", (r + hr,), (d,)), permute=(1, kv_rows))
+    if cfg.attention_bias:
+        s[("layers", "attn", "kv_a", "bias")] = dataclasses.replace(_same(a + "kv_a_proj_with_mqa.bias", r + hr),
+                                                                    permute=(0, kv_rows))
+    s[("layers", "attn", "kv_norm", "scale")] = _same(a + "kv_a_layernorm.weight", r)
+    s[("layers", "attn", "kv_b", "kernel")] = _linear(a + "kv_b_proj.weight", (n, m.qk_nope_head_dim + m.v_head_dim),
+                                                      (r,))
+    s[("layers", "attn", "o", "kernel")] = _linear(a + "o_proj.weight", (d,), (n, m.v_head_dim))
+    if cfg.attention_out_bias:
+        s[("layers", "attn", "o", "bias")] = _same(a + "o_proj.bias", d)
+    return s
 
 
 def param_sources(cfg: ModelConfig, architecture: str) -> dict[tuple[str, ...], Source]:
@@ -426,19 +517,22 @@ def param_sources(cfg: ModelConfig, architecture: str) -> dict[tuple[str, ...], 
         else:
             s[("layers", "mlp_norm", "scale")] = _same(p + "post_attention_layernorm.weight", d)
         a = p + "self_attn."
-        s[("layers", "attn", "q", "kernel")] = _linear(a + "q_proj.weight", (n, h), (d,))
-        s[("layers", "attn", "k", "kernel")] = _linear(a + "k_proj.weight", (k, h), (d,))
-        s[("layers", "attn", "v", "kernel")] = _linear(a + "v_proj.weight", (k, h), (d,))
-        s[("layers", "attn", "o", "kernel")] = _linear(a + "o_proj.weight", (d,), (n, h))
-        if cfg.attention_bias:
-            s[("layers", "attn", "q", "bias")] = _split(a + "q_proj.bias", (n * h,), (n, h))
-            s[("layers", "attn", "k", "bias")] = _split(a + "k_proj.bias", (k * h,), (k, h))
-            s[("layers", "attn", "v", "bias")] = _split(a + "v_proj.bias", (k * h,), (k, h))
-        if cfg.attention_out_bias:
-            s[("layers", "attn", "o", "bias")] = _same(a + "o_proj.bias", d)
-        if cfg.qk_norm:
-            s[("layers", "attn", "q_norm", "scale")] = _same(a + "q_norm.weight", h)
-            s[("layers", "attn", "k_norm", "scale")] = _same(a + "k_norm.weight", h)
+        if family == "deepseek_v2":
+            s.update(_deepseek_v2_attention(cfg, a))
+        else:
+            s[("layers", "attn", "q", "kernel")] = _linear(a + "q_proj.weight", (n, h), (d,))
+            s[("layers", "attn", "k", "kernel")] = _linear(a + "k_proj.weight", (k, h), (d,))
+            s[("layers", "attn", "v", "kernel")] = _linear(a + "v_proj.weight", (k, h), (d,))
+            s[("layers", "attn", "o", "kernel")] = _linear(a + "o_proj.weight", (d,), (n, h))
+            if cfg.attention_bias:
+                s[("layers", "attn", "q", "bias")] = _split(a + "q_proj.bias", (n * h,), (n, h))
+                s[("layers", "attn", "k", "bias")] = _split(a + "k_proj.bias", (k * h,), (k, h))
+                s[("layers", "attn", "v", "bias")] = _split(a + "v_proj.bias", (k * h,), (k, h))
+            if cfg.attention_out_bias:
+                s[("layers", "attn", "o", "bias")] = _same(a + "o_proj.bias", d)
+            if cfg.qk_norm:
+                s[("layers", "attn", "q_norm", "scale")] = _same(a + "q_norm.weight", h)
+                s[("layers", "attn", "k_norm", "scale")] = _same(a + "k_norm.weight", h)
         m = p + "mlp."
         s[("layers", "mlp", "gate", "kernel")] = _linear(m + "gate_proj.weight", (f,), (d,))
         s[("layers", "mlp", "up", "kernel")] = _linear(m + "up_proj.weight", (f,), (d,))

@@ -79,8 +79,8 @@ def adapter_modules(cfg, architecture: str) -> dict[tuple[str, ...], tuple[str, 
     order (the weight is [*in, *out], transformers' [prod(out), prod(in)])."""
     out = {}
     for path, src in param_sources(cfg, architecture).items():
-        if path[-1] != "kernel":
-            continue
+        if path[-1] != "kernel" or src.permute is not None:
+            continue  # rows reordered on import (DeepSeek's RoPE): a PEFT adapter would need them reordered too
         o = src.perm[-1] + 1  # a torch Linear: view (*out, *in), ours (*in, *out)
         i = len(src.view) - o
         in_dims, out_dims = src.view[o:], src.view[:o]
@@ -128,7 +128,9 @@ def save_adapter(model, out: str | os.PathLike, *, architecture: str, lora_alpha
         raise ValueError("the model has no LoRA adapters to write (models.lora.apply_lora adds them)")
     unknown = sorted("/".join(p) for p in kernels if p not in modules)
     if unknown:
-        raise ValueError(f"adapted projections {unknown} have no {architecture} module")
+        raise ValueError(f"adapted projections {unknown} have no {architecture} module a PEFT adapter can hold "
+                         f"(those whose rows the importer reorders, DeepSeek's q / q_b / kv_a, are not exported); "
+                         f"adaptable: {sorted('/'.join(p) for p in modules)}")
     ranks = {int(k.a[...].shape[-1]) for k in kernels.values()}
     scales = {k.scale for k in kernels.values()}
     if len(ranks) > 1 or len(scales) > 1:
