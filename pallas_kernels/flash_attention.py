@@ -181,8 +181,9 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, po
     Supported: float32 and bfloat16 on TPU (any head_dim; lane-aligned 128/256 avoid transposes),
     bfloat16 with head_dim 64/128/256 on GPU (Hopper); any lengths (padded to whole tiles here).
     Values whose head dim differs from q/k's (multi-head latent attention) run the kernels at the
-    larger of the two: zero columns added to q and k leave the scores as they are, zero columns
-    added to v give output columns that are sliced off (the kernels do that work too).
+    larger of the two (on GPU, the next head dim the kernels take): zero columns added to q and k
+    leave the scores as they are, zero columns added to v give output columns that are sliced off
+    (the kernels do that work too).
 
     Args:
       q_BTNH: queries [batch, q_len, heads, head_dim], float32 or bfloat16.
@@ -224,6 +225,9 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, po
     hv = v.shape[-1]
     if hv != h:  # one head dim for the kernels: the larger, zero-padded (see the docstring)
         width = max(h, hv)
+        if (backend or ("gpu" if jax.default_backend() == "gpu" else "tpu")) == "gpu":
+            # the Hopper kernels take a few head dims: DeepSeek-V2's 192 / 128 run at 256
+            width = min((d for d in GPU_HEAD_DIMS if d >= width), default=width)
         pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])  # noqa: E731
         res = flash_attention(pad(q), pad(k), pad(v), causal=causal, segment_ids=segment_ids, positions=positions,
                               window=window, softcap=softcap, scale=scale, return_lse=return_lse,

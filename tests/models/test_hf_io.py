@@ -129,7 +129,7 @@ def test_unknown_architecture_names_the_valid_ones(gemma2, tmp_path):
     config.update(architectures=["FalconForCausalLM"], model_type="falcon")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"architecture 'FalconForCausalLM' is not supported; supported "
-                                         r"architectures: GPT2LMHeadModel, Gemma2ForCausalLM, GemmaForCausalLM, "
+                                         r"architectures: DeepseekV2ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, GemmaForCausalLM, "
                                          r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         hf.load(tmp_path)
 

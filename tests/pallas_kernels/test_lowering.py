@@ -19,20 +19,21 @@ from pallas_kernels import flash_attention
 B, T, N, K = 1, 8192, 32, 8
 
 
-def _lower(backend, head_dim, grad, **kw):
+def _lower(backend, head_dim, grad, v_head_dim=None, **kw):
     """HLO text of the jitted forward (or gradient) lowered for TPU or CUDA."""
     q = jax.ShapeDtypeStruct((B, T, N, head_dim), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((B, T, K, head_dim), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((B, T, K, v_head_dim or head_dim), jnp.bfloat16)
     f = lambda q, k, v: flash_attention(q, k, v, backend=backend, interpret=False, **kw)  # noqa: E731
     if grad:
         loss = f
         f = jax.grad(lambda q, k, v: loss(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     if backend == "tpu":
-        return jax.jit(f).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
+        return jax.jit(f).trace(q, k, v).lower(lowering_platforms=("tpu",)).as_text()
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
     with jax.sharding.use_abstract_mesh(mesh):
-        return jax.jit(f).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(f).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
 
 
 FEATURES = {  # causal always; the second adds a traced (per-layer) window, softcap and packed rows
@@ -67,6 +68,16 @@ def test_cuda_lowering_other_head_dims(head_dim):
     """head_dim 256 takes one compute warpgroup in the backward (shared memory budget)."""
     text = _lower("gpu", head_dim, True)
     assert text.count("mosaic_gpu") >= 3
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_lowering_with_values_of_their_own_head_dim(backend):
+    """DeepSeek-V2's latent attention: q/k head dim 192, values 128 (the GPU kernels run at 256)."""
+    text = _lower(backend, 192, True, v_head_dim=128)
+    if backend == "gpu":
+        assert text.count("mosaic_gpu") >= 3 and "256xbf16" in text
+    else:
+        assert text.count("tpu_custom_call") >= 3
 
 
 def _kernel_operands(text: str) -> list[str]:
