@@ -280,6 +280,19 @@ def test_greedy_generate_equals_argmax_of_cache_free_forwards(mla_model, decode_
         assert o == seq[len(p):]
 
 
+def test_speculative_decoding_with_a_latent_attention_target(mla_model):
+    """The target verifies k + 1 tokens per round against its latent cache (the absorbed form)
+    and invalidates rejected slots: the tokens are greedy `generate`'s."""
+    from inference import generate
+    from inference.speculative import speculative_generate
+
+    model, cfg = mla_model
+    draft = T.build(tiny_model_config(num_layers=1), seed=2)
+    prompts = [[3, 5, 7, 11], [2, 9]]
+    assert speculative_generate(model, draft, prompts, max_new_tokens=8, num_draft_tokens=3) == generate(
+        model, prompts, max_new_tokens=8)
+
+
 def test_decode_layout_keeps_kv_b_whole_and_reaches_through_lora(mla_model):
     """LoRA on every latent projection; the decode layout panels o's base kernel, leaves kv_b's
     (read whole by the absorbed form) as it is, and decodes the same tokens and log-probs."""
