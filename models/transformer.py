@@ -12,8 +12,9 @@ Variants (quantized weights, adapters, prefix attention, MoE layers) plug in by 
 projection's kernel or a submodule in the NNX graph, never by a branch here: models/projection.py
 says how. The one choice made here is the attention the config names (`attention_layer`:
 grouped-query `Attention`, or multi-head latent attention from models/mla.py), built into the
-layers from the start since its parameters differ. The model always runs its stacked layers; the CPU decode layout (unrolled layers,
-re-laid weights) lives in inference/decode_layout.py and runs these same modules.
+layers from the start since its parameters differ. The model always runs its stacked layers;
+the CPU decode layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and
+runs these same modules.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
 norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
 """
