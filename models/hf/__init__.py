@@ -10,7 +10,8 @@ supported architecture (`ARCHITECTURES`: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen
 GPT-2, DeepSeek-V2 with dense MLP layers). Each parameter is created with
 `jax.make_array_from_callback`: every device's shard is read from the memory-mapped files (the
 rows that shard needs, one layer at a time for stacked layer parameters) and converted to the
-requested dtype on the host, so no process ever holds the whole model. `save` streams one tensor at a time from the devices to the files.
+requested dtype on the host, so no process ever holds the whole model. `save` streams one tensor
+at a time from the devices to the files.
 
 The command line (`python -m models.hf import|export`, see `__main__.py`) converts between a
 Hugging Face directory and a Loom workdir; tokenizer files travel beside the weights (read them
