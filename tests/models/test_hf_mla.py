@@ -92,3 +92,22 @@ def test_moe_layers_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match=r"first_k_dense_replace=1 < num_hidden_layers=2: layers 1\.\.1 are "
                                          r"mixture-of-experts layers"):
         hf.load(tmp_path)
+
+
+def test_sharded_loading_permutes_each_shard(tmp_path):
+    """On a mesh (fsdp 4 x tensor 2) each device reads its block; the permuted rope rows are read
+    whole along their axis, reordered, then sliced: the same logits as transformers."""
+    import jax
+
+    from models import transformer as T
+
+    model_hf = _deepseek(4, q_lora_rank=None, attention_bias=True)
+    model_hf.save_pretrained(tmp_path)
+    mesh = jax.make_mesh((1, 1, 4, 2, 1, 1), ("data", "stage", "fsdp", "tensor", "sequence", "expert"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 6)
+    model, _ = hf.load(tmp_path, mesh=mesh)
+    _, params = T.split_params(model)
+    q = params["layers"]["attn"]["q"]["kernel"]  # [L, D, N, Hq]: D over fsdp, heads over tensor, Hq permuted
+    assert q.sharding.spec[:3] == (None, "fsdp", "tensor") and q.addressable_shards[0].data.shape == (2, 12, 2, 24)
+    tokens = np.random.default_rng(4).integers(0, VOCAB, (2, 64), dtype=np.int32)
+    np.testing.assert_allclose(np.asarray(model(tokens)), hf_logits(model_hf, tokens), atol=1e-4, rtol=0)
