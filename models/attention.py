@@ -12,8 +12,9 @@ Masking is expressed with positions and segment ids (defined in `pallas_kernels.
 the same code serves training on packed rows, left-padded batches and decoding against a KV
 cache. ALiBi (`alibi_slopes`, Press et al. 2021) is a bias on the scores from the same positions,
 -slope[n] * |pos_q - pos_k|, added after the soft-cap, in every implementation but "cudnn"
-(which raises); the slopes are constants (no gradient reaches them). A query whose keys are all masked gets a finite output and an lse of about -3.4e38
-instead of NaN, so padded rows never poison a loss or a ring-attention merge.
+(which raises); the slopes are constants (no gradient reaches them). A query whose keys are all
+masked gets a finite output and an lse of about -3.4e38 instead of NaN, so padded rows never
+poison a loss or a ring-attention merge.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Variants (quantized weights, adapters, prefix attention, MoE layers) plug in by 
 projection's kernel or a submodule in the NNX graph, never by a branch here: models/projection.py
 says how. The model always runs its stacked layers; the CPU decode layout (unrolled layers,
 re-laid weights) lives in inference/decode_layout.py and runs these same modules.
+Positions (`position_embedding`, models/positions.py): RoPE rotates q and k here; the learned
+and sinusoidal tables are added in `embed_inputs`; ALiBi's slopes bias the attention scores;
+"none" (NoPE) adds nothing. Each reads the batch's `positions_BT`, so packing and the KV cache
+work the same for all.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
 norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
 """

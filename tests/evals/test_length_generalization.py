@@ -11,8 +11,8 @@ from evals.length_generalization import PLOT_FILE, REPORT_FILE, run, run_overrid
 
 SMALL = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=1",
          "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
-         "--config.train.batch_size=4", "--config.train.eval_every=8", "--config.train.log_every=2", "--config.train.eval_batches=1",
-         "--config.optimizer.lr=1e-2"]
+         "--config.train.batch_size=4", "--config.train.eval_every=8", "--config.train.log_every=2",
+         "--config.train.eval_batches=1", "--config.optimizer.lr=1e-2"]
 
 
 def test_two_schemes_trained_at_l_and_scored_at_l_2l_4l(tmp_path):

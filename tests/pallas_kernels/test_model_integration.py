@@ -32,8 +32,9 @@ def _packed(b, t, rng):
     return seg, pos
 
 
-@pytest.mark.parametrize("t,window,softcap,alibi", [(256, None, None, False), (256, 48, 20.0, False),
-                                                   (72, 16, None, False), (256, 48, None, True), (72, None, 20.0, True)])
+@pytest.mark.parametrize("t,window,softcap,alibi", [
+    (256, None, None, False), (256, 48, 20.0, False), (72, 16, None, False), (256, 48, None, True), (72, None, 20.0, True),
+])
 def test_dot_product_attention_pallas_matches_xla(t, window, softcap, alibi):
     rng = np.random.default_rng(t + (window or 0))
     b, n, kh, h = 2, 4, 2, 64
