@@ -1,8 +1,8 @@
 """Loom's flash-attention kernels on a real GPU/TPU, checked against references (not timed).
 
     python benchmarks/gpu_kernel_check.py                  # the pairwise grid + production shapes
-    python benchmarks/gpu_kernel_check.py --grid=default   # the 4 cases the CPU suite interprets
-    python benchmarks/gpu_kernel_check.py --smoke          # those 4, TPU kernel interpreted: checks the script
+    python benchmarks/gpu_kernel_check.py --grid=default   # the 5 cases the CPU suite interprets
+    python benchmarks/gpu_kernel_check.py --smoke          # those 5, TPU kernel interpreted: checks the script
 
 CI has no accelerator, so the test suite runs these kernels in interpret mode; this script runs
 the same cases compiled for the local device. Grid cases (tests/pallas_kernels/cases.py) compare
@@ -37,6 +37,8 @@ DEFAULT_GRID = [  # the cases the CPU suite interprets (tests/pallas_kernels/tes
     dict(causal=True, window=33, segments=False, softcap=5.0, heads=(2, 2), head_dim=128, lengths=(128, 128), dtype="bfloat16"),
     dict(causal=False, window=33, segments=True, softcap=None, heads=(2, 2), head_dim=256, lengths=(70, 200), dtype="bfloat16"),
     dict(causal=False, window=None, segments=False, softcap=5.0, heads=(2, 1), head_dim=64, lengths=(70, 200), dtype="bfloat16"),
+    dict(causal=True, window=33, segments=True, softcap=None, heads=(2, 1), head_dim=64, lengths=(200, 200), dtype="bfloat16",
+         alibi=True),
 ]
 # Production shapes: (batch, seq, heads, kv_heads, head_dim, causal, window, segments).
 PRODUCTION = [

@@ -9,4 +9,5 @@ Modules (each usable from Python):
   generation       decoding through `inference.generate`, stop strings, exact match / BLEU / ROUGE
   fewshot          few-shot context construction and seeded shot selection
   run              the program: suites from configs/eval.py -> results.json + results.md
+  length_generalization  the program: one model per position scheme trained at L, perplexity at L, 2L, 4L
 """

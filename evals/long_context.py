@@ -16,6 +16,9 @@ metrics.jsonl gets `base_ppl_at_<n>` (step 0) and `ppl_at_<n>` (every evaluation
     {"lengths": [256, 512, 1024], "original_max_seq_len": 256, "max_seq_len": 1024,
      "rope_scaling": "yarn", "rope_scaling_factor": 4.0, "pieces": 16, "tokens": ...,
      "perplexity": {"base": {"256": ...}, "scaled": {...}, "fine_tuned": {...}}, "fine_tuned_step": 60}
+
+The same report, with other kinds of model and another file, serves evals/length_generalization.py
+(one model per position scheme, trained at L and scored at L, 2L, 4L).
 """
 
 from __future__ import annotations
@@ -73,11 +76,13 @@ def perplexities(model, tokenizer, pieces: Sequence[str], lengths: Sequence[int]
 
 class ContextReport:
     """Perplexity at the report lengths of one model after another, kept in `context_extension.json`
-    (read back on a resume, so `before` numbers survive it)."""
+    (read back on a resume, so `before` numbers survive it). `kinds` names the models a report may
+    hold (KINDS for a context extension) and `filename` its file in the workdir."""
 
     def __init__(self, workdir: str | os.PathLike | None, tokenizer, pieces: Sequence[str], lengths: Sequence[int],
-                 meta: dict):
-        self.path = pathlib.Path(workdir) / REPORT_FILE if workdir is not None else None
+                 meta: dict, *, kinds: Sequence[str] = KINDS, filename: str = REPORT_FILE):
+        self.path = pathlib.Path(workdir) / filename if workdir is not None else None
+        self.kinds = tuple(kinds)
         self.tokenizer, self.pieces, self.lengths = tokenizer, list(pieces), list(lengths)
         self.data = {"lengths": self.lengths, **meta, "pieces": len(self.pieces), "perplexity": {}}
         if self.path is not None and self.path.is_file():
@@ -90,9 +95,9 @@ class ContextReport:
         return kind in self.data["perplexity"]
 
     def measure(self, kind: str, model, *, step: int | None = None) -> dict[int, float]:
-        """Scores `model` at every length, records it as `kind` (one of KINDS) and rewrites the file."""
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+        """Scores `model` at every length, records it as `kind` (one of `kinds`) and rewrites the file."""
+        if kind not in self.kinds:
+            raise ValueError(f"kind={kind!r} is not one of {self.kinds}")
         ppl = perplexities(model, self.tokenizer, self.pieces, self.lengths)
         self.data["perplexity"][kind] = {str(n): v for n, v in ppl.items()}
         if step is not None:
@@ -107,5 +112,5 @@ class ContextReport:
         """The perplexities as a text table: a row per model, a column per length."""
         head = "model".ljust(12) + "".join(f"{'ppl@' + str(n):>12}" for n in self.lengths)
         rows = [kind.ljust(12) + "".join(f"{self.data['perplexity'][kind][str(n)]:>12.2f}" for n in self.lengths)
-                for kind in KINDS if self.has(kind)]
+                for kind in self.kinds if self.has(kind)]
         return "\n".join([head] + rows)

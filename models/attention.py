@@ -11,8 +11,11 @@ definition on the cache's [B, K, S, H] layout.
 
 Masking is expressed with positions and segment ids (defined in `pallas_kernels.reference`), so
 the same code serves training on packed rows, left-padded batches and decoding against a KV
-cache. A query whose keys are all masked gets a finite output and an lse of about -3.4e38
-instead of NaN, so padded rows never poison a loss or a ring-attention merge.
+cache. ALiBi (`alibi_slopes`, Press et al. 2021) is a bias on the scores from the same positions,
+-slope[n] * |pos_q - pos_k|, added after the soft-cap, in every implementation but "cudnn"
+(which raises); the slopes are constants (no gradient reaches them). A query whose keys are all
+masked gets a finite output and an lse of about -3.4e38 instead of NaN, so padded rows never
+poison a loss or a ring-attention merge.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import numpy as np
 
 from models.ring_attention import ring_attention, sequence_shards
 from pallas_kernels import flash_attention
-from pallas_kernels.reference import (MASK_VALUE, check_qkv, attention_mask, default_positions, masked_attention,
-                                      masked_softmax, split_pair)
+from pallas_kernels.reference import (MASK_VALUE, alibi_bias, attention_mask, check_alibi_slopes, check_qkv,
+                                      default_positions, masked_attention, masked_softmax, split_pair)
 
 IMPLS = ("xla", "cudnn", "pallas")
 
@@ -42,13 +45,17 @@ IMPLS = ("xla", "cudnn", "pallas")
 # CPU/XLA fast path; it is tested against the same reference as every other implementation.
 
 
-def _scores(q_BTKGH, k_BSKH, q_pos, k_pos, q_seg, k_seg, *, causal, window, softcap, scale):
-    """Masked scores [B,K,G,T,S] (f32) and, with softcap, tanh(raw / softcap) for the backward."""
+def _scores(q_BTKGH, k_BSKH, q_pos, k_pos, q_seg, k_seg, slopes_KG, *, causal, window, softcap, scale):
+    """Masked scores [B,K,G,T,S] (f32) and, with softcap, tanh(raw / softcap) for the backward.
+    ALiBi's bias (slopes [K, G] or None) comes after the cap: it changes no derivative."""
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
     th = None
     if softcap:
         th = jnp.tanh(s / softcap)
         s = softcap * th
+    if slopes_KG is not None:
+        dist = jnp.abs(q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B, T, S]
+        s = s - slopes_KG[None, :, :, None, None] * dist[:, None, None]
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
     return jnp.where(mask, s, MASK_VALUE), mask, th
 
@@ -57,7 +64,7 @@ def _sl(x, lo, hi):
     return None if x is None else x[:, lo:hi]
 
 
-def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
+def _blockwise_fwd(q, k, v, pos, seg, window, slopes, causal, softcap, scale, block):
     b, t, n, h = q.shape
     kh, hv = k.shape[2], v.shape[-1]
     qr = q.reshape(b, t, kh, n // kh, h)
@@ -66,7 +73,7 @@ def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
         lo, hi = i * block, (i + 1) * block
         end = hi if causal else t
         s, mask, _ = _scores(qr[:, lo:hi], k[:, :end], pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi),
-                             _sl(seg, 0, end), causal=causal, window=window, softcap=softcap, scale=scale)
+                             _sl(seg, 0, end), slopes, causal=causal, window=window, softcap=softcap, scale=scale)
         live = mask.any(-1, keepdims=True)  # rows with at least one key (padding rows have none)
         m = s.max(-1, keepdims=True)
         p = jnp.exp(s - m)  # masked scores are MASK_VALUE: 0 here, except in rows with no key at all
@@ -79,18 +86,19 @@ def _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _blockwise(q, k, v, pos, seg, window, causal, softcap, scale, block):
-    return _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _blockwise(q, k, v, pos, seg, window, slopes, causal, softcap, scale, block):
+    """`slopes`: ALiBi's [K, G] float32 (query head k * G + g), or None."""
+    return _blockwise_fwd(q, k, v, pos, seg, window, slopes, causal, softcap, scale, block)
 
 
-def _blockwise_vjp_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block):
-    out, lse = _blockwise_fwd(q, k, v, pos, seg, window, causal, softcap, scale, block)
-    return (out, lse), (q, k, v, pos, seg, window, out, lse)
+def _blockwise_vjp_fwd(q, k, v, pos, seg, window, slopes, causal, softcap, scale, block):
+    out, lse = _blockwise_fwd(q, k, v, pos, seg, window, slopes, causal, softcap, scale, block)
+    return (out, lse), (q, k, v, pos, seg, window, slopes, out, lse)
 
 
 def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
-    q, k, v, pos, seg, window, out, lse = res
+    q, k, v, pos, seg, window, slopes, out, lse = res
     d_out, d_lse = cts
     b, t, n, h = q.shape
     kh, hv = k.shape[2], v.shape[-1]
@@ -108,7 +116,7 @@ def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
         lo, hi = i * block, (i + 1) * block
         end = hi if causal else t
         kb, vb, qb, dob = k[:, :end], v[:, :end], qr[:, lo:hi], do[:, lo:hi]
-        s, mask, th = _scores(qb, kb, pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end),
+        s, mask, th = _scores(qb, kb, pos[:, lo:hi], pos[:, :end], _sl(seg, lo, hi), _sl(seg, 0, end), slopes,
                               causal=causal, window=window, softcap=softcap, scale=scale)
         p = jnp.exp(s - lse[..., lo:hi, None]) * mask.any(-1, keepdims=True)  # rows with no key: no gradient
         dv = dv.at[:, :end].add(jnp.einsum("BKGTS,BTKGV->BSKV", p.astype(v.dtype), dob,
@@ -122,7 +130,9 @@ def _blockwise_vjp_bwd(causal, softcap, scale, block, res, cts):
         dk = dk.at[:, :end].add(jnp.einsum("BKGTS,BTKGH->BSKH", ds, qb, preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=1).reshape(b, t, n, h).astype(q.dtype)
     zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), zero_int(pos), zero_int(seg), zero_int(window)
+    # the slopes are constants (`dot_product_attention` stops their gradient)
+    d_slopes = None if slopes is None else jnp.zeros_like(slopes)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), zero_int(pos), zero_int(seg), zero_int(window), d_slopes
 
 
 _blockwise.defvjp(_blockwise_vjp_fwd, _blockwise_vjp_bwd)
@@ -137,10 +147,12 @@ def _block_size(t: int) -> int | None:
 
 
 def _cudnn_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse,
-                     explicit_positions, explicit_segments):
+                     alibi_slopes, explicit_positions, explicit_segments):
     unsupported = []
     if v.shape[-1] != k.shape[-1]:
         unsupported.append(f"values with their own head dim (v {v.shape[-1]}, q/k {k.shape[-1]})")
+    if alibi_slopes is not None:
+        unsupported.append("alibi_slopes")
     if explicit_segments:
         unsupported.append("segment_ids")
     if explicit_positions:
@@ -162,7 +174,7 @@ def _cudnn_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions=None, causal=True,
-                          window=None, softcap=None, scale=None, return_lse=False, impl="xla"):
+                          window=None, softcap=None, scale=None, return_lse=False, impl="xla", alibi_slopes=None):
     """Multi-head attention with grouped-query K/V, masks from positions and segment ids.
 
     Args:
@@ -179,6 +191,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions
       scale: score scale, default 1/sqrt(head_dim).
       return_lse: also return the log-sum-exp of the scaled scores, [B, N, T] float32.
       impl: "xla" | "cudnn" | "pallas".
+      alibi_slopes: ALiBi slopes [N] (float; `models.positions.alibi_slopes`) or None: scores get
+        -slope[n] * |pos_q - pos_k| after the soft-cap. Constants: no gradient flows to them.
     Returns:
       out_BTNV (V = v_head_dim) in q's dtype, and lse_BNT if `return_lse`.
     """
@@ -186,6 +200,9 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions
         raise ValueError(f"attention impl={impl!r} is not valid; expected one of {IMPLS}")
     b, t, n, h, s, kh = check_qkv(q_BTNH, k_BSKH, v_BSKV)
     scale = (1.0 / h ** 0.5) if scale is None else scale
+    alibi_slopes = check_alibi_slopes(alibi_slopes, n, "dot_product_attention")
+    if alibi_slopes is not None:
+        alibi_slopes = jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
     q_seg, k_seg = split_pair(segment_ids, "segment_ids")
     q_pos, k_pos = split_pair(positions, "positions")
     if q_pos is None:
@@ -193,17 +210,19 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions
     if window is not None and isinstance(window, int) and window <= 0:
         window = None
     kw = dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal, window=window,
-              softcap=softcap, scale=scale, return_lse=return_lse)
+              softcap=softcap, scale=scale, return_lse=return_lse, alibi_slopes=alibi_slopes)
     shared = not isinstance(segment_ids, (tuple, list)) and not isinstance(positions, (tuple, list))
     if impl != "cudnn" and t == s and shared and sequence_shards() > 1:
         # context parallelism: the sequence is sharded over the mesh's `sequence` axis
         return ring_attention(q_BTNH, k_BSKH, v_BSKV, positions=q_pos, segment_ids=q_seg, causal=causal,
-                              window=window, softcap=softcap, scale=scale, return_lse=return_lse)
+                              window=window, softcap=softcap, scale=scale, return_lse=return_lse,
+                              alibi_slopes=alibi_slopes)
     if impl == "xla":
         block = _block_size(t) if (t == s and shared) else None
         if block is not None:
             window_arr = None if window is None else jnp.asarray(window, jnp.int32)
-            out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKV, q_pos, q_seg, window_arr, causal, softcap or None,
+            slopes = None if alibi_slopes is None else alibi_slopes.reshape(kh, n // kh)
+            out, lse = _blockwise(q_BTNH, k_BSKH, v_BSKV, q_pos, q_seg, window_arr, slopes, causal, softcap or None,
                                   float(scale), block)
             return (out, lse.reshape(b, n, t)) if return_lse else out
         return masked_attention(q_BTNH, k_BSKH, v_BSKV, **kw)
@@ -211,7 +230,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKV, **kw, explicit_positions=positions is not None,
                                 explicit_segments=segment_ids is not None)
     return flash_attention(q_BTNH, k_BSKH, v_BSKV, segment_ids=segment_ids, positions=positions,
-                           causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
+                           causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse,
+                           alibi_slopes=alibi_slopes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +239,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKV, *, segment_ids=None, positions
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=None, softcap=None, scale=None,
-                     impl="xla", return_lse=False):
+                     impl="xla", return_lse=False, alibi_slopes=None):
     """`dot_product_attention` (causal, explicit (q, kv) positions and segment ids) of T new
     queries over a heads-first cache [B, K, S, H]: scores and values as batched matmuls over
     (B, K) with no transpose of the cache.
@@ -228,12 +248,14 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=N
     first (XLA's CPU runtime has no bf16 x bf16 -> f32 kernel for these batch-major dots). Other
     impls (prefill of long prompts with flash attention) get the cache transposed to
     [B, S, K, H] and go through `dot_product_attention`. `return_lse` also returns the
-    log-sum-exp of the scaled scores, [B, N, T] float32.
+    log-sum-exp of the scaled scores, [B, N, T] float32. `alibi_slopes` [N]: ALiBi's bias from the
+    query and cache positions, as in `dot_product_attention`.
     """
     if impl != "xla":
         k, v = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
         return dot_product_attention(q_BTNH, k, v, segment_ids=segment_ids, positions=positions, causal=True,
-                                     window=window, softcap=softcap, scale=scale, impl=impl, return_lse=return_lse)
+                                     window=window, softcap=softcap, scale=scale, impl=impl, return_lse=return_lse,
+                                     alibi_slopes=alibi_slopes)
     b, t, n, h = q_BTNH.shape
     kh = k_BKSH.shape[1]
     if k_BKSH.ndim != 4 or k_BKSH.shape != v_BKSH.shape or k_BKSH.shape[0] != b or k_BKSH.shape[3] != h or n % kh:
@@ -252,7 +274,11 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, *, segment_ids, positions, window=N
         q_BKGTH, k, v = q_BKGTH.astype(acc), k.astype(acc), v.astype(acc)
     s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k, preferred_element_type=acc)
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=True, window=window)[:, None, None]
-    p, lse_BKGT = masked_softmax(s * scale, mask, softcap)
+    bias = None
+    alibi_slopes = check_alibi_slopes(alibi_slopes, n, "cached_attention")
+    if alibi_slopes is not None:
+        bias = alibi_bias(q_pos, k_pos, alibi_slopes.astype(acc)).reshape(b, kh, g, t, k.shape[2])
+    p, lse_BKGT = masked_softmax(s * scale, mask, softcap, bias)
     # (B, K)-major output: XLA's CPU dot for a (B, T)-major one is several times slower
     out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), v, preferred_element_type=acc)
     out_BTNH = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-POSITION_EMBEDDINGS = ("rope", "learned", "none")
+POSITION_EMBEDDINGS = ("rope", "learned", "sinusoidal", "alibi", "none")  # models/positions.py
 ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
@@ -58,7 +58,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     activation: str = "silu"
     gated_mlp: bool = True  # SwiGLU/GeGLU (gate * up) vs a plain two-layer MLP
-    position_embedding: str = "rope"
+    position_embedding: str = "rope"  # "rope" | "learned" | "sinusoidal" | "alibi" | "none" (NoPE)
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     attention_bias: bool = False  # biases on the q, k, v projections
@@ -128,6 +128,12 @@ class ModelConfig:
                 f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)")
         if self.position_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        if self.position_embedding == "sinusoidal" and self.hidden_size % 2:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be even for sinusoidal positions "
+                             f"(sin and cos features in pairs)")
+        if self.position_embedding == "alibi" and self.attention_impl == "cudnn":
+            raise ValueError("model.position_embedding='alibi' needs a score bias that model.attention_impl='cudnn' "
+                             "does not take here; use attention_impl 'xla' or 'pallas'")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"model.dropout_rate={self.dropout_rate} must be in [0, 1)")
         if self.sliding_window < 0:

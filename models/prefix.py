@@ -17,7 +17,8 @@ and the real tokens keep their positions 0..T-1. PEFT gives the real tokens posi
 and uses the prefix keys as they are; the real tokens' scores among themselves depend only on
 position differences, and a prefix key k scores against a query at P + t as R_P k does against
 one at t, so the PEFT export (models/hf/peft_io.py) writes R_P k (`peft_compatible` says when
-this holds: RoPE without dynamic NTK, no sliding window).
+this holds: RoPE without dynamic NTK, no sliding window). Under ALiBi the prefix keys get no
+bias (keys at distance 0).
 
 Optionally (`reparam` > 0) the prefixes are the output of a per-layer MLP, embedding [P, D] ->
 tanh(W1) [R] -> W2 [2 K H], which Li & Liang found trains more stably than the raw prefixes;

@@ -14,6 +14,9 @@ columns that way before sharding (a loss summed over tokens does not change). Ea
 splits its query and key blocks in two and skips (`lax.cond`) the sub-block pairs the mask
 empties entirely, so causal attention does about half the work of full attention.
 
+ALiBi (`alibi_slopes`) needs nothing more: its bias is a function of the positions that travel
+with the blocks, so each block pair adds its own part before the merge.
+
 Only the `sequence` axis is manual (`jax.shard_map(..., axis_names={"sequence"})`); batch and
 heads stay sharded by the compiler as everywhere else. Gradients are autodiff's: ppermute's
 transpose sends the key / value gradients back around the ring.
@@ -59,13 +62,14 @@ def _merge(out, lse, out_i, lse_i):
     return out * to_btn(w) + out_i * to_btn(w_i), new
 
 
-def _attend_block(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, window, softcap, scale):
+def _attend_block(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, *, causal, window, softcap, scale):
     """Attention of a query block to a key block, skipped when the mask is empty. f32 out, lse."""
     b, t, n, h = q.shape[:3] + v.shape[-1:]  # the output has v's head dim
 
     def compute(_):
         out, lse = masked_attention(q, k, v, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, causal=causal,
-                                    window=window, softcap=softcap, scale=scale, return_lse=True)
+                                    window=window, softcap=softcap, scale=scale, return_lse=True,
+                                    alibi_slopes=slopes)
         return out.astype(jnp.float32), lse
 
     def skip(_):
@@ -75,7 +79,7 @@ def _attend_block(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, window, softca
     return jax.lax.cond(live, compute, skip, None)
 
 
-def _local(q, k, v, pos, seg, window, *, causal, softcap, scale, shards):
+def _local(q, k, v, pos, seg, window, slopes=None, *, causal, softcap, scale, shards):
     """One device's share: its query block against every key block, arriving around the ring."""
     b, t, n, h = q.shape[:3] + v.shape[-1:]  # the output has v's head dim
     half = t // 2
@@ -88,7 +92,7 @@ def _local(q, k, v, pos, seg, window, *, causal, softcap, scale, shards):
         for (qb, qpos, qseg), (out, lse) in zip(q_parts, outs):
             for lo, hi in ((0, half), (half, t)):  # key sub-blocks: skip the empty pairs
                 o_i, l_i = _attend_block(qb, k[:, lo:hi], v[:, lo:hi], qpos, kpos[:, lo:hi], qseg, kseg[:, lo:hi],
-                                         causal=causal, window=window, softcap=softcap, scale=scale)
+                                         slopes, causal=causal, window=window, softcap=softcap, scale=scale)
                 out, lse = _merge(out, lse, o_i, l_i)
             new_outs.append((out, lse))
         k, v, kpos, kseg = (jax.lax.ppermute(x, AXIS, perm) for x in (k, v, kpos, kseg))
@@ -103,10 +107,11 @@ def _local(q, k, v, pos, seg, window, *, causal, softcap, scale, shards):
 
 
 def ring_attention(q_BTNH, k_BSKH, v_BSKH, *, positions, segment_ids=None, causal=True, window=None, softcap=None,
-                   scale=None, return_lse=False):
+                   scale=None, return_lse=False, alibi_slopes=None):
     """Self-attention of a sequence sharded over the mesh's `sequence` axis (T == S; one set of
     positions / segment ids shared by queries and keys). Same semantics as
-    `dot_product_attention` on real tokens; padding queries (segment 0) get zeros."""
+    `dot_product_attention` on real tokens (ALiBi slopes [N] included); padding queries
+    (segment 0) get zeros."""
     shards = sequence_shards()
     b, t, n, h = q_BTNH.shape
     if t % (2 * shards):
@@ -117,8 +122,11 @@ def ring_attention(q_BTNH, k_BSKH, v_BSKH, *, positions, segment_ids=None, causa
     window = jnp.asarray(0 if window is None else window, jnp.int32)  # 0 = global
     seq = P(None, AXIS)
     fn = functools.partial(_local, causal=causal, softcap=softcap, scale=float(scale), shards=shards)
-    out, lse = jax.shard_map(fn, in_specs=(P(None, AXIS, None, None),) * 3 + (seq, seq, P()),
-                             out_specs=(P(None, AXIS, None, None), P(None, None, AXIS)),
-                             axis_names=frozenset({AXIS}), check_vma=False)(
-        q_BTNH, k_BSKH, v_BSKH, positions, segment_ids, window)
+    args = [q_BTNH, k_BSKH, v_BSKH, positions, segment_ids, window]
+    specs = [P(None, AXIS, None, None)] * 3 + [seq, seq, P()]
+    if alibi_slopes is not None:  # replicated over the ring: every block pair uses every head's slope
+        args.append(jax.lax.stop_gradient(jnp.asarray(alibi_slopes, jnp.float32)))
+        specs.append(P())
+    out, lse = jax.shard_map(fn, in_specs=tuple(specs), out_specs=(P(None, AXIS, None, None), P(None, None, AXIS)),
+                             axis_names=frozenset({AXIS}), check_vma=False)(*args)
     return (out, lse) if return_lse else out

@@ -15,6 +15,10 @@ grouped-query `Attention`, or multi-head latent attention from models/mla.py), b
 layers from the start since its parameters differ. The model always runs its stacked layers;
 the CPU decode layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and
 runs these same modules.
+Positions (`position_embedding`, models/positions.py): RoPE rotates q and k here; the learned
+and sinusoidal tables are added in `embed_inputs`; ALiBi's slopes bias the attention scores;
+"none" (NoPE) adds nothing. Each reads the batch's `positions_BT`, so packing and the KV cache
+work the same for all.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
 norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
 """
@@ -35,6 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from models import pipeline
 from models.attention import cached_attention, dot_product_attention
 from models.config import ModelConfig
+from models.positions import alibi_slopes, sinusoidal_embedding
 from models.projection import F32, Einsum, Embedding, dropout
 from models.sharding import constrain
 
@@ -272,6 +277,8 @@ class Attention(nnx.Module):
             self.q_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
             self.k_norm = Norm(h, cfg.norm, cfg.norm_eps, cfg.params_dtype, offset=cfg.norm_weight_offset)
         self.rope_config = cfg if cfg.position_embedding == "rope" else None  # static: frequencies at trace time
+        # ALiBi's per-head slopes (static floats; a bias on the scores, models/positions.py)
+        self.alibi = alibi_slopes(n) if cfg.position_embedding == "alibi" else None
         self.softcap = cfg.attn_logit_softcap or None
         self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         self.impl = cfg.attention_impl
@@ -314,10 +321,11 @@ class Attention(nnx.Module):
         `__call__`). A substituted attention (models/prefix.py) adds keys of its own here, merging
         its part with this one by the log-sum-exp `return_lse=True` gives."""
         dt = q_BTNH.dtype
+        slopes = None if self.alibi is None else jnp.asarray(self.alibi, F32)
         if kv_cache is None:
             out = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids_BT, positions=positions_BT,
                                         causal=True, window=window, softcap=self.softcap, scale=self.scale,
-                                        impl=self.impl, return_lse=return_lse)
+                                        impl=self.impl, return_lse=return_lse, alibi_slopes=slopes)
             new_cache = None
         else:
             k_buf, v_buf, layer = kv_cache
@@ -331,7 +339,8 @@ class Attention(nnx.Module):
             out = cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt),
                                    segment_ids=(segment_ids_BT, kv_segment_ids_BS),
                                    positions=(positions_BT, kv_positions_BS), window=window,
-                                   softcap=self.softcap, scale=self.scale, impl=self.impl, return_lse=return_lse)
+                                   softcap=self.softcap, scale=self.scale, impl=self.impl, return_lse=return_lse,
+                                   alibi_slopes=slopes)
             new_cache = (k_buf, v_buf)
         out_BTNH, lse_BNT = out if return_lse else (out, None)
         return out_BTNH, lse_BNT, new_cache
@@ -455,7 +464,8 @@ class Decoder(nnx.Module):
                                   out_dtype=F32)
 
     def embed_inputs(self, inputs_BT, positions_BT):
-        """Token ids [B, T] -> the first residual stream [B, T, D] in the compute dtype."""
+        """Token ids [B, T] -> the first residual stream [B, T, D] in the compute dtype, plus the
+        learned or sinusoidal position rows (models/positions.py) of `positions_BT`."""
         cfg = self.config
         dt = cfg.compute_dtype
         x_BTD = self.embed.rows(inputs_BT, dt)
@@ -463,6 +473,8 @@ class Decoder(nnx.Module):
             x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, dt)  # rounded to the compute dtype, as Gemma does
         if self.pos_embed is not None:
             x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dt)
+        elif cfg.position_embedding == "sinusoidal":
+            x_BTD = x_BTD + sinusoidal_embedding(positions_BT, cfg.hidden_size).astype(dt)
         return constrain(x_BTD, ("batch", "length", None))
 
     def output_logits(self, x_BTD):

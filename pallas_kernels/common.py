@@ -47,6 +47,7 @@ class KernelConfig:
     block_kv_dkv: int
     block_q_dq: int
     block_kv_dq: int
+    alibi: bool = False  # ALiBi slopes [N] are passed: every score tile gets -slope * |q_pos - k_pos|
 
     @property
     def kv_padded(self) -> bool:

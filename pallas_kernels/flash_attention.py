@@ -12,7 +12,10 @@ Backends: "tpu" (Mosaic TPU, `pallas_kernels/tpu.py`) and "gpu" (Mosaic GPU, Hop
 kernels, `pallas_kernels/gpu.py`). `backend=None` picks the platform's kernel; on CPU it runs the
 TPU kernels in interpret mode, so models and tests use the same code path everywhere.
 
-Masks follow `pallas_kernels.reference` exactly (positions, segment ids, causal, window, softcap).
+Masks follow `pallas_kernels.reference` exactly (positions, segment ids, causal, window, softcap),
+and so does ALiBi's bias (`alibi_slopes` [N]): -slope * |q_pos - k_pos| added to every score tile
+after the soft-cap, in the forward and both backward kernels, from the positions the kernels
+already read (a bias costs no block skipping). The slopes are constants: no gradient.
 A query whose keys are all masked gets output 0 and lse = MASK_VALUE (about -3.4e38), and
 contributes no gradient.
 """
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import KernelConfig
-from pallas_kernels.reference import check_qkv, default_positions, split_pair
+from pallas_kernels.reference import check_alibi_slopes, check_qkv, default_positions, split_pair
 
 BACKENDS = ("tpu", "gpu")
 DTYPES = ("float32", "bfloat16")
@@ -119,24 +122,25 @@ def _backend_module(name: str):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(c: KernelConfig, q, k, v, q_pos, k_pos, q_seg, k_seg, window):
-    return _backend_module(c.backend).forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c)
+def _attention(c: KernelConfig, q, k, v, q_pos, k_pos, q_seg, k_seg, window, slopes):
+    return _backend_module(c.backend).forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
 
 
-def _attention_fwd(c, q, k, v, q_pos, k_pos, q_seg, k_seg, window):
-    out, lse = _backend_module(c.backend).forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c)
-    return (out, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
+def _attention_fwd(c, q, k, v, q_pos, k_pos, q_seg, k_seg, window, slopes):
+    out, lse = _backend_module(c.backend).forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
+    return (out, lse), (q, k, v, q_pos, k_pos, q_seg, k_seg, window, slopes, out, lse)
 
 
 def _attention_bwd(c, res, cts):
-    q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse = res
+    q, k, v, q_pos, k_pos, q_seg, k_seg, window, slopes, out, lse = res
     d_out, d_lse = cts
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta - d_lse.astype(jnp.float32)
     dq, dk, dv = _backend_module(c.backend).backward(q, k, v, d_out.astype(q.dtype), lse, delta, q_pos, k_pos,
-                                                     q_seg, k_seg, window, c)
+                                                     q_seg, k_seg, window, c, slopes)
     zero = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, zero(q_pos), zero(k_pos), zero(q_seg), zero(k_seg), zero(window)
+    d_slopes = None if slopes is None else jnp.zeros_like(slopes)  # constants (stopped in `flash_attention`)
+    return dq, dk, dv, zero(q_pos), zero(k_pos), zero(q_seg), zero(k_seg), zero(window), d_slopes
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -175,7 +179,7 @@ def _pad_to(x, length, axis, mode="constant"):
 
 def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, positions=None, window=None,
                     softcap=None, scale=None, sm_scale=None, return_lse=False, block_sizes=None, backend=None,
-                    interpret=None):
+                    interpret=None, alibi_slopes=None):
     """Flash attention with Pallas kernels; `dot_product_attention`'s keywords and meanings.
 
     Supported: float32 and bfloat16 on TPU (any head_dim; lane-aligned 128/256 avoid transposes),
@@ -204,6 +208,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, po
       interpret: run the kernels in interpret mode; None = only when the default platform is CPU.
         TPU kernels then run in Pallas' HLO interpreter (`pltpu.force_tpu_interpret_mode()` selects
         the TPU simulator instead); GPU kernels in the Mosaic GPU simulator.
+      alibi_slopes: ALiBi slopes, a float [N] array (one per query head), or None: scores get
+        -slope * |q_pos - k_pos| after the soft-cap. Constants: no gradient flows to them.
     Returns:
       out_BTNV (V = v_head_dim) in q's dtype, and lse_BNT (float32) when `return_lse`.
     """
@@ -221,6 +227,9 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, po
     softcap = _static_float(softcap, "softcap") or None
     if softcap is not None and softcap < 0:
         raise ValueError(f"softcap={softcap} must be positive (or None/0 for no capping)")
+    slopes = check_alibi_slopes(alibi_slopes, n, "flash_attention")
+    if slopes is not None:
+        slopes = jax.lax.stop_gradient(slopes.astype(jnp.float32))
 
     hv = v.shape[-1]
     if hv != h:  # one head dim for the kernels: the larger, zero-padded (see the docstring)
@@ -264,13 +273,13 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKV, *, causal=True, segment_ids=None, po
     q_pad, kv_pad, sizes = _resolve_blocks(backend, h, t, s, block_sizes)
     c = KernelConfig(backend=backend, interpret=bool(interpret), causal=bool(causal), has_window=bool(has_window),
                      has_segments=q_seg is not None, softcap=softcap, scale=scale, q_len=t, kv_len=s,
-                     q_pad=q_pad, kv_pad=kv_pad, **sizes)
+                     q_pad=q_pad, kv_pad=kv_pad, alibi=slopes is not None, **sizes)
     # Padded keys are masked by index inside the kernels; edge-padding their positions and ids
     # keeps every block's (min, max) ranges, hence the block skipping, as tight as unpadded.
     args = (_pad_to(q, q_pad, 1), _pad_to(k, kv_pad, 1), _pad_to(v, kv_pad, 1),
             _pad_to(q_pos, q_pad, 1, "edge"), _pad_to(k_pos, kv_pad, 1, "edge"),
             None if q_seg is None else _pad_to(q_seg, q_pad, 1, "edge"),
             None if k_seg is None else _pad_to(k_seg, kv_pad, 1, "edge"), window_arr)
-    out, lse = _attention(c, *args)
+    out, lse = _attention(c, *args, slopes)
     out, lse = out[:, :t], lse[:, :, :t]
     return (out, lse) if return_lse else out

@@ -18,6 +18,10 @@ attention do proportionally less work and fetch nothing outside the band. Inside
 blocks that are fully visible skip the mask; the others build it from positions and segment ids
 loaded for that block only.
 
+ALiBi: the slopes come as an [N, W] array (each row one head's slope, repeated: a per-row vector
+is what a warpgroup loads without SMEM); every score tile, fully visible or not, gets
+-slope * |q_pos - k_pos| from position vectors loaded for that tile.
+
 GQA/MQA: K/V tiles are addressed at kv head `head // G` (never repeated in memory); the dK/dV
 grid runs over kv heads and streams the G query heads of the group, so dK/dV are accumulated
 in registers and written once per kv head.
@@ -235,12 +239,38 @@ def _seg_args(q_seg, k_seg, c):
     return (q_seg, k_seg) if c.has_segments else ()
 
 
+def _slope_args(slopes, c: KernelConfig):
+    """ALiBi's slopes [N] as [N, W]: one head's slope repeated along a row, W covering every
+    kernel's query tile (see `_alibi_bias`)."""
+    if not c.alibi:
+        return ()
+    width = max(c.block_q, c.block_q_dq, c.block_q_dkv)
+    return (jnp.broadcast_to(slopes.astype(F32)[:, None], (slopes.shape[0], width)),)
+
+
+def _split_slopes(refs, c: KernelConfig):
+    if c.alibi:
+        return refs[0], refs[1:]
+    return None, refs
+
+
+def _alibi_bias(slope_v, q_pos_v, k_pos_v, shape, transposed: bool = False):
+    """slope * |q_pos - k_pos| as a [M, N] f32 tile in the WGMMA layout (to subtract from scores).
+
+    Queries are rows and keys columns (forward, dQ), or the reverse when `transposed` (dK/dV);
+    `slope_v` is a vector along the query axis (one head: all equal)."""
+    rowv, colv = (k_pos_v, q_pos_v) if transposed else (q_pos_v, k_pos_v)
+    d = _row(rowv.astype(F32), shape) - _col(colv.astype(F32), shape)
+    slope = _col(slope_v, shape) if transposed else _row(slope_v, shape)
+    return slope * jnp.maximum(d, -d)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward: grid (N, T / (2 * block_q), B); two compute warpgroups of block_q query rows.
 
 
-def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
-    """out [B, T, N, H] and lse [B, N, T] f32 on padded inputs."""
+def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes=None):
+    """out [B, T, N, H] and lse [B, N, T] f32 on padded inputs; `slopes` [N] f32 with c.alibi."""
     _check(q, c)
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -257,6 +287,7 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
     def body(q_ref, k_ref, v_ref, qp_ref, kp_ref, *refs):
         if c.has_segments:
             qs_ref, ks_ref, *refs = refs
+        sl_ref, refs = _split_slopes(refs, c)
         bi, head, qt, wg = (lax.axis_index(a) for a in ("batch", "heads", "q", "wg"))
         refs, stage = _split_stage(refs, c, wg)
         qi_ref, ki_ref, kvr_ref, w_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, \
@@ -280,6 +311,8 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
             col_layout = plgpu.Layout.WGMMA.reduce(0)
             q_pos_r = _load_vec(qp_ref.at[bi, pl.ds(row0, bq)], row_layout)
             q_seg_r = _load_vec(qs_ref.at[bi, pl.ds(row0, bq)], row_layout) if c.has_segments else None
+            # ALiBi in the base-2 units of these scores: slope * log2(e)
+            slope_r = _load_vec(sl_ref.at[head, pl.ds(0, bq)], row_layout) * LOG2E if c.alibi else None
             plgpu.barrier_wait(q_bars.at[wg])
             m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, F32), row_layout)
             l_sum = _zeros((bq,), row_layout)
@@ -306,6 +339,9 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
                 # Base-2 softmax: exp2 is the native instruction; log2(e) is folded into the scale,
                 # and masking comes after it so MASK_VALUE stays finite.
                 sc, _ = _scores(raw, c, LOG2E)
+                if c.alibi:
+                    k_pos_c = _load_vec(kp_ref.at[bi, pl.ds(j * bk, bk)], col_layout)
+                    sc = sc - _alibi_bias(slope_r, q_pos_r, k_pos_c, sc.shape)
                 full = _flags(q_info_wg, _info(ki_ref, bi, j, nk), window_s, c, j, nk)
                 sc = _maybe_mask(sc, full, lambda x: masked(x, j), c)
                 m_new = jnp.maximum(m, sc.max(axis=1))
@@ -357,8 +393,8 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
                plgpu.Barrier(num_arrivals=wgs), *_stage_scratch(c, wgs, (bq, bk), dtype)]
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, n, t), F32))
     out, lse = _kernel_call(body, out_type, scratch, (n, n_tiles, b), ("heads", "q", "batch"), wgs + 1, c,
-                            q, k, v, q_pos, k_pos, *_seg_args(q_seg, k_seg, c), q_info.reshape(-1),
-                            k_info.reshape(-1), kv_range.reshape(-1), window)
+                            q, k, v, q_pos, k_pos, *_seg_args(q_seg, k_seg, c), *_slope_args(slopes, c),
+                            q_info.reshape(-1), k_info.reshape(-1), kv_range.reshape(-1), window)
     return out, lse
 
 
@@ -366,7 +402,7 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
 # dQ: grid (N, T / (wgs * block_q_dq), B); K/V streamed over the visible key range.
 
 
-def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes):
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -383,6 +419,7 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, kp_ref, *refs):
         if c.has_segments:
             qs_ref, ks_ref, *refs = refs
+        sl_ref, refs = _split_slopes(refs, c)
         bi, head, qt, wg = (lax.axis_index(a) for a in ("batch", "heads", "q", "wg"))
         refs, stage = _split_stage(refs, c, wg)
         qi_ref, ki_ref, kvr_ref, w_ref, dq_ref, q_smem2, do_smem2, k_smem, v_smem, \
@@ -404,6 +441,7 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
             delta_r = _load_vec(delta_ref.at[bi, head, pl.ds(row0, bq)], row_layout)
             q_pos_r = _load_vec(qp_ref.at[bi, pl.ds(row0, bq)], row_layout)
             q_seg_r = _load_vec(qs_ref.at[bi, pl.ds(row0, bq)], row_layout) if c.has_segments else None
+            slope_r = _load_vec(sl_ref.at[head, pl.ds(0, bq)], row_layout) if c.alibi else None
             plgpu.barrier_wait(q_bars.at[wg])
             plgpu.barrier_wait(do_bars.at[wg])
 
@@ -417,6 +455,9 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
                 j = lo + step
                 plgpu.barrier_wait(k_bars.at[slot])
                 sc, t_cap = _scores(_wgmma(q_smem, k_smem.at[slot].transpose((1, 0)), (bq, bk)), c)
+                if c.alibi:
+                    k_pos_c = _load_vec(kp_ref.at[bi, pl.ds(j * bk, bk)], col_layout)
+                    sc = sc - _alibi_bias(slope_r, q_pos_r, k_pos_c, sc.shape)
                 p = jnp.exp2((sc - _row(lse_r, sc.shape)) * LOG2E)
                 full = _flags(q_info_wg, _info(ki_ref, bi, j, nk), window_s, c, j, nk)
                 p = _maybe_mask(p, full, lambda x: masked(x, j), c)
@@ -452,7 +493,7 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
                *_stage_scratch(c, wgs, (bq, bk), dtype)]
     return _kernel_call(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, (n, n_tiles, b), ("heads", "q", "batch"),
                         wgs + 1, c, q, k, v, do, lse, delta, q_pos, k_pos, *_seg_args(q_seg, k_seg, c),
-                        q_info.reshape(-1), k_info.reshape(-1), kv_range.reshape(-1), window)
+                        *_slope_args(slopes, c), q_info.reshape(-1), k_info.reshape(-1), kv_range.reshape(-1), window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +502,7 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
 # dK += dS^T Q take P^T/dS^T straight from registers.
 
 
-def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes):
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -478,6 +519,7 @@ def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelC
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, kp_ref, *refs):
         if c.has_segments:
             qs_ref, ks_ref, *refs = refs
+        sl_ref, refs = _split_slopes(refs, c)
         bi, kvh, kt, wg = (lax.axis_index(a) for a in ("batch", "kv_heads", "kv", "wg"))
         refs, stage = _split_stage(refs, c, wg)
         qi_ref, ki_ref, qr_ref, w_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, \
@@ -525,6 +567,10 @@ def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelC
                 delta_c = _load_vec(delta_ref.at[bi, head, pl.ds(i * bq, bq)], col_layout)
                 plgpu.barrier_wait(q_bars.at[slot])
                 s_t, t_cap = _scores(_wgmma(k_smem, q_smem.at[slot].transpose((1, 0)), (bk, bq)), c)
+                if c.alibi:
+                    q_pos_c = _load_vec(qp_ref.at[bi, pl.ds(i * bq, bq)], col_layout)
+                    slope_c = _load_vec(sl_ref.at[head, pl.ds(0, bq)], col_layout)
+                    s_t = s_t - _alibi_bias(slope_c, q_pos_c, k_pos_r, s_t.shape, transposed=True)
                 p_t = jnp.exp2((s_t - _col(lse_c, s_t.shape)) * LOG2E)
                 full = _flags(_info(qi_ref, bi, i, nq), k_info_wg, window_s, c, kv_blk, nkb)
                 p_t = _maybe_mask(p_t, full, lambda x: masked(x, i), c)
@@ -563,13 +609,13 @@ def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelC
                *_stage_scratch(c, wgs, (bk, bq), dtype)]
     kv_type = jax.ShapeDtypeStruct(k.shape, dtype)
     return _kernel_call(body, (kv_type, kv_type), scratch, (kh, n_tiles, b), ("kv_heads", "kv", "batch"), wgs + 1, c,
-                        q, k, v, do, lse, delta, q_pos, k_pos, *_seg_args(q_seg, k_seg, c),
+                        q, k, v, do, lse, delta, q_pos, k_pos, *_seg_args(q_seg, k_seg, c), *_slope_args(slopes, c),
                         q_info.reshape(-1), k_info.reshape(-1), q_range.reshape(-1), window)
 
 
-def backward(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def backward(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes=None):
     """dq, dk, dv on padded inputs. lse, delta: [B, N, T] f32 (delta = rowsum(dO * O) - dlse)."""
     _check(q, c)
-    dq = _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c)
-    dk, dv = _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c)
+    dq = _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
+    dk, dv = _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
     return dq, dk, dv

@@ -6,6 +6,12 @@ the kernels, their tests and `models.attention` share one definition of the mask
   * and, when causal, pos_k[j] <= pos_q[i]
   * and, with a window W > 0, pos_q[i] - pos_k[j] < W (W most recent keys, itself included;
     Hugging Face's `sliding_window`); without causality the window is symmetric, |dpos| < W.
+Scores are q.k * scale, soft-capped (softcap * tanh(s / softcap)) when asked, then, with ALiBi
+slopes m [N] (Press et al., 2021, arXiv 2108.12409), biased by -m[n] * |pos_q[i] - pos_k[j]|:
+a linear penalty on the distance by positions, so packed documents (positions restarting) and
+cached keys (explicit positions) get the same bias as a lone sequence. Causally, |dpos| is the
+paper's i - j; without causality the bias is symmetric, like the window. The slopes are fixed
+(no gradient flows to them).
 A query whose keys are all masked (padding) gets output 0, lse MASK_VALUE (about -3.4e38) and
 no gradient, never NaN; every implementation (blockwise XLA, ring, Pallas kernels) agrees. Scores, softmax and accumulation are float32 (float64 when the
 inputs are float64 and x64 is on).
@@ -60,6 +66,26 @@ def attention_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, *, causal=T
     return jnp.broadcast_to(mask, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]))
 
 
+def alibi_bias(q_pos_BT, k_pos_BS, slopes_N):
+    """ALiBi's bias -slope * |q_pos - k_pos| as float32 [B, N, T, S] (float64 with float64 slopes
+    under x64)."""
+    slopes = jax.lax.stop_gradient(jnp.asarray(slopes_N))
+    slopes = slopes.astype(jnp.promote_types(slopes.dtype, jnp.float32))
+    dist = jnp.abs(q_pos_BT[:, :, None] - k_pos_BS[:, None, :]).astype(slopes.dtype)
+    return -slopes[None, :, None, None] * dist[:, None]
+
+
+def check_alibi_slopes(alibi_slopes, num_heads: int, who: str = "attention"):
+    """None, or the slopes as an [N] float array; a ValueError names a wrong shape."""
+    if alibi_slopes is None:
+        return None
+    slopes = jnp.asarray(alibi_slopes)
+    if slopes.shape != (num_heads,) or not jnp.issubdtype(slopes.dtype, jnp.floating):
+        raise ValueError(f"{who}: alibi_slopes must be a float [N={num_heads}] array (one slope per query head) "
+                         f"or None; got {slopes.dtype}{list(slopes.shape)}")
+    return slopes
+
+
 def default_positions(batch: int, q_len: int, kv_len: int):
     """Queries are the last `q_len` of `kv_len` keys (equal lengths: the same tokens)."""
     q = jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len)
@@ -67,18 +93,22 @@ def default_positions(batch: int, q_len: int, kv_len: int):
     return jnp.broadcast_to(q, (batch, q_len)), jnp.broadcast_to(k, (batch, kv_len))
 
 
-def masked_softmax(s, mask, softcap=None):
+def masked_softmax(s, mask, softcap=None, bias=None):
     """(probabilities, lse) of scaled scores [..., S] under a boolean mask broadcastable to them:
-    softcap first, masked keys get probability 0, a fully masked row p = 0 and lse MASK_VALUE."""
+    softcap first, then `bias` (ALiBi's, broadcastable) added, masked keys get probability 0, a
+    fully masked row p = 0 and lse MASK_VALUE."""
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias
     s = jnp.where(mask, s, MASK_VALUE)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
     return p, jnp.where(mask.any(-1), lse, MASK_VALUE)
 
 
-def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse):
+def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, softcap, scale, return_lse,
+                     alibi_slopes=None):
     """The definition, on explicit q/kv positions and segment ids. out [B,T,N,V] (V: v's head
     dim), lse [B,N,T]."""
     b, t, n, h = q.shape
@@ -88,7 +118,10 @@ def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
     q_BTKGH = q.reshape(b, t, kh, g, h)
     s = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k, preferred_element_type=acc) * scale
     mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal=causal, window=window)[:, None, None]
-    p, lse_BKGT = masked_softmax(s, mask, softcap)
+    bias = None
+    if alibi_slopes is not None:
+        bias = alibi_bias(q_pos, k_pos, jnp.asarray(alibi_slopes).astype(acc)).reshape(b, kh, g, t, k.shape[1])
+    p, lse_BKGT = masked_softmax(s, mask, softcap, bias)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=acc)
     out_BTNH = out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
     if return_lse:
@@ -97,9 +130,10 @@ def masked_attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, causal, window, sof
 
 
 def attention_reference(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=None, causal=True, window=None,
-                        softcap=None, scale=None, return_lse=False):
+                        softcap=None, scale=None, return_lse=False, alibi_slopes=None):
     """`dot_product_attention`'s keywords and meanings, computed by the plain definition."""
-    b, t, _, h = q_BTNH.shape
+    b, t, n, h = q_BTNH.shape
+    alibi_slopes = check_alibi_slopes(alibi_slopes, n, "attention_reference")
     q_seg, k_seg = split_pair(segment_ids, "segment_ids")
     q_pos, k_pos = split_pair(positions, "positions")
     if q_pos is None:
@@ -107,4 +141,5 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKH, *, segment_ids=None, positions=N
     return masked_attention(q_BTNH, k_BSKH, v_BSKH, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg,
                             causal=causal, window=None if isinstance(window, int) and window <= 0 else window,
                             softcap=softcap,
-                            scale=(1.0 / h ** 0.5) if scale is None else scale, return_lse=return_lse)
+                            scale=(1.0 / h ** 0.5) if scale is None else scale, return_lse=return_lse,
+                            alibi_slopes=alibi_slopes)

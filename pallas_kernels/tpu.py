@@ -18,6 +18,9 @@ index maps clamp the grid index into that range, so the pipeline re-uses the buf
 holds instead of fetching skipped blocks, and the body runs under `pl.when(visible)`. Blocks
 that are fully visible skip the mask (the common case far from the diagonal).
 
+ALiBi: the slopes [N] sit whole in SMEM (one scalar per query head); every score tile, fully
+visible or not, gets -slope * |q_pos - k_pos| from the position vectors the kernels read anyway.
+
 GQA/MQA: the forward and dQ grids run over query heads and fetch K/V block `head // G`; the
 dK/dV grid runs over kv heads with the G query heads of the group folded into its reduction
 axis, so neither repeated K/V nor per-query-head dK/dV is ever materialised.
@@ -136,13 +139,27 @@ def _precision(dtype):
 
 
 def _split_refs(refs, c: KernelConfig, n_main: int):
-    """(main refs, q_pos, k_pos, q_seg | None, k_seg | None, rest)."""
+    """(main refs, q_pos, k_pos, q_seg | None, k_seg | None, slopes | None, rest)."""
     main, refs = refs[:n_main], refs[n_main:]
     q_pos, k_pos, refs = refs[0], refs[1], refs[2:]
-    q_seg = k_seg = None
+    q_seg = k_seg = slopes = None
     if c.has_segments:
         q_seg, k_seg, refs = refs[0], refs[1], refs[2:]
-    return main, q_pos, k_pos, q_seg, k_seg, refs
+    if c.alibi:
+        slopes, refs = refs[0], refs[1:]
+    return main, q_pos, k_pos, q_seg, k_seg, slopes, refs
+
+
+def _alibi(s, q_pos, k_pos, slopes_ref, head):
+    """Scores minus ALiBi's slope[head] * |q_pos - k_pos| (positions broadcast to the tile); s
+    unchanged without slopes."""
+    if slopes_ref is None:
+        return s
+    return s - slopes_ref[head] * jnp.abs((q_pos - k_pos).astype(F32))
+
+
+def _slopes_spec():
+    return pl.BlockSpec(memory_space=pltpu.SMEM)  # the whole [N] array, read as scalars
 
 
 def _dispatch(step, visible, full, c: KernelConfig):
@@ -164,9 +181,9 @@ def _get(ref):
 
 def _fwd_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
     del kvr_ref  # used by the index maps only
-    (q_ref, k_ref, v_ref), qp_ref, kp_ref, qs_ref, ks_ref, rest = _split_refs(refs, c, 3)
+    (q_ref, k_ref, v_ref), qp_ref, kp_ref, qs_ref, ks_ref, sl_ref, rest = _split_refs(refs, c, 3)
     o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, head, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     bq, bk = q_ref.shape[0], k_ref.shape[0]
     prec = _precision(q_ref.dtype)
 
@@ -181,6 +198,7 @@ def _fwd_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
     def step(masked: bool):
         s = _dot_nt(q_ref[...], k_ref[...], prec) * c.scale  # [bq, bk]
         s, _ = _softcap(s, c)
+        s = _alibi(s, qp_ref[...], kp_ref[...], sl_ref, head)
         if masked:
             kv_index = (j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)) if c.kv_padded else None
             mask = tile_mask(qp_ref[...], kp_ref[...], _get(qs_ref), _get(ks_ref), w_ref[0], kv_index, c)
@@ -202,8 +220,8 @@ def _fwd_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
         lse_ref[...] = lse
 
 
-def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
-    """out [B, T, N, H] (q's dtype) and lse [B, N, T] f32 on padded inputs."""
+def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes=None):
+    """out [B, T, N, H] (q's dtype) and lse [B, N, T] f32 on padded inputs; `slopes` [N] f32 with c.alibi."""
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -226,6 +244,9 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
     if c.has_segments:
         in_specs += [in_specs[3], in_specs[4]]
         args += [q_seg[:, :, None], k_seg[:, None, :]]
+    if c.alibi:
+        in_specs.append(_slopes_spec())
+        args.append(slopes)
     out_shape = [jax.ShapeDtypeStruct(args[0].shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, 1), F32)]
     out_specs = [_head_spec(layout, bq, h, q_idx), _head_col_spec(bq, q_idx)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -248,9 +269,10 @@ def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
 
 def _dq_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
     del kvr_ref
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qp_ref, kp_ref, qs_ref, ks_ref, rest = _split_refs(refs, c, 6)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qp_ref, kp_ref, qs_ref, ks_ref, sl_ref, rest = \
+        _split_refs(refs, c, 6)
     dq_ref, dq_sc = rest
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, head, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     bq, bk = q_ref.shape[0], k_ref.shape[0]
     prec = _precision(q_ref.dtype)
 
@@ -263,6 +285,7 @@ def _dq_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
     def step(masked: bool):
         k = k_ref[...]
         s, t = _softcap(_dot_nt(q_ref[...], k, prec) * c.scale, c)
+        s = _alibi(s, qp_ref[...], kp_ref[...], sl_ref, head)
         p = jnp.exp(s - lse_ref[...])  # [bq, bk]
         if masked:
             kv_index = (j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)) if c.kv_padded else None
@@ -281,7 +304,7 @@ def _dq_kernel(qi_ref, ki_ref, kvr_ref, w_ref, *refs, c: KernelConfig, nq, nk):
         dq_ref[...] = (dq_sc[...] * c.scale).astype(dq_ref.dtype)
 
 
-def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes):
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -306,6 +329,9 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
     if c.has_segments:
         in_specs += [in_specs[6], in_specs[7]]
         args += [q_seg[:, :, None], k_seg[:, None, :]]
+    if c.alibi:
+        in_specs.append(_slopes_spec())
+        args.append(slopes)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, n, nq, nk), in_specs=in_specs,
         out_specs=_head_spec(layout, bq, h, q_idx), scratch_shapes=[pltpu.VMEM((bq, h), F32)])
@@ -328,10 +354,12 @@ def _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelCo
 
 def _dkv_kernel(qi_ref, ki_ref, qr_ref, w_ref, *refs, c: KernelConfig, nq, nk, g):
     del qr_ref
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qp_ref, kp_ref, qs_ref, ks_ref, rest = _split_refs(refs, c, 6)
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), qp_ref, kp_ref, qs_ref, ks_ref, sl_ref, rest = \
+        _split_refs(refs, c, 6)
     dk_ref, dv_ref, dk_sc, dv_sc = rest
     b, j, r = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     i = _rem(r, nq)
+    head = pl.program_id(1) * g + _div(r, nq)  # the query head of this step
     bk, bq = k_ref.shape[0], q_ref.shape[0]
     prec = _precision(q_ref.dtype)
 
@@ -345,6 +373,7 @@ def _dkv_kernel(qi_ref, ki_ref, qr_ref, w_ref, *refs, c: KernelConfig, nq, nk, g
     def step(masked: bool):
         q, do = q_ref[...], do_ref[...]
         s_t, t_t = _softcap(_dot_nt(k_ref[...], q, prec) * c.scale, c)  # [bk, bq]
+        s_t = _alibi(s_t, qp_ref[...], kp_ref[...], sl_ref, head)
         p_t = jnp.exp(s_t - lse_ref[...])
         if masked:
             kv_index = (j * bk + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)) if c.kv_padded else None
@@ -365,7 +394,7 @@ def _dkv_kernel(qi_ref, ki_ref, qr_ref, w_ref, *refs, c: KernelConfig, nq, nk, g
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes):
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = n // kh
@@ -390,6 +419,9 @@ def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelC
     if c.has_segments:
         in_specs += [q_row, k_col]
         args += [q_seg[:, None, :], k_seg[:, :, None]]
+    if c.alibi:
+        in_specs.append(_slopes_spec())
+        args.append(slopes)
     kv_shape = jax.ShapeDtypeStruct(args[1].shape, k.dtype)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(b, kh, nk, g * nq), in_specs=in_specs,
@@ -405,10 +437,10 @@ def _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelC
     return _from_kernel(dk, layout, kh), _from_kernel(dv, layout, kh)
 
 
-def backward(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig):
+def backward(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c: KernelConfig, slopes=None):
     """dq, dk, dv on padded inputs. lse, delta: [B, N, T] f32 (delta = rowsum(dO * O) - dlse)."""
-    dq = _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c)
-    dk, dv = _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c)
+    dq = _dq(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
+    dk, dv = _dkv(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, window, c, slopes)
     return dq, dk, dv
 
 

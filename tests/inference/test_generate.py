@@ -39,6 +39,21 @@ def test_greedy_equals_full_recompute_for_ragged_batch(model):
         np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme,decode_layout", [("learned", None), ("sinusoidal", None), ("alibi", None),
+                                                  ("alibi", False), ("none", None)])
+def test_greedy_equals_full_recompute_for_each_position_scheme(scheme, decode_layout):
+    """RoPE is the fixture above; the other schemes (models/positions.py) through the KV cache, on
+    the CPU decode layout (None: it applies here) and on the stacked layers (False)."""
+    m = T.build(tiny_model_config(position_embedding=scheme), seed=11)
+    r = np.random.default_rng(0)
+    prompts = [random_tokens(r, (n,), 97).tolist() for n in (5, 12, 1)]
+    ids, lps = generate(m, prompts, max_new_tokens=8, return_logprobs=True, decode_layout=decode_layout)
+    for p, got, got_lp in zip(prompts, ids, lps):
+        ref, ref_lp = _greedy_by_recompute(m, p, 8)
+        assert got == ref
+        np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4)
+
+
 def test_stop_tokens_end_rows_and_are_included(model):
     r = np.random.default_rng(1)
     prompts = [random_tokens(r, (6,), 97).tolist() for _ in range(2)]

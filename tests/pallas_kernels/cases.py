@@ -27,6 +27,7 @@ TPU_FACTORS = dict(
     head_dim=(64, 128),
     dtype=("float32", "bfloat16"),
     lengths=((256, 256), (200, 200), (70, 200)),
+    alibi=(False, True),  # ALiBi's bias -slope * |dpos| on the scores (the paper's slopes for the heads)
 )
 # Mosaic GPU (WGMMA) has no exact f32 path, so its grid is bf16; it adds head_dim 256.
 GPU_FACTORS = dict(TPU_FACTORS, heads=((2, 2), (2, 1)), head_dim=(64, 128, 256), dtype=("bfloat16",),
@@ -60,7 +61,8 @@ def case_id(case: dict) -> str:
     n, kh = case["heads"]
     t, s = case["lengths"]
     return (f"{'causal' if case['causal'] else 'full'}-w{case['window']}-{'seg' if case['segments'] else 'noseg'}"
-            f"-cap{case['softcap']}-n{n}k{kh}-h{case['head_dim']}-{case['dtype']}-t{t}s{s}")
+            f"-cap{case['softcap']}-n{n}k{kh}-h{case['head_dim']}-{case['dtype']}-t{t}s{s}"
+            + ("-alibi" if case.get("alibi") else ""))
 
 
 def _packed(rng, b, s):
@@ -89,6 +91,8 @@ def make_inputs(case: dict, seed: int | None = None, batch: int = 2):
     k = rng.standard_normal((batch, s, kh, h)).astype(np.float32)
     v = rng.standard_normal((batch, s, kh, h)).astype(np.float32)
     kw = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"])
+    if case.get("alibi"):
+        kw["alibi_slopes"] = 2.0 ** (-8.0 * np.arange(1, n + 1) / n)  # Press et al.'s, n a power of two
     if case["segments"]:
         seg, pos = _packed(rng, batch, s)
         if t == s:

@@ -177,6 +177,8 @@ def test_scale_and_sm_scale_are_one_argument():
     (dict(segment_ids=np.ones((2, 39), np.int32)), r"segment_ids for q must be an integer \[B=2, 40\] array"),
     (dict(window=2.5), r"window must be None, an int or an integer scalar array; got float32\[\]"),
     (dict(softcap=-1.0), r"softcap=-1.0 must be positive"),
+    (dict(alibi_slopes=np.ones(2, np.float32)), r"alibi_slopes must be a float \[N=4\] array \(one slope per query "
+                                                r"head\) or None; got float32\[2\]"),
 ])
 def test_errors_name_the_value_and_the_valid_set(change, match):
     dtype = change.pop("dtype", jnp.float32)
@@ -192,6 +194,15 @@ def test_gpu_backend_rejects_float32():
     q, k, v = _qkv(5, h=64, t=128, s=128)
     with pytest.raises(ValueError, match=r"backend='gpu' supports q, k, v in \('bfloat16',\).*got float32"):
         jax.eval_shape(lambda q, k, v: flash_attention(q, k, v, backend="gpu", interpret=True), q, k, v)
+
+
+def test_alibi_slopes_get_no_gradient_and_change_the_output():
+    """ALiBi's slopes are constants (zero gradient, as in the XLA path), and they do bias the scores."""
+    q, k, v = _qkv(7, t=48, s=48)
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+    f = lambda sl: (flash_attention(q, k, v, alibi_slopes=sl) ** 2).sum()  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(f)(slopes), np.zeros(4, np.float32))
+    assert rel_err(flash_attention(q, k, v, alibi_slopes=slopes), flash_attention(q, k, v)) > 1e-2
 
 
 def test_block_sizes_dataclass_and_dict_agree():

@@ -16,9 +16,9 @@ from tests.helpers import run_program
 from tests.pallas_kernels.cases import GPU_FACTORS, TOLERANCE, case_id, pairwise, product
 
 
-def _case(causal, window, segments, softcap, heads, head_dim, lengths):
+def _case(causal, window, segments, softcap, heads, head_dim, lengths, alibi=False):
     return dict(causal=causal, window=window, segments=segments, softcap=softcap, heads=heads, head_dim=head_dim,
-                dtype="bfloat16", lengths=lengths)
+                dtype="bfloat16", lengths=lengths, alibi=alibi)
 
 
 DEFAULT_CASES = [
@@ -26,6 +26,7 @@ DEFAULT_CASES = [
     _case(True, 33, False, 5.0, (2, 2), 128, (128, 128)),  # sliding window + softcap
     _case(False, 33, True, None, (2, 2), 256, (70, 200)),  # T != S with (q, kv) id pairs, head_dim 256
     _case(False, None, False, 5.0, (2, 1), 64, (70, 200)),  # nothing but padded keys masked
+    _case(True, 33, True, None, (2, 1), 64, (200, 200), alibi=True),  # ALiBi on packed, windowed rows
 ]
 PAIRWISE = [c for c in pairwise(GPU_FACTORS) if c not in DEFAULT_CASES]
 REST = [c for c in product(GPU_FACTORS) if c not in DEFAULT_CASES and c not in PAIRWISE]

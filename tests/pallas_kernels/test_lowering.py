@@ -40,6 +40,9 @@ FEATURES = {  # causal always; the second adds a traced (per-layer) window, soft
     "causal": lambda: dict(),
     "window-softcap-segments": lambda: dict(window=jnp.int32(4096), softcap=30.0,
                                             segment_ids=jnp.ones((B, T), jnp.int32)),
+    # ALiBi's slopes: SMEM scalars in the TPU kernels, a per-row [N, W] array in the GPU ones
+    "alibi-window-segments": lambda: dict(alibi_slopes=2.0 ** (-8.0 * jnp.arange(1, N + 1) / N),
+                                          window=jnp.int32(4096), segment_ids=jnp.ones((B, T), jnp.int32)),
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from models.attention import dot_product_attention
+from models.positions import alibi_slopes
 from models.sharding import use_rules
 from tests.helpers import random_tokens, tiny_model_config
 from tests.pallas_kernels.cases import rel_err
@@ -31,13 +32,17 @@ def _packed(b, t, rng):
     return seg, pos
 
 
-@pytest.mark.parametrize("t,window,softcap", [(256, None, None), (256, 48, 20.0), (72, 16, None)])
-def test_dot_product_attention_pallas_matches_xla(t, window, softcap):
+@pytest.mark.parametrize("t,window,softcap,alibi", [
+    (256, None, None, False), (256, 48, 20.0, False), (72, 16, None, False), (256, 48, None, True), (72, None, 20.0, True),
+])
+def test_dot_product_attention_pallas_matches_xla(t, window, softcap, alibi):
     rng = np.random.default_rng(t + (window or 0))
     b, n, kh, h = 2, 4, 2, 64
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((b, t, n, h), (b, t, kh, h), (b, t, kh, h)))
     seg, pos = _packed(b, t, rng)
     kw = dict(segment_ids=seg, positions=pos, causal=True, window=window, softcap=softcap, return_lse=True)
+    if alibi:  # the blockwise XLA path (t=256) and the definition (t=72) against the kernels
+        kw["alibi_slopes"] = jnp.asarray(alibi_slopes(n), jnp.float32)
     w = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
 
     def run(impl):
