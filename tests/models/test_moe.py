@@ -471,3 +471,14 @@ def test_fsdp_ep_strategy_shapes():
     rules = shape_of(8)[1]
     assert rules["batch"] == ("data", "fsdp", "expert") and rules["experts"] == ("expert",)
     assert M.batch_shards({"data": 1, "fsdp": 2, "expert": 4}, tuple(rules.items())) == 8
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_rematerialised_moe_layers_give_the_same_gradients(remat):
+    cfg = tiny_model_config(moe=dict(num_experts=4, num_shared_experts=1, aux_loss_weight=0.01, z_loss_weight=0.01))
+    batch = _batch(0, b=2, t=8)
+    grads = []
+    for c in (cfg, cfg.replace(remat=remat)):
+        graphdef, params = tr.split_params(tr.build(c))
+        grads.append(jax.jit(jax.grad(lambda p, g=graphdef: lm_loss_fn(g)(p, batch, None)[0]))(params))
+    _assert_trees_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
