@@ -25,8 +25,10 @@ multiplies its contiguous rows, a grouped matmul: `jax.lax.ragged_dot`, or (`pad
 rows of each expert padded to whole blocks of b rows and one batched einsum over the blocks,
 each block against its expert's weights (MegaBlocks' block-sparse idea, arXiv 2211.15841, on
 dense hardware). On XLA:CPU ragged_dot lowers to a dense masked matmul, about E times the
-work, so "auto" picks "padded" on CPU (measured in benchmarks/notes/moe_cpu.md) and ragged_dot
-on GPU / TPU, where it is a native grouped GEMM. Dropped assignments are never computed.
+work, so "auto" picks "padded" on CPU (benchmarks/moe.py: about 8x faster there) and ragged_dot
+on GPU / TPU, where it is a native grouped GEMM. Dropped assignments take no row (their output
+is 0), but the static shapes are the dropless worst case, so on the padded path capacity saves
+no work; it bounds what each expert receives.
 
 Expert parallelism: under a mesh, dispatch runs inside `jax.shard_map` over the token shards
 (the batch / length axes of the logical rules). The expert dimension of the weights sits on
@@ -447,7 +449,7 @@ class MoeMlp(nnx.Module):
     """The MoE feed-forward block, a drop-in for `models.transformer.Mlp` (same call)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        from models.transformer import Mlp
+        from models.transformer import Mlp  # transformer.py imports this module: import at call time
 
         m = cfg.moe
         self.moe = m

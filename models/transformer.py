@@ -10,12 +10,13 @@ the config, or, with `pipeline_stages > 1`, as a GPipe pipeline over the mesh's 
 intermediate arrays carry the letters of their shape (`x_BTD`, `q_BTNH`, `logits_BTV`).
 Variants (quantized weights, adapters, prefix attention) plug in by replacing a projection's
 kernel or a submodule in the NNX graph, never by a branch here: models/projection.py says how.
-Mixture-of-experts layers (models/moe.py) are a kind of layer: a block built with `moe=True`
+Mixture-of-experts layers (models/moe.py) are a kind of layer: a block built with `is_moe=True`
 has an `MoeMlp` where others have an `Mlp`; layers of one kind are stacked together
 (`layer_groups`: the dense prefix in `dense_layers`, the MoE layers in `layers`) and each
 stack is one scan, so every kind compiles one body. Their auxiliary losses come back through
-`apply_with_aux`, not the model call. The model always runs its stacked layers; the CPU decode layout (unrolled layers,
-re-laid weights) lives in inference/decode_layout.py and runs these same modules.
+`apply_with_aux`, not the model call. The model always runs its stacked layers; the CPU decode
+layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and runs these
+same modules.
 Precision: parameters in `param_dtype`, matmul inputs in `dtype` with float32 accumulation,
 norms / softmax / RoPE / logits in float32, the residual stream in `dtype`.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models import pipeline
+from models import moe, pipeline
 from models.attention import cached_attention, dot_product_attention
 from models.config import ModelConfig
 from models.projection import F32, Einsum, Embedding, dropout
@@ -359,22 +360,17 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x)).
 
     With `post_norms` (Gemma 2) each branch's output is normalised again before the add:
-    x + Norm(Attn(Norm(x))), then x + Norm(Mlp(Norm(x))). With `moe=True` the feed-forward
+    x + Norm(Attn(Norm(x))), then x + Norm(Mlp(Norm(x))). With `is_moe` the feed-forward
     block is a mixture of experts (models/moe.py `MoeMlp`, the same call).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, is_moe: bool = False):
         norm = functools.partial(Norm, cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype,
                                  offset=cfg.norm_weight_offset)
         self.attn_norm = norm()
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = norm()
-        if moe:
-            from models.moe import MoeMlp  # models/moe.py builds on this module's Mlp
-
-            self.mlp = MoeMlp(cfg, rngs=rngs)
-        else:
-            self.mlp = Mlp(cfg, rngs=rngs)
+        self.mlp = moe.MoeMlp(cfg, rngs=rngs) if is_moe else Mlp(cfg, rngs=rngs)
         self.attn_post_norm = self.mlp_post_norm = nnx.data(None)
         if cfg.post_norms:
             self.attn_post_norm, self.mlp_post_norm = norm(), norm()
@@ -448,7 +444,7 @@ class Decoder(nnx.Module):
                                        axes=(None, "embed"))
         self.dense_layers = nnx.data(None)
         for name, start, end in layer_groups(cfg):
-            setattr(self, name, _stacked_blocks(cfg, rngs, end - start, moe=cfg.is_moe_layer(start)))
+            setattr(self, name, _stacked_blocks(cfg, rngs, end - start, is_moe=cfg.is_moe_layer(start)))
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt, offset=cfg.norm_weight_offset)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
@@ -517,9 +513,7 @@ class Decoder(nnx.Module):
         logits_BTV = self.output_logits(x_BTD)
         extra = {}
         if aux and stats is not None:
-            from models.moe import summarize
-
-            extra = summarize(cfg.moe, stats)
+            extra = moe.summarize(cfg.moe, stats)
         if cache is None:
             return logits_BTV, None, extra
         return logits_BTV, KVCache(k=kv[0], v=kv[1], segment_ids=attn_kw["kv_segment_ids_BS"],
@@ -536,8 +530,6 @@ class Decoder(nnx.Module):
         layer is a static int; different windows per layer (Gemma 2's local/global alternation)
         are an int array scanned with the layers.
         """
-        from models import moe
-
         cfg = self.config
         if len(set(cfg.layer_windows)) > 1:
             attn_kw = {**attn_kw, "window": None}
@@ -608,12 +600,12 @@ class Decoder(nnx.Module):
         return x_BTD, kv, stats
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int, *, moe: bool = False) -> Block:
-    """`num_layers` Blocks (MoE ones with `moe`) as one whose every parameter has a leading
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int, *, is_moe: bool = False) -> Block:
+    """`num_layers` Blocks (MoE ones with `is_moe`) as one whose every parameter has a leading
     `layers` axis (one slice per layer)."""
     keys = jax.random.split(rngs.params(), num_layers)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0), moe=moe)))
-    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key), moe=moe)))(keys)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0), is_moe=is_moe)))
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key), is_moe=is_moe)))(keys)
     for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
     return nnx.merge(graphdef, state)
