@@ -69,9 +69,9 @@ def strategy_case(model_cfg: ModelConfig, strategy: str, batch_size: int, seq_le
     resolved = mesh_lib.resolve({"shape": mesh_lib.DEFAULT_SHAPE, "strategy": strategy, "rules": ()}, n, model_cfg,
                                 seq_len)
     shape, rules = resolved["shape"], resolved["rules"]
-    shards = shape["data"] * shape["fsdp"]
+    shards = mesh_lib.batch_shards(shape, rules)  # data x fsdp (x expert under fsdp_ep)
     if batch_size % shards:
-        raise ValueError(f"batch {batch_size} does not split over data x fsdp = {shards} devices")
+        raise ValueError(f"batch {batch_size} does not split over the {shards} batch shards")
     if shape["stage"] > 1:
         s = shape["stage"]
         m = max(k for k in range(1, 2 * s + 1) if batch_size % (k * shards) == 0)
@@ -99,7 +99,7 @@ def accuracy_case(preset: str, strategy: str, remat: str, batch_size: int) -> di
     model_cfg, shape, rules, mesh, micro = strategy_case(model_cfg, strategy, batch_size, seq)
     tx, _ = make_optimizer(config.optimizer, 1000)
     plan = memory.plan_step(model_cfg, tx, mesh_shape=shape, rules=rules, seq_len=seq, micro_batch=micro)
-    global_batch = micro * shape["data"] * shape["fsdp"]
+    global_batch = micro * mesh_lib.batch_shards(shape, rules)
     m = compiled_memory(model_cfg, tx, mesh, rules, global_batch, seq)
     xla = xla_bytes(m)
     return {"mesh": mesh_text(shape), "micro_batch": micro, "global_batch": global_batch, "seq_len": seq,

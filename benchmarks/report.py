@@ -23,7 +23,8 @@ from benchmarks.records import RECORDS, REPO, describe_machine, markdown_table  
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 NOTES = REPO / "benchmarks" / "notes"
 # sections in this order (by record-name prefix); others follow alphabetically
-ORDER = ("train_step", "sft", "rl", "decode", "dedup", "data_pipeline", "memory", "parallelism", "attention", "gpu")
+ORDER = ("train_step", "sft", "rl", "decode", "dedup", "data_pipeline", "memory", "parallelism", "moe", "attention",
+         "gpu")
 # Records the benchmarks are meant to produce and the command that produces each: one missing is
 # listed under "Pending" (its figures appear only once a run has written it).
 GPU_NOTE = " on one GPU; then copy `$OUT/records/*.json` into `benchmarks/records/`"
@@ -34,6 +35,7 @@ EXPECTED = {
     "data_pipeline": "`.venv/bin/python benchmarks/data_pipeline.py`",
     "memory": "`.venv/bin/python benchmarks/memory.py`",
     "parallelism": "`.venv/bin/python benchmarks/parallelism.py`",
+    "moe_cpu": "`.venv/bin/python benchmarks/moe.py`",
     "gpu_kernel_check_gpu": "`STEPS=check bash benchmarks/gpu_session.sh`" + GPU_NOTE,
     "attention_gpu": "`STEPS=attention bash benchmarks/gpu_session.sh`" + GPU_NOTE,
     "train_step_gpu": "`STEPS=train bash benchmarks/gpu_session.sh`" + GPU_NOTE,

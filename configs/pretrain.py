@@ -1,14 +1,21 @@
 """Pretraining presets: `python -m train.pretrain --config=configs/pretrain.py:<preset>`.
 
 Presets: tiny (default, minutes on a laptop CPU), small (~28M), 125m (GPT-2 small), 1b (the
-Llama-3.2-1B shape), llama3_8b (the Llama-3-8B shape). Override any field from the command
-line, e.g. `--config.optimizer.lr=3e-4 --config.train.steps=80`.
+Llama-3.2-1B shape), llama3_8b (the Llama-3-8B shape), moe_tiny (tiny with mixture-of-experts
+layers: 16 fine-grained experts, top-2, one shared expert, dropless; as many active parameters
+per token as tiny), mixtral_8x7b (the Mixtral-8x7B shape: 46.7B parameters, 12.9B active).
+Override any field from the command line, e.g. `--config.optimizer.lr=3e-4 --config.train.steps=80`.
+
+DeepSeek-V2-Lite's shape needs multi-head latent attention, which this config cannot express
+yet; its MoE side is model.moe.{num_experts=64, experts_per_token=6, num_shared_experts=2,
+expert_intermediate_size=1408, first_dense_layers=1, router="softmax", norm_topk_prob=False,
+routed_scaling_factor=1.0} with intermediate_size=10944 for the dense first layer.
 """
 
 from ml_collections import config_dict
 from ml_collections.config_dict import placeholder
 
-PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b")
+PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b", "moe_tiny", "mixtral_8x7b")
 
 
 def source(**overrides):
@@ -34,6 +41,11 @@ _SHAPES = {
     "125m": (50257, 768, 3072, 12, 12, 12, 64, 1024, _GPT2, {}),
     "1b": (128256, 2048, 8192, 16, 32, 8, 64, 2048, _LLAMA, dict(rope_theta=500000.0, tie_embeddings=True)),
     "llama3_8b": (128256, 4096, 14336, 32, 32, 8, 128, 8192, _LLAMA, dict(rope_theta=500000.0)),
+    "moe_tiny": (4096, 256, 704, 4, 4, 2, 64, 256, _LLAMA, dict(moe=dict(
+        num_experts=16, experts_per_token=2, expert_intermediate_size=176, num_shared_experts=1,
+        shared_intermediate_size=352, first_dense_layers=1, aux_loss_weight=0.01, z_loss_weight=1e-3))),
+    "mixtral_8x7b": (32000, 4096, 14336, 32, 32, 8, 128, 32768, _LLAMA, dict(rope_theta=1e6, moe=dict(
+        num_experts=8, experts_per_token=2, norm_topk_prob=True, aux_loss_weight=0.02))),
 }
 
 #            steps  batch  lr     seq   tokenizer vocab  dtype       remat
@@ -43,7 +55,30 @@ _TRAINING = {
     "125m": (20000, 512, 6e-4, 1024, 32768, "bfloat16", "save_dots"),
     "1b": (50000, 512, 3e-4, 2048, 32768, "bfloat16", "full"),
     "llama3_8b": (100000, 512, 3e-4, 8192, 32768, "bfloat16", "full"),
+    "moe_tiny": (300, 16, 3e-3, 256, 4096, "bfloat16", "none"),
+    "mixtral_8x7b": (100000, 512, 3e-4, 4096, 32000, "bfloat16", "full"),
 }
+
+# model.moe: every field present (so each can be overridden from the command line); dense by default
+_MOE = dict(
+    num_experts=0,  # routed experts E; 0 = dense model
+    experts_per_token=2,  # k: experts each token goes to (top-k of the router's scores)
+    num_shared_experts=0,  # experts every token goes through (DeepSeekMoE, Qwen2-MoE)
+    expert_intermediate_size=0,  # hidden width of each routed expert; 0 = intermediate_size
+    shared_intermediate_size=0,  # hidden width of each shared expert; 0 = expert_intermediate_size
+    shared_expert_gate=False,  # shared experts' output x sigmoid(x . w) (Qwen2-MoE)
+    first_dense_layers=0,  # the first k layers keep the dense MLP (of intermediate_size)
+    router="softmax",  # "softmax" (Mixtral, Qwen, DeepSeek-V2) | "sigmoid" (DeepSeek-V3)
+    norm_topk_prob=True,  # renormalise the k chosen scores to sum 1
+    routed_scaling_factor=1.0,  # routed output times this (DeepSeek)
+    capacity_factor=0.0,  # slots per expert per sequence = ceil(cf T k / E), overflow dropped; 0 = dropless
+    aux_loss_weight=0.0,  # Switch load-balancing loss (1 when balanced) times this
+    z_loss_weight=0.0,  # router z-loss mean(logsumexp(router logits)^2) times this
+    bias_balancing=False,  # auxiliary-loss-free balancing: a selection-only bias per expert (DeepSeek-V3)
+    bias_update_rate=1e-3,  # that bias moves by this x sign(mean load - load) each step
+    grouped_matmul="auto",  # "auto" (padded on CPU, ragged_dot elsewhere) | "ragged_dot" | "padded"
+    block_size=0,  # "padded": rows per block; 0 = automatic
+)
 
 
 def get_config(arg=None):
@@ -51,6 +86,8 @@ def get_config(arg=None):
     if preset not in PRESETS:
         raise ValueError(f"unknown pretrain preset {preset!r}; valid presets: {PRESETS}")
     vocab, d, ffn, layers, heads, kv, hd, ctx, family, extra = _SHAPES[preset]
+    extra = dict(extra)
+    moe = {**_MOE, **extra.pop("moe", {})}
     steps, batch, lr, seq, tok_vocab, dtype, remat = _TRAINING[preset]
 
     c = config_dict.ConfigDict()
@@ -102,6 +139,7 @@ def get_config(arg=None):
             qk_rope_head_dim=0,  # decoupled RoPE dims per query head and of the one shared key
             v_head_dim=0,  # per-head value dims (from the latent)
         )),
+        moe=config_dict.ConfigDict(moe),  # mixture-of-experts layers (fields in _MOE above); dense by default
         **{**family, **extra},
     ))
 
@@ -169,8 +207,8 @@ def get_config(arg=None):
     c.mesh = config_dict.ConfigDict(dict(
         # all six axes; at most one -1 (resolved from the device count)
         shape=config_dict.ConfigDict(dict(data=-1, stage=1, fsdp=1, tensor=1, sequence=1, expert=1)),
-        # "" (use shape) | "dp" | "fsdp" | "fsdp_tp" | "tp" | "fsdp_sp" | "pp_fsdp": picks the shape for the
-        # devices present (train/mesh.py)
+        # "" (use shape) | "dp" | "fsdp" | "fsdp_tp" | "tp" | "fsdp_sp" | "pp_fsdp" | "fsdp_ep" (expert parallel):
+        # picks the shape for the devices present (train/mesh.py)
         strategy="",
         rules=(),  # overrides of the logical-axis table, e.g. (("embed", None),)
     ))

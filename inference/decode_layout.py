@@ -6,8 +6,9 @@ the weights stream from memory. Two things lose speed in the model's own layout 
 the stacked arrays every step, and XLA:CPU materialises those slices (about a quarter of a
 step); and XLA's few-row matmul reads a row-major [K, N] matrix at about half the bandwidth this
 machine streams. The layout therefore
-  - unrolls the layers: one `Block` per layer (`blocks`), each with its own cache buffers
-    (`LayerCache`), so no step slices a stacked array; and
+  - unrolls the layers: one `Block` per layer (`blocks`, every stack's in layer order: an MoE
+    model's dense prefix, then its MoE layers), each with its own cache buffers (`LayerCache`),
+    so no step slices a stacked array; and
   - stores every plain kernel whose output features divide by `panel` as column panels
     [N / panel, K, panel] (`PanelKernel`, multiplied by `panel_matmul`), and the output head too.
 Everything else is the model's own: the blocks are the model's `Block` modules (whatever
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.projection import F32, Einsum, Embedding, Kernel, contracted, map_kernels, map_plain_kernels
-from models.transformer import Block, Decoder, KVCache, cache_inputs, soft_cap
+from models.transformer import Block, Decoder, KVCache, cache_inputs, layer_groups, soft_cap
 
 # Column-panel width, and the rows (tokens in a call) up to which `panel_matmul` streams the
 # panels; above, the matrix is re-formed and multiplied whole (at 32 rows the plain matmul was
@@ -165,12 +166,17 @@ def lay_out(model: Decoder, panel: int = PANEL) -> DecodeLayout:
     model = _copy(model)  # a module of its own over the same arrays
     # one compiled program slices and re-lays every kernel (eagerly, op by op, it took ~0.5 s);
     # it gets copies of the modules, since nnx.jit writes new arrays back into its inputs
-    stacked = _copy(model.layers)
     head = None if model.lm_head is None else _copy(model.lm_head)
     table_VD = model.embed[...] if model.lm_head is None and type(model.embed) is Embedding else None
-    blocks, head = _lay_out(stacked, head, table_VD, panel=panel, num_layers=cfg.num_layers,
-                            dtype=cfg.compute_dtype)
-    return DecodeLayout(model, blocks, head)
+    blocks = []
+    for i, (name, start, end) in enumerate(layer_groups(cfg)):  # the head is laid out with the first stack
+        stack_blocks, stack_head = _lay_out(_copy(getattr(model, name)), head if i == 0 else None,
+                                            table_VD if i == 0 else None, panel=panel, num_layers=end - start,
+                                            dtype=cfg.compute_dtype)
+        blocks.extend(stack_blocks)
+        if i == 0:
+            head = stack_head
+    return DecodeLayout(model, nnx.List(blocks), head)
 
 
 def _copy(module):

@@ -20,6 +20,77 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "dynamic", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
+ROUTERS = ("softmax", "sigmoid")
+GROUPED_MATMULS = ("auto", "ragged_dot", "padded")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts feed-forward layers (models/moe.py); `num_experts=0` is a dense model.
+
+    The config's `model.moe` section, nested in `ModelConfig.moe`. Routed experts are gated MLPs
+    (or plain, as the model's `gated_mlp`) of width `expert_intermediate_size`; shared experts
+    (DeepSeekMoE, Qwen2-MoE) are one MLP of `num_shared_experts x shared_intermediate_size` that
+    every token goes through.
+    """
+
+    num_experts: int = 0  # routed experts E; 0 = dense model (every other field is then unused)
+    experts_per_token: int = 2  # k: routed experts each token goes to (top-k token choice)
+    num_shared_experts: int = 0  # experts every token goes through (DeepSeekMoE, Qwen2-MoE); 0 = none
+    expert_intermediate_size: int = 0  # hidden width of each routed expert; 0 = model.intermediate_size
+    shared_intermediate_size: int = 0  # hidden width of each shared expert; 0 = expert_intermediate_size
+    shared_expert_gate: bool = False  # shared output x sigmoid(x . w) with a learned w [D] (Qwen2-MoE)
+    first_dense_layers: int = 0  # the first k layers keep the dense MLP (DeepSeek's first_k_dense_replace)
+    router: str = "softmax"  # gate scores: "softmax" over experts (Mixtral, Qwen) | "sigmoid" per expert (DeepSeek-V3)
+    norm_topk_prob: bool = True  # divide the k chosen scores by their sum (Mixtral always; Qwen by config)
+    routed_scaling_factor: float = 1.0  # routed output times this (DeepSeek-V2/V3)
+    capacity_factor: float = 0.0  # slots per expert per sequence = ceil(cf x T x k / E), overflow dropped; 0 = dropless
+    aux_loss_weight: float = 0.0  # Switch load-balancing loss E sum_i f_i P_i (1 when balanced) times this
+    z_loss_weight: float = 0.0  # router z-loss mean(logsumexp(router logits) ** 2) times this (ST-MoE)
+    bias_balancing: bool = False  # auxiliary-loss-free balancing (DeepSeek-V3): a selection-only bias per expert
+    bias_update_rate: float = 1e-3  # that bias moves by this x sign(mean load - load) every step (DeepSeek-V3's gamma)
+    # grouped expert matmul of dropless dispatch: "ragged_dot" (jax.lax.ragged_dot), "padded" (rows sorted by
+    # expert, each expert's rows padded to whole blocks, one batched einsum), "auto" = padded on CPU, where
+    # ragged_dot lowers to a dense masked matmul (about E times the work), ragged_dot elsewhere
+    grouped_matmul: str = "auto"
+    block_size: int = 0  # "padded": rows per block; 0 = automatic (about a quarter of an expert's mean rows)
+
+    def __post_init__(self):
+        if self.num_experts < 0:
+            raise ValueError(f"model.moe.num_experts={self.num_experts} must be >= 0 (0 = dense model)")
+        for name in ("expert_intermediate_size", "shared_intermediate_size", "num_shared_experts",
+                     "first_dense_layers", "block_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.moe.{name}={getattr(self, name)} must be >= 0")
+        for name in ("capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.moe.{name}={getattr(self, name)} must be >= 0")
+        if self.router not in ROUTERS:
+            raise ValueError(f"model.moe.router={self.router!r} is not valid; expected one of {ROUTERS}")
+        if self.grouped_matmul not in GROUPED_MATMULS:
+            raise ValueError(f"model.moe.grouped_matmul={self.grouped_matmul!r} is not valid; expected one of "
+                             f"{GROUPED_MATMULS}")
+        if not self.num_experts:
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"model.moe.experts_per_token={self.experts_per_token} must be in [1, "
+                             f"model.moe.num_experts={self.num_experts}]")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"model.moe.routed_scaling_factor={self.routed_scaling_factor} must be positive")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("model.moe.shared_expert_gate=True needs model.moe.num_shared_experts >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MoeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model.moe config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +164,7 @@ class ModelConfig:
     pipeline_stages: int = 1  # GPipe stages over the mesh's `stage` axis (models/pipeline.py); 1 = no pipeline
     pipeline_microbatches: int = 0  # micro-batches per pipelined forward/backward; 0 = 2 x pipeline_stages
     mla: MlaConfig = dataclasses.field(default_factory=MlaConfig)  # latent attention; off by default
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)  # mixture-of-experts layers; dense by default
 
     def __post_init__(self):
         # JSON gives lists; the config must stay hashable (it sits in the model's graphdef)
@@ -105,6 +177,8 @@ class ModelConfig:
             object.__setattr__(self, "mla", MlaConfig(**self.mla))
         elif not isinstance(self.mla, MlaConfig):
             raise ValueError(f"model.mla={self.mla!r} is not valid; expected a dict of {MlaConfig.__name__} fields")
+        if isinstance(self.moe, Mapping):  # a config dict / config.json gives the section as a dict
+            object.__setattr__(self, "moe", MoeConfig.from_dict(self.moe))
 
         def check(name, value, valid):
             if value not in valid:
@@ -172,6 +246,17 @@ class ModelConfig:
         if self.pipeline_microbatches < 0:
             raise ValueError(f"model.pipeline_microbatches={self.pipeline_microbatches} must be >= 0 "
                              f"(0 = 2 x pipeline_stages)")
+        if self.moe.enabled:
+            if self.moe.first_dense_layers >= self.num_layers:
+                raise ValueError(f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "
+                                 f"of model.num_layers={self.num_layers}; valid: 0..{self.num_layers - 1} (or "
+                                 f"model.moe.num_experts=0 for a dense model)")
+            if self.mlp_bias:
+                raise ValueError("model.mlp_bias=True is not supported with MoE layers (model.moe.num_experts="
+                                 f"{self.moe.num_experts}): experts have no biases")
+            if self.pipeline_stages > 1:
+                raise ValueError(f"model.pipeline_stages={self.pipeline_stages} is not supported with MoE layers "
+                                 f"(model.moe.num_experts={self.moe.num_experts}); use 1 (or mesh.strategy fsdp_ep)")
         self._check_mla()
 
     def _check_mla(self):
@@ -218,6 +303,23 @@ class ModelConfig:
     def attention(self) -> str:
         """"mla" (multi-head latent attention, models/mla.py) or "mha" (grouped-query, models/transformer.py)."""
         return "mla" if self.mla.enabled else "mha"
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` has an MoE feed-forward block (the rest keep the dense MLP)."""
+        return self.moe.enabled and layer >= self.moe.first_dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.moe.first_dense_layers if self.moe.enabled else 0
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Hidden width of each routed expert."""
+        return self.moe.expert_intermediate_size or self.intermediate_size
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """Hidden width of the shared experts fused into one MLP (0 without shared experts)."""
+        return self.moe.num_shared_experts * (self.moe.shared_intermediate_size or self.expert_intermediate_size)
 
     def window(self, layer: int) -> int:
         """The attention window of `layer` (0 = global)."""
@@ -232,10 +334,25 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Number of parameters, in closed form (tests check it against the built model)."""
-    d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.head_dim, cfg.vocab_size)
+def _mlp_params(cfg: ModelConfig, width: int, *, bias: bool) -> int:
+    """Parameters of one MLP of hidden width `width` (gated or plain, as the model's)."""
+    d = cfg.hidden_size
+    return d * width * (3 if cfg.gated_mlp else 2) + (width * (2 if cfg.gated_mlp else 1) + d) * bias
+
+
+def _moe_params(cfg: ModelConfig) -> dict[str, int]:
+    """One MoE block's parameters: `routed` (all experts), `expert` (one of them), `shared` (the
+    shared experts and their gate), `router` (its kernel and, with bias balancing, its bias)."""
+    m, d = cfg.moe, cfg.hidden_size
+    expert = _mlp_params(cfg, cfg.expert_intermediate_size, bias=False)
+    shared = _mlp_params(cfg, cfg.shared_intermediate_size, bias=False) + d * m.shared_expert_gate
+    return {"routed": m.num_experts * expert, "expert": expert, "shared": shared,
+            "router": d * m.num_experts + m.num_experts * m.bias_balancing}
+
+
+def _param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token): active counts the k routed experts a token goes to, not all E."""
+    d, n, k, h, v = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     norm = d * (2 if cfg.norm == "layernorm" else 1)
     if cfg.mla.enabled:
         attn = _mla_matmul_params(cfg) + d * cfg.attention_out_bias
@@ -247,12 +364,30 @@ def param_count(cfg: ModelConfig) -> int:
         attn += (n + 2 * k) * h * cfg.attention_bias + d * cfg.attention_out_bias
     if cfg.qk_norm:
         attn += 2 * h * (2 if cfg.norm == "layernorm" else 1)
-    mlp = d * f * (3 if cfg.gated_mlp else 2) + (f * (2 if cfg.gated_mlp else 1) + d) * cfg.mlp_bias
-    per_layer = attn + mlp + (4 if cfg.post_norms else 2) * norm
-    total = cfg.num_layers * per_layer + norm + v * d
-    total += cfg.max_seq_len * d * (cfg.position_embedding == "learned")
-    total += d * v * (not cfg.tie_embeddings)
-    return total
+    block = attn + (4 if cfg.post_norms else 2) * norm
+    dense_mlp = _mlp_params(cfg, cfg.intermediate_size, bias=cfg.mlp_bias)
+    n_moe = cfg.num_moe_layers
+    n_dense = cfg.num_layers - n_moe
+    total = active = n_dense * (block + dense_mlp)
+    if n_moe:
+        e = _moe_params(cfg)
+        total += n_moe * (block + e["routed"] + e["shared"] + e["router"])
+        active += n_moe * (block + cfg.moe.experts_per_token * e["expert"] + e["shared"] + e["router"])
+    rest = norm + v * d + cfg.max_seq_len * d * (cfg.position_embedding == "learned") + d * v * (not cfg.tie_embeddings)
+    return total + rest, active + rest
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters, in closed form (tests check it against the built model); an MoE
+    model's counts every expert (`active_param_count` counts what one token uses)."""
+    return _param_counts(cfg)[0]
+
+
+def active_param_count(cfg: ModelConfig) -> int:
+    """Parameters one token goes through: every parameter of a dense model; with MoE layers, the
+    k routed experts it is sent to (plus the shared experts and the router) instead of all E.
+    Embeddings count (Mixtral-8x7B: 46.7B total, 12.9B active)."""
+    return _param_counts(cfg)[1]
 
 
 def _mla_matmul_params(cfg: ModelConfig) -> int:
@@ -267,14 +402,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, f
     """Model FLOPs per token (PaLM appendix B convention; no discount for causal masking).
 
     `forward` counts 2 FLOPs per multiply-add of every matmul: the projections and the head
-    (the input embedding is a lookup, not a matmul), plus QK^T and PV over `seq_len` keys.
-    `train` is 3x forward (the backward pass is twice the forward). Rematerialisation is not
-    model FLOPs and is not counted, so MFU stays comparable across remat policies.
+    (the input embedding is a lookup, not a matmul), plus QK^T and PV over `seq_len` keys. MoE
+    layers count the router and the k experts a token goes to (the active parameters), not the
+    dispatch's padding. `train` is 3x forward (the backward pass is twice the forward).
+    Rematerialisation is not model FLOPs and is not counted, so MFU stays comparable across
+    remat policies.
     """
     t = seq_len or cfg.max_seq_len
-    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    attn_params = _mla_matmul_params(cfg) if cfg.mla.enabled else d * (n + 2 * k) * h + n * h * d
-    matmul_params = cfg.num_layers * (attn_params + d * f * (3 if cfg.gated_mlp else 2))
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    mlp_matmul = d * cfg.intermediate_size * (3 if cfg.gated_mlp else 2)
+    attn_matmul = _mla_matmul_params(cfg) if cfg.mla.enabled else d * (n + 2 * k) * h + n * h * d
+    n_moe = cfg.num_moe_layers
+    matmul_params = cfg.num_layers * attn_matmul + (cfg.num_layers - n_moe) * mlp_matmul
+    if n_moe:
+        e = _moe_params(cfg)
+        matmul_params += n_moe * (cfg.moe.experts_per_token * e["expert"] + e["shared"] + d * cfg.moe.num_experts)
     matmul_params += d * cfg.vocab_size
     if cfg.mla.enabled:  # scores over the q/k head dims, values over v's (the training form, keys expanded)
         attention = cfg.num_layers * 2 * n * t * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim)

@@ -223,7 +223,8 @@ class NF4Kernel(nnx.Module):
 
 def quantize_base(model, *, block_size: int = 64, double_quant: bool = False):
     """A copy of a Decoder whose stacked layers' projections are NF4 (QLoRA's frozen base); the
-    embedding table and the output head stay in floating point."""
+    embedding table and the output head stay in floating point, and so do an MoE layer's router
+    and experts (they are not projections)."""
     from models.transformer import Decoder
 
     if not isinstance(model, Decoder):
@@ -231,7 +232,7 @@ def quantize_base(model, *, block_size: int = 64, double_quant: bool = False):
     model = nnx.clone(model)
 
     def quantize(path, proj, kernel):
-        if path[0] != "layers" or type(kernel) is not Kernel:
+        if path[0] not in ("layers", "dense_layers") or type(kernel) is not Kernel:
             return kernel
         n_w = len(proj.spec.split("->")[0].split(",")[1])
         n_lead = kernel[...].ndim - n_w

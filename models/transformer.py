@@ -8,13 +8,17 @@ the config, or, with `pipeline_stages > 1`, as a GPipe pipeline over the mesh's 
   B batch, T query length, S key length, D hidden, N heads, K kv heads, H head_dim,
   F mlp hidden, V vocabulary, L layers;
 intermediate arrays carry the letters of their shape (`x_BTD`, `q_BTNH`, `logits_BTV`).
-Variants (quantized weights, adapters, prefix attention, MoE layers) plug in by replacing a
-projection's kernel or a submodule in the NNX graph, never by a branch here: models/projection.py
-says how. The one choice made here is the attention the config names (`attention_layer`:
-grouped-query `Attention`, or multi-head latent attention from models/mla.py), built into the
-layers from the start since its parameters differ. The model always runs its stacked layers;
-the CPU decode layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and
-runs these same modules.
+Variants (quantized weights, adapters, prefix attention) plug in by replacing a projection's
+kernel or a submodule in the NNX graph, never by a branch here: models/projection.py says how.
+Two choices are made here, since their parameters differ: the attention the config names
+(`attention_layer`: grouped-query `Attention`, or multi-head latent attention from
+models/mla.py), and mixture-of-experts layers (models/moe.py): a block built with `is_moe=True`
+has an `MoeMlp` where others have an `Mlp`; layers of one kind are stacked together
+(`layer_groups`: the dense prefix in `dense_layers`, the MoE layers in `layers`) and each stack
+is one scan, so every kind compiles one body. MoE auxiliary losses come back through
+`apply_with_aux`, not the model call. The model always runs its stacked layers; the CPU decode
+layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and runs these
+same modules.
 Positions (`position_embedding`, models/positions.py): RoPE rotates q and k here; the learned
 and sinusoidal tables are added in `embed_inputs`; ALiBi's slopes bias the attention scores;
 "none" (NoPE) adds nothing. Each reads the batch's `positions_BT`, so packing and the KV cache
@@ -36,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from models import pipeline
+from models import moe, pipeline
 from models.attention import cached_attention, dot_product_attention
 from models.config import ModelConfig
 from models.positions import alibi_slopes, sinusoidal_embedding
@@ -386,16 +390,17 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + Attn(Norm(x)), then x + Mlp(Norm(x)).
 
     With `post_norms` (Gemma 2) each branch's output is normalised again before the add:
-    x + Norm(Attn(Norm(x))), then x + Norm(Mlp(Norm(x))).
+    x + Norm(Attn(Norm(x))), then x + Norm(Mlp(Norm(x))). With `is_moe` the feed-forward
+    block is a mixture of experts (models/moe.py `MoeMlp`, the same call).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, is_moe: bool = False):
         norm = functools.partial(Norm, cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.params_dtype,
                                  offset=cfg.norm_weight_offset)
         self.attn_norm = norm()
         self.attn = attention_layer(cfg, rngs=rngs)
         self.mlp_norm = norm()
-        self.mlp = Mlp(cfg, rngs=rngs)
+        self.mlp = moe.MoeMlp(cfg, rngs=rngs) if is_moe else Mlp(cfg, rngs=rngs)
         self.attn_post_norm = self.mlp_post_norm = nnx.data(None)
         if cfg.post_norms:
             self.attn_post_norm, self.mlp_post_norm = norm(), norm()
@@ -443,8 +448,20 @@ def soft_cap(x, cap):
 # The decoder
 
 
+def layer_groups(cfg: ModelConfig) -> tuple[tuple[str, int, int], ...]:
+    """The decoder's stacks of layers in order, as (attribute, first layer, end): `layers` holds
+    every layer of a dense model; with MoE, `dense_layers` the first `moe.first_dense_layers`
+    (dense MLP, absent when 0) and `layers` the MoE ones. Global layer i is row i - first of
+    its stack (the KV cache and per-layer windows use global indices)."""
+    first = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+    groups = (("dense_layers", 0, first),) if first else ()
+    return groups + (("layers", first, cfg.num_layers),)
+
+
 class Decoder(nnx.Module):
-    """Embedding, L stacked blocks, final norm, output head (its own, or the tied embedding)."""
+    """Embedding, L stacked blocks, final norm, output head (its own, or the tied embedding).
+
+    A model with MoE layers stacks them apart from its dense prefix (`layer_groups`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -455,7 +472,9 @@ class Decoder(nnx.Module):
         if cfg.position_embedding == "learned":
             self.pos_embed = nnx.Param(_normal(rngs, (cfg.max_seq_len, cfg.hidden_size), cfg.init_std / 2, pdt),
                                        axes=(None, "embed"))
-        self.layers = _stacked_blocks(cfg, rngs)
+        self.dense_layers = nnx.data(None)
+        for name, start, end in layer_groups(cfg):
+            setattr(self, name, _stacked_blocks(cfg, rngs, end - start, is_moe=cfg.is_moe_layer(start)))
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt, offset=cfg.norm_weight_offset)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
@@ -496,6 +515,21 @@ class Decoder(nnx.Module):
         index..index+T-1 and segment ids to 1 (left-padded prompts pass 0 for the padding).
         `dropout_rng` turns dropout on (training); None is deterministic.
         """
+        logits_BTV, new_cache, _ = self.forward(inputs_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                                cache=cache, dropout_rng=dropout_rng, aux=False)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def forward_with_aux(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
+        """(logits [B, T, V] float32, aux): the call without a cache, plus the auxiliary outputs
+        the loss needs: {} for a dense model; with MoE layers `models.moe.summarize`'s dict
+        (`aux_loss`, the term to add to the loss, and the routing metrics)."""
+        logits_BTV, _, aux = self.forward(inputs_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                          dropout_rng=dropout_rng, aux=True)
+        return logits_BTV, aux
+
+    def forward(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
+                dropout_rng=None, aux: bool = False):
+        """(logits, new cache or None, aux dict): `__call__` and `forward_with_aux` in one."""
         cfg = self.config
         b, t = inputs_BT.shape
         if cache is None:
@@ -507,22 +541,27 @@ class Decoder(nnx.Module):
         if dropout_rng is not None:
             dropout_rng, embed_rng = jax.random.split(dropout_rng)
             x_BTD = dropout(x_BTD, cfg.dropout_rate, embed_rng)
-        x_BTD, kv = self.run_layers(x_BTD, attn_kw, kv=None if cache is None else (cache.k, cache.v),
-                                    dropout_rng=dropout_rng)
+        x_BTD, kv, stats = self.run_layers(x_BTD, attn_kw, kv=None if cache is None else (cache.k, cache.v),
+                                           dropout_rng=dropout_rng, collect=aux)
         logits_BTV = self.output_logits(x_BTD)
+        extra = {}
+        if aux and stats is not None:
+            extra = moe.summarize(cfg.moe, stats)
         if cache is None:
-            return logits_BTV
+            return logits_BTV, None, extra
         return logits_BTV, KVCache(k=kv[0], v=kv[1], segment_ids=attn_kw["kv_segment_ids_BS"],
-                                   positions=attn_kw["kv_positions_BS"], index=cache.index + t)
+                                   positions=attn_kw["kv_positions_BS"], index=cache.index + t), extra
 
-    def run_layers(self, x_BTD, attn_kw: dict[str, Any], *, kv=None, dropout_rng=None):
-        """The L blocks over x [B, T, D]: (x, kv) with kv the updated (k, v) cache buffers or None.
+    def run_layers(self, x_BTD, attn_kw: dict[str, Any], *, kv=None, dropout_rng=None, collect: bool = False):
+        """The L blocks over x [B, T, D]: (x, kv, stats) with kv the updated (k, v) cache buffers
+        or None, and stats the MoE layers' routing statistics stacked over those layers
+        (`collect=True` and a model with MoE layers; else None).
 
-        A `jax.lax.scan` over the stacked layers (the cache buffers, when given, ride in the
-        carry), rematerialised per `remat`; or, with `pipeline_stages > 1`, a GPipe pipeline
-        over the mesh's `stage` axis (models/pipeline.py). One window for every layer is a static
-        int; different windows per layer (Gemma 2's local/global alternation) are an int array
-        scanned with the layers.
+        A `jax.lax.scan` over each stack of layers (`layer_groups`; the cache buffers, when
+        given, ride in the carry), rematerialised per `remat`; or, with `pipeline_stages > 1`, a
+        GPipe pipeline over the mesh's `stage` axis (models/pipeline.py). One window for every
+        layer is a static int; different windows per layer (Gemma 2's local/global alternation)
+        are an int array scanned with the layers.
         """
         cfg = self.config
         if len(set(cfg.layer_windows)) > 1:
@@ -531,57 +570,75 @@ class Decoder(nnx.Module):
         else:
             attn_kw = {**attn_kw, "window": cfg.window(0) or None}
             windows_L = None
-        layer_index_L = jnp.arange(cfg.num_layers)
-        graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(x_BTD, *, state, index, window, kv, batch_kw, rng):
-            """Block `index` (parameters `state`); `window` overrides the static one when per
-            layer; `batch_kw` the positions / segment ids (a pipeline micro-batch's own)."""
-            kw = {**attn_kw, **batch_kw}
-            if window is not None:
-                kw["window"] = window
-            if kv is not None:
-                kw["kv_cache"] = (*kv, index)
-            rng = None if rng is None else jax.random.fold_in(rng, index)
-            return nnx.merge(graphdef, state)(x_BTD, dropout_rng=rng, **kw)
+        def layer_fn(graphdef):
+            def layer(x_BTD, *, state, index, window, kv, batch_kw, rng):
+                """Block `index` of the stack `graphdef` (parameters `state`); `window` overrides
+                the static one when per layer; `batch_kw` the positions / segment ids (a pipeline
+                micro-batch's own). Returns ((x, kv), the block's MoE statistics or None)."""
+                kw = {**attn_kw, **batch_kw}
+                if window is not None:
+                    kw["window"] = window
+                if kv is not None:
+                    kw["kv_cache"] = (*kv, index)
+                rng = None if rng is None else jax.random.fold_in(rng, index)
+                block = nnx.merge(graphdef, state)
+                if not collect:
+                    return block(x_BTD, dropout_rng=rng, **kw), None
+                with moe.collect_stats() as found:
+                    out = block(x_BTD, dropout_rng=rng, **kw)
+                return out, (found[0] if found else None)
 
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+            if cfg.remat != "none":
+                return jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+            return layer
 
         if cfg.pipeline_stages > 1:
             if kv is not None:
                 raise ValueError(f"KV-cache decoding is not supported with model.pipeline_stages="
                                  f"{cfg.pipeline_stages}: decode with a model built from "
                                  f"cfg.replace(pipeline_stages=1) (the parameters are the same)")
+            graphdef, layer_state = nnx.split(self.layers)
+            layer = layer_fn(graphdef)
 
             def stage_layer(x_BTD, layer_xs, batch_kw, microbatch):
                 state, index, window = layer_xs
                 # dropout: a key per (micro-batch, layer); masks differ from the unpipelined model's
                 rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, microbatch)
-                return layer(x_BTD, state=state, index=index, window=window, kv=None, batch_kw=batch_kw, rng=rng)[0]
+                return layer(x_BTD, state=state, index=index, window=window, kv=None, batch_kw=batch_kw, rng=rng)[0][0]
 
             batch_kw = {k: attn_kw[k] for k in ("positions_BT", "segment_ids_BT")}
-            x_BTD = pipeline.gpipe(stage_layer, x_BTD, (layer_state, layer_index_L, windows_L), batch_kw,
+            x_BTD = pipeline.gpipe(stage_layer, x_BTD, (layer_state, jnp.arange(cfg.num_layers), windows_L), batch_kw,
                                    stages=cfg.pipeline_stages,
                                    microbatches=pipeline.num_microbatches(cfg.pipeline_stages,
                                                                           cfg.pipeline_microbatches))
-            return x_BTD, None
+            return x_BTD, None, None
 
-        def scan_body(carry, layer_xs):
-            x_BTD, kv = carry
-            state, index, window = layer_xs
-            x_BTD, kv = layer(x_BTD, state=state, index=index, window=window, kv=kv, batch_kw={}, rng=dropout_rng)
-            return (x_BTD, kv), None
+        stats = None
+        for name, start, end in layer_groups(cfg):
+            graphdef, layer_state = nnx.split(getattr(self, name))
+            layer = layer_fn(graphdef)
 
-        (x_BTD, kv), _ = jax.lax.scan(scan_body, (x_BTD, kv), (layer_state, layer_index_L, windows_L))
-        return x_BTD, kv
+            def scan_body(carry, layer_xs, layer=layer):
+                x_BTD, kv = carry
+                state, index, window = layer_xs
+                (x_BTD, kv), found = layer(x_BTD, state=state, index=index, window=window, kv=kv, batch_kw={},
+                                           rng=dropout_rng)
+                return (x_BTD, kv), found
+
+            xs = (layer_state, jnp.arange(start, end), None if windows_L is None else windows_L[start:end])
+            (x_BTD, kv), found = jax.lax.scan(scan_body, (x_BTD, kv), xs)
+            if found is not None:
+                stats = found  # the MoE stack's, [L_moe, ...]
+        return x_BTD, kv, stats
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """A Block whose every parameter has a leading `layers` axis (one slice per layer)."""
-    keys = jax.random.split(rngs.params(), cfg.num_layers)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
-    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key))))(keys)
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int, *, is_moe: bool = False) -> Block:
+    """`num_layers` Blocks (MoE ones with `is_moe`) as one whose every parameter has a leading
+    `layers` axis (one slice per layer)."""
+    keys = jax.random.split(rngs.params(), num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0), is_moe=is_moe)))
+    state = jax.vmap(lambda key: nnx.state(Block(cfg, rngs=nnx.Rngs(params=key), is_moe=is_moe)))(keys)
     for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
     return nnx.merge(graphdef, state)
@@ -644,6 +701,14 @@ def apply(graphdef, params, batch: dict, *, dropout_rng=None):
     model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     return model(batch["inputs_BT"], positions_BT=batch.get("positions_BT"),
                  segment_ids_BT=batch.get("segment_ids_BT"), dropout_rng=dropout_rng)
+
+
+def apply_with_aux(graphdef, params, batch: dict, *, dropout_rng=None):
+    """(logits [B, T, V] float32, aux) for a batch dict, as `apply`; aux is the model's auxiliary
+    outputs (`Decoder.forward_with_aux`: {} for a dense model, MoE's losses and statistics)."""
+    model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+    return model.forward_with_aux(batch["inputs_BT"], positions_BT=batch.get("positions_BT"),
+                                  segment_ids_BT=batch.get("segment_ids_BT"), dropout_rng=dropout_rng)
 
 
 def init_params(cfg: ModelConfig, seed_or_key, *, mesh=None, rules=None):

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from train import lifecycle
@@ -54,6 +55,12 @@ class Parts:
     workdir: Any = None
 
 
+def _scaled(v, n):
+    """A summed metric over n: a float, or a list for an array metric (e.g. MoE's per-expert load)."""
+    a = np.asarray(v, np.float64) / n
+    return float(a) if a.ndim == 0 else a.tolist()
+
+
 def run_steps(p: Parts) -> tuple[Any, dict[str, Any]]:
     """(final state, outcome): outcome has `step`, `complete`, `exit_code`, the evaluations'
     `initial_eval_loss` / `final_eval_loss` / `final_eval_*`, `final_train_loss`, and for a stopped
@@ -82,8 +89,8 @@ def run_steps(p: Parts) -> tuple[Any, dict[str, Any]]:
         per_source = host.pop("source_tokens", None)
         steps, good, skipped = done - last_step, float(host.pop("good_steps")), float(host.pop("nonfinite"))
         # loss, accuracy and grad norm are means over the interval's good steps (None if it has none)
-        m = {k: (float(v) / good if good else None) if k in lifecycle.NanGuard.MASKED
-             else float(v) if k in p.summed else float(v) / steps for k, v in host.items()}
+        m = {k: (_scaled(v, good) if good else None) if k in lifecycle.NanGuard.MASKED
+             else _scaled(v, 1) if k in p.summed else _scaled(v, steps) for k, v in host.items()}
         now = time.perf_counter()
         tps = steps * p.tokens_per_step / (now - last_t)
         last_t, last_step = now, done

@@ -75,7 +75,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from models.config import REMAT_POLICIES, ModelConfig
 from models.sharding import MESH_AXES, logical_to_spec, use_rules
-from models.transformer import abstract_model, logical_axes, split_params
+from models.transformer import abstract_model, layer_groups, logical_axes, split_params
 from train import mesh as mesh_lib
 from train.loss import lm_loss_fn
 from train.optimizer import make_optimizer
@@ -148,7 +148,10 @@ def _gathered_bytes(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], rules
     params, _, axes = _param_layout(model_cfg, tuple(sorted(mesh_shape.items())), tuple(rules))
     table = dict(rules)
     gathered_axes = set(table.get("batch", ())) | set(table.get("length", ()))
-    kept_rules = tuple((name, tuple(a for a in mesh_axes if a not in gathered_axes)) for name, mesh_axes in rules)
+    # expert weights stay split over their `experts` axes even where those also shard the batch
+    # (fsdp_ep): tokens travel to them (all-to-all), they are not gathered
+    kept_rules = tuple((name, mesh_axes if name == "experts" else tuple(a for a in mesh_axes if a not in gathered_axes))
+                       for name, mesh_axes in rules)
     compute = jnp.dtype(model_cfg.dtype).itemsize
 
     def gathered(key, stacked):
@@ -165,7 +168,8 @@ def _gathered_bytes(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], rules
                 grads += n * jnp.dtype(x.dtype).itemsize
         return weights, grads
 
-    layer_w, layer_g = gathered("layers", True)
+    # the largest layer of any stack (an MoE model's dense prefix and MoE layers are stacked apart)
+    layer_w, layer_g = max(gathered(name, True) for name, _, _ in layer_groups(model_cfg))
     head_w, head_g = gathered("embed" if model_cfg.tie_embeddings else "lm_head", False)
     return {"layer_weights": layer_w, "layer_grads": layer_g, "head_weights": head_w, "head_grads": head_g}
 
@@ -176,7 +180,10 @@ def _gathered_bytes(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], rules
 
 def _local_model_config(model_cfg: ModelConfig, mesh_shape, rules, num_layers: int, remat: str) -> ModelConfig:
     """The model as one device computes it: heads, kv heads, mlp and vocab divided by the tensor
-    sharding the rules give them (Megatron style: the residual stream stays whole)."""
+    sharding the rules give them (Megatron style: the residual stream stays whole). MoE layers
+    keep every expert (a device's share of the assignments is, balanced, what one device
+    computes for its own tokens) with their hidden widths divided like the MLP's; the dense
+    prefix is dropped (`_layer_kinds` traces each kind of layer apart)."""
     def local(name, size):
         return size // shard_count((name,), (size,), mesh_shape, rules)
 
@@ -184,6 +191,11 @@ def _local_model_config(model_cfg: ModelConfig, mesh_shape, rules, num_layers: i
     if n % k:  # heads split but kv heads not: each device still groups its heads over some kv heads
         k = math.gcd(n, k)
     extra = {"pipeline_stages": 1} if hasattr(model_cfg, "pipeline_stages") else {}  # traced as a plain scan
+    if model_cfg.moe.enabled:
+        m = model_cfg.moe
+        extra["moe"] = dataclasses.replace(
+            m, first_dense_layers=0, expert_intermediate_size=local("mlp", model_cfg.expert_intermediate_size),
+            shared_intermediate_size=local("mlp", m.shared_intermediate_size or model_cfg.expert_intermediate_size))
     return model_cfg.replace(num_heads=n, num_kv_heads=k, intermediate_size=local("mlp", model_cfg.intermediate_size),
                              vocab_size=local("vocab", model_cfg.vocab_size), num_layers=num_layers, remat=remat,
                              attention_impl="xla", layer_windows=model_cfg.layer_windows[:num_layers], **extra)
@@ -235,6 +247,18 @@ def residual_bytes(model_cfg: ModelConfig, batch: int, seq_len: int, *, sequence
     if len(layer_scans) != 1:
         return fixed + per_layer * model_cfg.num_layers, None
     return fixed // sequence_shards, per_layer // sequence_shards
+
+
+def _layer_kinds(model_cfg: ModelConfig, local_cfg: ModelConfig) -> list[tuple[int, ModelConfig]]:
+    """(layers, the local config to trace one kind of layer with) per kind: one entry for a dense
+    model; the dense prefix (without MoE) and the MoE layers for an MoE model."""
+    if not model_cfg.moe.enabled:
+        return [(model_cfg.num_layers, local_cfg)]
+    kinds = [(model_cfg.num_moe_layers, local_cfg)]
+    if model_cfg.moe.first_dense_layers:
+        kinds.insert(0, (model_cfg.moe.first_dense_layers, local_cfg.replace(moe=dataclasses.replace(
+            local_cfg.moe, num_experts=0))))
+    return kinds
 
 
 # Tracing cost grows with the number of attention blocks (the blockwise path is a Python loop),
@@ -322,10 +346,11 @@ def resolve_mesh(config, num_devices: int, mesh_shape: Mapping[str, int] | None 
     return resolved["shape"], resolved["rules"]
 
 
-def default_micro_batch(config, mesh_shape: Mapping[str, int]) -> int:
+def default_micro_batch(config, mesh_shape: Mapping[str, int], batch_shards: int | None = None) -> int:
     """Sequences per device per micro-batch from `train.batch_size` and `train.microbatches`
-    (at least 1)."""
-    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    (at least 1); the batch is split over `batch_shards` (default data x fsdp; a plan's
+    `batch_shards` says what its rules give)."""
+    shards = batch_shards or mesh_shape["data"] * mesh_shape["fsdp"]
     return max(config.train.batch_size // max(config.train.microbatches, 1) // shards, 1)
 
 
@@ -355,6 +380,9 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
     if model_cfg.num_layers % stages:
         raise ValueError(f"model.num_layers={model_cfg.num_layers} is not divisible by the {stages} pipeline stages")
     layers = model_cfg.num_layers // stages
+    if stages > 1 and model_cfg.moe.enabled:
+        raise ValueError(f"pipeline stages (mesh stage={stages}) are not supported with MoE layers "
+                         f"(model.moe.num_experts={model_cfg.moe.num_experts})")
     pipe_mb = 1
     if stages > 1:
         pipe_mb = getattr(model_cfg, "pipeline_microbatches", 0) or 2 * stages
@@ -363,9 +391,27 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
     ticks = pipe_mb + stages - 1
 
     local_cfg = _local_model_config(model_cfg, mesh_shape, rules, 1, model_cfg.remat)
-    (f0, f1), (l0, l1) = _residual_fit(local_cfg, seq_len, seq_shards, rules)
-    _, (n0, n1) = _residual_fit(local_cfg.replace(remat="none"), seq_len, seq_shards, rules)
+    # per kind of layer (dense, MoE): (layers per device, saved per layer (l0, l1), no-remat (n0, n1))
+    kinds, fixed = [], None
+    for count, kind_cfg in _layer_kinds(model_cfg, local_cfg):
+        (f0, f1), per_layer = _residual_fit(kind_cfg, seq_len, seq_shards, rules)
+        _, no_remat = _residual_fit(kind_cfg.replace(remat="none"), seq_len, seq_shards, rules)
+        kinds.append((count // stages, per_layer, no_remat))
+        fixed = fixed or (f0, f1)
+    (f0, f1) = fixed
     g = _gathered_bytes(model_cfg, mesh_shape, rules)
+    if model_cfg.moe.enabled:
+        notes.append(f"MoE: {model_cfg.num_moe_layers} of {model_cfg.num_layers} layers, {model_cfg.moe.num_experts} "
+                     f"experts ({model_cfg.moe.experts_per_token} per token); activations as one device routes its own "
+                     f"tokens")
+        table = dict(rules)
+        ep = shard_count(("experts",), (model_cfg.moe.num_experts,), mesh_shape, rules)
+        if ep > 1 and set(table.get("experts", ())) <= set(table.get("batch", ())):
+            k = model_cfg.moe.experts_per_token
+            factor = ep * min(k, model_cfg.moe.num_experts // ep) / k
+            notes.append(f"expert parallel over {ep} devices: the all-to-all buffers (fixed size, {factor:g}x what a "
+                         f"balanced router sends) are not counted; moe_tiny on expert=8 compiled to 1.6x its plan "
+                         f"(benchmarks/moe.py)")
 
     def plan(micro_batch: int) -> MemoryPlan:
         b = int(micro_batch)
@@ -374,14 +420,14 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
         if b % pipe_mb:  # as train/pretrain.py requires: each pipeline micro-batch splits over data x fsdp
             raise ValueError(f"micro_batch={micro_batch} sequences per device does not split into the {pipe_mb} "
                              f"pipeline micro-batches (model.pipeline_microbatches); use a multiple of {pipe_mb}")
-        saved = (f0 + f1 * b) + layers * ticks * (l0 + l1 * b / pipe_mb)
+        saved = (f0 + f1 * b) + sum(n * ticks * (l0 + l1 * b / pipe_mb) for n, (l0, l1), _ in kinds)
         # the logits phase: their float32 gradient next to the saved logits, and the gathered
         # head; the head's unsharded gradient comes once the logits are dead (it takes their room)
         logits = b * t_local * local_cfg.vocab_size * 4
         logits_phase = logits + g["head_weights"] + max(0, g["head_grads"] - logits)
         # one layer's backward: its intermediates (recomputed, or their same-sized gradients),
         # its gathered weights and their unsharded gradient
-        layer_phase = (n0 + n1 * b / pipe_mb) + g["layer_weights"] + g["layer_grads"]
+        layer_phase = max(n0 + n1 * b / pipe_mb for _, _, (n0, n1) in kinds) + g["layer_weights"] + g["layer_grads"]
         return MemoryPlan(mesh_shape=mesh_shape, micro_batch=b, microbatches=microbatches, seq_len=seq_len,
                           remat=model_cfg.remat, params=params, grads=grads, opt_state=opt,
                           batch=len(BATCH_KEYS) * 4 * b * microbatches * t_local, saved=int(saved),
@@ -389,6 +435,7 @@ def make_planner(model_cfg: ModelConfig, tx: optax.GradientTransformation, *, me
                           host_bytes=host, notes=tuple(notes))
 
     plan.granularity = pipe_mb  # micro-batches come in multiples of this (1 without a pipeline)
+    plan.batch_shards = mesh_lib.batch_shards(mesh_shape, rules)  # the batch is split over this many devices
     return plan
 
 
@@ -438,7 +485,7 @@ def plan_memory(config, *, num_devices: int, micro_batch: int | None = None, **k
     batch_size / microbatches / (data x fsdp))."""
     plan = config_planner(config, num_devices=num_devices, **kw)
     if micro_batch is None:
-        micro_batch = default_micro_batch(config, plan(plan.granularity).mesh_shape)
+        micro_batch = default_micro_batch(config, plan(plan.granularity).mesh_shape, plan.batch_shards)
     return plan(micro_batch)
 
 

@@ -12,7 +12,14 @@
                                           sequence length divisible by 2 s (ring attention, zig-zag)
   pp_fsdp  fsdp = n / p, stage = p        p: largest power of two <= min(8, sqrt(n)) dividing the
                                           number of layers (pipeline stages)
-`mesh.rules` entries override the default logical-axis table (models/sharding.py) by name.
+  fsdp_ep  fsdp = n / e, expert = e       e: largest power of two dividing n and the number of
+                                          experts (1 for a dense model); the batch is sharded
+                                          over data x fsdp x expert and the other parameters
+                                          over fsdp x expert, so the expert axis is data and
+                                          ZeRO parallel outside the MoE layers and expert
+                                          parallel inside them (all-to-all dispatch, models/moe.py)
+A strategy may bring rules of its own (`STRATEGY_RULES`); `mesh.rules` entries override the
+default logical-axis table (models/sharding.py), and those, by name.
 """
 
 from __future__ import annotations
@@ -27,7 +34,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from models.config import ModelConfig
 from models.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec, normalize_rules
 
-STRATEGIES = ("dp", "fsdp", "fsdp_tp", "tp", "fsdp_sp", "pp_fsdp")
+STRATEGIES = ("dp", "fsdp", "fsdp_tp", "tp", "fsdp_sp", "pp_fsdp", "fsdp_ep")
+# rules a strategy needs beyond the default table (models/sharding.py DEFAULT_RULES)
+STRATEGY_RULES = {
+    "fsdp_ep": (("batch", ("data", "fsdp", "expert")), ("embed", ("fsdp", "expert"))),
+}
 DEFAULT_SHAPE = {"data": -1, "stage": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 1}
 
 
@@ -87,6 +98,10 @@ def strategy_shape(strategy: str, num_devices: int, model: ModelConfig | None = 
     elif strategy == "pp_fsdp":
         p = _power_of_two_split(n, lambda p: model is None or model.num_layers % p == 0)
         shape["stage"], shape["fsdp"] = p, n // p
+    elif strategy == "fsdp_ep":
+        experts = n if model is None else model.moe.num_experts or 1  # a dense model: no expert axis
+        e = max(2 ** i for i in range(n.bit_length()) if n % 2 ** i == 0 and experts % 2 ** i == 0)
+        shape["expert"], shape["fsdp"] = e, n // e
     elif strategy == "tp":
         t = max(d for d in range(1, n + 1) if n % d == 0 and _tensor_divisor_ok(d, model))
         shape["tensor"], shape["data"] = t, n // t
@@ -102,7 +117,8 @@ def resolve(mesh_cfg: Mapping[str, Any], num_devices: int, model: ModelConfig | 
         if {a: int(shape.get(a, 1)) for a in MESH_AXES} != DEFAULT_SHAPE:
             raise ValueError(f"set mesh.strategy={strategy!r} or mesh.shape={shape}, not both")
         shape = strategy_shape(strategy, num_devices, model, seq_len)
-    return {"shape": resolve_shape(shape, num_devices), "rules": merge_rules(mesh_cfg.get("rules") or ())}
+    overrides = tuple(STRATEGY_RULES.get(strategy, ())) + tuple(mesh_cfg.get("rules") or ())
+    return {"shape": resolve_shape(shape, num_devices), "rules": merge_rules(overrides)}
 
 
 def merge_rules(overrides: Sequence) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -110,6 +126,13 @@ def merge_rules(overrides: Sequence) -> tuple[tuple[str, tuple[str, ...]], ...]:
     for name, axes in normalize_rules(overrides):
         table[name] = axes
     return tuple(table.items())
+
+
+def batch_shards(shape: Mapping[str, int], rules) -> int:
+    """How many shards the batch dimension is split into: the product of the sizes of the mesh
+    axes the `batch` rule names (data x fsdp by default; x expert under fsdp_ep)."""
+    axes = dict(normalize_rules(rules)).get("batch", ())
+    return math.prod(int(shape.get(a, 1)) for a in axes)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -68,6 +68,31 @@ def read_metrics(workdir: str | pathlib.Path, *, raw: bool = False) -> list[dict
     return current
 
 
+def _json_value(v):
+    """A metric as JSON: a float, a (nested) list for an array metric, or None."""
+    if v is None:
+        return None
+    a = np.asarray(v, np.float64)
+    return float(a) if a.ndim == 0 else a.tolist()
+
+
+def _rows(name: str, a: np.ndarray):
+    """A 1-D array metric as itself; each row of a 2-D one as `name/i` (e.g. per-layer expert load)."""
+    if a.ndim == 1:
+        return [(name, a)]
+    return [(f"{name}/{i}", row) for i, row in enumerate(a.reshape(a.shape[0], -1))]
+
+
+def _write_bins(tb, name: str, values: np.ndarray, step: int) -> None:
+    """A TensorBoard histogram whose bin i (covering [i - 0.5, i + 0.5)) has height values[i]:
+    a per-index quantity drawn over its index, e.g. the share of tokens each expert receives."""
+    idx = np.arange(len(values), dtype=np.float64)
+    total = float(values.sum())
+    tb.add_histogram_raw(name, min=0.0, max=float(len(values) - 1), num=total, sum=float((idx * values).sum()),
+                         sum_squares=float((idx * idx * values).sum()), bucket_limits=(idx + 0.5).tolist(),
+                         bucket_counts=values.tolist(), global_step=step)
+
+
 class MetricsWriter:
     def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True,
                  resume_step: int = 0, tensorboard: bool = True):
@@ -93,13 +118,20 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step)}
-        record.update({k: (float(v) if v is not None else None) for k, v in metrics.items()})
+        record.update({k: _json_value(v) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                if v is not None and np.isfinite(v):
-                    self._tb.add_scalar(k, float(v), int(step))
+                if v is None:
+                    continue
+                a = np.asarray(v, np.float64)
+                if a.ndim == 0:
+                    if np.isfinite(a):
+                        self._tb.add_scalar(k, float(a), int(step))
+                elif np.isfinite(a).all():
+                    for name, row in _rows(k, a):
+                        _write_bins(self._tb, name, row, int(step))
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> str:
         """One log line: step, loss, throughput, MFU, rate and ETA."""

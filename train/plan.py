@@ -22,7 +22,7 @@ from absl import app
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
-from models.config import REMAT_POLICIES, ModelConfig, flops_per_token, param_count
+from models.config import REMAT_POLICIES, ModelConfig, active_param_count, flops_per_token, param_count
 from models.sharding import MESH_AXES
 from models.transformer import abstract_model, split_params
 from train import memory
@@ -42,6 +42,7 @@ def summarize(model_cfg: ModelConfig, seq_len: int | None = None) -> dict:
         embedding += model_cfg.max_seq_len * model_cfg.hidden_size
     flops = flops_per_token(model_cfg, seq_len)
     return {"parameters": counted, "non_embedding_parameters": counted - embedding,
+            "active_parameters": active_param_count(model_cfg),
             "param_bytes": counted * model_cfg.params_dtype.itemsize,
             "forward_flops_per_token": flops["forward"], "train_flops_per_token": flops["train"],
             "seq_len": seq_len or model_cfg.max_seq_len}
@@ -83,9 +84,9 @@ def report(config, *, num_devices: int, mesh_shape=None, hbm_gib: float | None =
                                          offload_optimizer=offload_optimizer) for r in REMAT_POLICIES}
     first = planners[config_remat](planners[config_remat].granularity)
     shape = first.mesh_shape
-    mb = micro_batch if micro_batch is not None else memory.default_micro_batch(config, shape)
+    shards = planners[config_remat].batch_shards
+    mb = micro_batch if micro_batch is not None else memory.default_micro_batch(config, shape, shards)
     p = planners[config_remat](mb)
-    shards = shape["data"] * shape["fsdp"]
     hbm = None if hbm_gib is None else hbm_gib * GIB
     lines = [
         f"mesh              {_mesh_text(shape)} ({num_devices} devices)",
@@ -130,6 +131,9 @@ def main(argv):
     s = summarize(model_cfg, config.data.seq_len)
     print(f"preset            {config.name}")
     print(f"parameters        {s['parameters']:,} ({s['non_embedding_parameters']:,} non-embedding)")
+    if model_cfg.moe.enabled:
+        print(f"active / token    {s['active_parameters']:,} ({model_cfg.moe.experts_per_token} of "
+              f"{model_cfg.moe.num_experts} experts in {model_cfg.num_moe_layers} of {model_cfg.num_layers} layers)")
     print(f"parameter memory  {s['param_bytes'] / 2**30:.2f} GiB ({model_cfg.param_dtype})")
     print(f"FLOPs / token     {s['forward_flops_per_token']:.4g} forward, {s['train_flops_per_token']:.4g} "
           f"train (seq_len {s['seq_len']})")

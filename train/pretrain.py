@@ -27,7 +27,8 @@ from data.sources import check_paths, read_all, specs_from_config
 from data.tokenizer import SentencePieceTokenizer, special, with_specials
 from data.tokenizer import from_config as tokenizer_from_config
 from inference import generate
-from models.config import ModelConfig, flops_per_token, param_count
+from models.config import ModelConfig, active_param_count, flops_per_token, param_count
+from models.moe import balance_router_biases
 from models.sharding import use_rules
 from models.pipeline import bubble_fraction, num_microbatches
 from models.transformer import abstract_model, merge_params, split_params
@@ -57,10 +58,11 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
         raise ValueError(f"data.tokenizer.vocab_size={config.data.tokenizer.vocab_size} exceeds "
                          f"model.vocab_size={model_cfg.vocab_size}")
     b, m = config.train.batch_size, config.train.microbatches
-    shards = mesh["shape"]["data"] * mesh["shape"]["fsdp"]
+    shards = mesh_lib.batch_shards(mesh["shape"], mesh["rules"])
+    batch_axes = " x ".join(dict(mesh["rules"]).get("batch", ())) or "none"
     if b % m or (b // m) % shards:
         raise ValueError(f"train.batch_size={b} must split into train.microbatches={m} micro-batches each "
-                         f"divisible by the {shards} batch shards (mesh data x fsdp)")
+                         f"divisible by the {shards} batch shards (mesh {batch_axes})")
     stages = mesh["shape"]["stage"]
     if stages > 1:  # GPipe over the mesh's stage axis (models/pipeline.py); config.json keeps the user's value
         model_cfg = model_cfg.replace(pipeline_stages=stages)
@@ -69,7 +71,7 @@ def resolve_config(config, num_devices: int) -> tuple[ModelConfig, dict[str, Any
         if (b // m) % (pm * shards):
             raise ValueError(f"train.batch_size={b} / train.microbatches={m} = {b // m} sequences per step must "
                              f"split into model.pipeline_microbatches={pm} pipeline micro-batches each divisible "
-                             f"by the {shards} batch shards (mesh data x fsdp)")
+                             f"by the {shards} batch shards (mesh {batch_axes})")
     if b % jax.process_count():
         raise ValueError(f"train.batch_size={b} is not divisible by the {jax.process_count()} processes")
     if config.train.steps < 0:
@@ -180,6 +182,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     rules = mesh_spec["rules"]
     n_params = param_count(model_cfg)
     flops_tok = flops_per_token(model_cfg, seq)["train"]
+    if model_cfg.moe.enabled:
+        logging.info("mixture of experts: %d of %d experts per token in %d of %d layers; %s parameters active per "
+                     "token", model_cfg.moe.experts_per_token, model_cfg.moe.num_experts, model_cfg.num_moe_layers,
+                     model_cfg.num_layers, f"{active_param_count(model_cfg):,}")
     logging.info("model %s: %s parameters, %.3g train FLOPs/token; mesh %s", config.name, f"{n_params:,}",
                  flops_tok, {k: v for k, v in mesh_spec["shape"].items() if v > 1} or "1 device")
     if model_cfg.pipeline_stages > 1:
@@ -218,7 +224,9 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         source_stats = jax.jit(functools.partial(batch_stats, num_sources=len(train_specs)))
         train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches,
                                              use_dropout=model_cfg.dropout_rate > 0,
-                                             opt_device_shardings=on_device(shardings.opt_state) if offload else None),
+                                             opt_device_shardings=on_device(shardings.opt_state) if offload else None,
+                                             post_update=functools.partial(balance_router_biases, model_cfg)
+                                             if model_cfg.moe.bias_balancing else None),
                              in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
                              donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh))

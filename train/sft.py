@@ -23,6 +23,7 @@ otherwise), the resolved config with the base's model section, and the base's to
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from inference.loading import checkpoint_kind, load_tokenizer
 from models import peft
 from models.checkpoint import committed_steps, load_base, read_run_config
 from models.config import ModelConfig, flops_per_token, param_count
+from models.moe import balance_router_biases
 from models.sharding import named_shardings, use_rules
 from train import distributed, lifecycle, loop
 from train import mesh as mesh_lib
@@ -243,7 +245,10 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         batch_sharding = lambda tail: mesh_lib.batch_sharding(mesh, (tc.batch_size,) + tail, rules)  # noqa: E731
         batch_sh = {k: batch_sharding((seq,)) for k in pipeline.BATCH_KEYS}
         use_dropout = model_cfg.dropout_rate > 0 or (method in ("lora", "qlora") and config.peft.lora.dropout > 0)
-        train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches, use_dropout=use_dropout),
+        # MoE bias balancing (models/moe.py) when the router biases are trained here (not frozen under adapters)
+        post_update = functools.partial(balance_router_biases, model_cfg) if model_cfg.moe.bias_balancing else None
+        train_step = jax.jit(make_train_step(loss_fn, tx, microbatches=tc.microbatches, use_dropout=use_dropout,
+                                             post_update=post_update),
                              in_shardings=(shardings, batch_sh, frozen_sh), out_shardings=(shardings, None),
                              donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(loss_fn), in_shardings=(shardings.params, batch_sh, frozen_sh))

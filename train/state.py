@@ -78,7 +78,7 @@ def create_state(model_cfg: ModelConfig, tx, *, seed: int, mesh: Mesh, rules=Non
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, microbatches: int = 1,
-                    use_dropout: bool = False, opt_device_shardings=None):
+                    use_dropout: bool = False, opt_device_shardings=None, post_update: Callable | None = None):
     """train_step(state, batch, frozen=None) -> (state, metrics), pure; jit it with shardings.
 
     `state.params` are the parameters trained; `frozen` (parameter-efficient fine-tuning: the
@@ -92,8 +92,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
     its weight, which equals the gradient of one batch of k times the size exactly (up to float
     summation order): the loss's `weight` metric when it states one (RL's per-sequence or
     constant-normalised losses: rl/losses.py), else its token count `num_tokens`. The loss's other
-    metrics come back averaged over the micro-batches. `opt_device_shardings` (with an offloaded
-    optimizer state): where the state goes for the update.
+    metrics come back averaged over the micro-batches (array metrics, e.g. MoE's per-expert load,
+    element-wise). `opt_device_shardings` (with an offloaded optimizer state): where the state goes
+    for the update. `post_update(old_params, params, metrics) -> params` sets parameters outside
+    the gradient after the optimizer update, from the step's metrics (MoE's auxiliary-loss-free
+    bias balancing: `models.moe.balance_router_biases`); a refused update refuses it too.
     """
     if microbatches < 1:
         raise ValueError(f"train.microbatches={microbatches} must be >= 1")
@@ -123,7 +126,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (g, loss_sum, n), ms = jax.lax.scan(body, (zeros, 0.0, 0.0), (mbs, jnp.arange(microbatches)))
             grads = jax.tree.map(lambda x, p: (x / jnp.maximum(n, 1.0)).astype(p.dtype), g, state.params)
-            aux = jax.tree.map(lambda x: x.mean(), ms)
+            aux = jax.tree.map(lambda x: x.mean(0), ms)
         grad_norm = optax.tree.norm(grads)
         loss = loss_sum / jnp.maximum(n, 1.0)
         opt_state = state.opt_state
@@ -131,6 +134,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *, micr
             opt_state = jax.device_put(opt_state, opt_device_shardings)
         updates, new_opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if post_update is not None:
+            params = post_update(state.params, params, aux)
         # a non-finite loss or gradient is never applied: parameters and optimizer state stay
         # (selected here rather than by optax.apply_if_finite, whose extra state would change the
         # checkpoint layout); the step counter and the data advance, train/lifecycle.NanGuard counts it
