@@ -15,13 +15,14 @@ steps/s. The headline is Loom's steps/s over TRL's, paired per round (> 1: Loom 
 
 The two sides (each in a spawned process of its own: benchmarks/train_step.py's workers):
 
-- Loom, the pieces of rl/train.py's step, full fine-tuning: `rl.rollout.sample_groups` over
-  `nnx.merge` of the current parameters (inference.generate: KV cache, the CPU decode layout
-  re-laid for each new set of weights, no stop tokens); the trainer's batch
-  (`Rollout.batch`); the trainer's scoring (`rl.train.make_scorer`: the policy's log-probs and
-  entropy, the frozen start copy's log-probs for the KL), pulled to the host as rl/train.py
-  does for `logprob_gap` and `kl`; `rl.losses.advantages`; and one update jitted from
-  `rl.train.make_loss_fn` + `train.state.make_train_step` (the state donated).
+- Loom, rl/train.py's step, full fine-tuning: `rl.rollout.sample_groups` over `nnx.merge` of
+  the current parameters (inference.generate: KV cache, the CPU decode layout re-laid for each
+  new set of weights, no stop tokens); the trainer's batch (`Rollout.batch`); then
+  `rl.train.Learner.learn`, what rl/train.py runs after its rollout: the reference's scoring
+  (the frozen start copy's log-probs, for the logged `kl`), `update_inputs` (group
+  advantages), and one update jitted from `make_loss_fn` + `train.state.make_train_step` (the
+  state donated); at one update per batch the update's forward is the policy's scoring pass
+  (`Learner.fused`: `logprob_gap` and entropy come from it).
 - TRL 1.16, `GRPOTrainer.train()` run as a user runs it (one call, in a thread of the worker that
   a callback pauses at each step end so rounds can interleave): its generation is
   `transformers` `generate` on the training model (eager, SDPA attention, dynamic KV cache);
@@ -71,12 +72,11 @@ Loss types (--loss_type): Loom's `rl.train.VARIANTS[name]` and TRL's equivalent:
   gspo     sequence-level ratio, clip 3e-4 / 4e-4, per-sequence mean = TRL loss_type="grpo",
            importance_sampling_level="sequence".
 
-Differences left in the work (the figures include them): at num_iterations=1 TRL takes the
-"old" log-probs from the training forward (no scoring pass) and loads no reference model at
-beta=0, while Loom's rl/train.py always scores the batch twice before the update (the policy's
-log-probs, for the importance ratio and `logprob_gap`, and the reference's, for the logged
-`kl`): two forward passes over the batch that TRL does not do at beta=0 (at beta > 0 TRL scores
-the reference too). Their time is in Loom's update time and shown on its own ("scoring s").
+Differences left in the work (the figures include them): at beta=0 TRL loads no reference model,
+while Loom scores the reference every step (the issue asks for `kl` logged at beta 0 too): one
+forward pass over the batch that TRL does not do at beta=0 (at beta > 0 both do it). Its time
+is in Loom's update time and shown on its own ("scoring s"). (The record of 2026-12-05 before
+`Learner.fused` had a second pass, the policy's own scoring, also in Loom's time.)
 Loom's sampler is one compiled program (prefill + a while loop of decode steps); TRL's is
 eager PyTorch. Compilation (Loom's first step) and --warmup steps are excluded from the timing.
 
@@ -187,15 +187,16 @@ class LoomRlRunner:
         import jax.numpy as jnp
         import numpy as np
         from flax import nnx
+        from ml_collections import config_dict
 
         from models import peft
         from models import transformer as T
         from models.config import ModelConfig
         from rl import losses
         from rl.rollout import sample_groups
-        from rl.train import make_loss_fn, make_scorer
+        from rl.train import Learner, make_scorer
         from train.optimizer import make_optimizer
-        from train.state import TrainState, make_train_step
+        from train.state import TrainState
 
         self.jax, self.jnp, self.np, self.nnx, self.losses = jax, jnp, np, nnx, losses
         self.sample_groups, self.TrainState = sample_groups, TrainState
@@ -220,10 +221,13 @@ class LoomRlRunner:
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
                                 rng=jax.random.key_data(jax.random.key(spec["seed"])))
         self.settings = loom_settings(spec["loss_type"])
-        loss_fn = make_loss_fn(self.graphdef, self.settings, temperature=1.0, max_len=spec["max_new_tokens"],
-                               beta=float(spec["beta"]), kl_estimator="k3", kl_in_loss=True)
-        self.update = jax.jit(make_train_step(loss_fn, tx), donate_argnums=(0,))
-        self.score = make_scorer(self.graphdef, 1.0)
+        rl = config_dict.ConfigDict(dict(  # configs/rl.py's rl section, as this benchmark sets it
+            algorithm="grpo", group_size=spec["group_size"], max_new_tokens=spec["max_new_tokens"], epochs=1,
+            microbatches=1, kl=dict(beta=float(spec["beta"]), estimator="k3", mode="loss"),
+            ppo=dict(gamma=1.0, lam=0.95, whiten=True, value_coef=0.1, value_clip=0.2)))
+        self.learner = Learner(self.graphdef, self.frozen, tx, self.settings, rl, temperature=1.0,
+                               ref_params=self.ref_params)
+        self.score = make_scorer(self.graphdef, 1.0)  # the probe only
         self.prompts = fixed_prompts(spec["prompts"], spec["prompt_len"], cfg.vocab_size, spec["seed"])
         self.vocab = cfg.vocab_size
         self.step_index = 0
@@ -248,7 +252,7 @@ class LoomRlRunner:
         return probe
 
     def run(self) -> None:
-        jax, jnp, np, losses, spec = self.jax, self.jnp, self.np, self.losses, self.spec
+        np, spec = self.np, self.spec
         g, n, state = spec["group_size"], spec["max_new_tokens"], self.state
         t0 = time.perf_counter()
         ro = self.sample_groups(self.nnx.merge(self.graphdef, state.params, self.frozen), self.prompts,
@@ -257,29 +261,12 @@ class LoomRlRunner:
         t_roll = time.perf_counter()
         _check_lengths(ro.completions, len(self.prompts) * g, n, "Loom")
         r = np.array([reward(c) for c in ro.completions], np.float32)
-        host = ro.batch(prompt_len=spec["prompt_len"], completion_len=n)
-        dev = {k: jnp.asarray(v) for k, v in host.items() if k != "sampler_logprobs_BT"}
-        old_logp, entropy = self.score(state.params, self.frozen, dev)
-        ref_logp = self.score(self.ref_params, self.frozen, dev)[0]
-        mask = host["loss_mask_BT"]
-        old_np = np.asarray(old_logp)
-        n_tok = max(mask.sum(), 1.0)
-        gap = float(np.abs(old_np - host["sampler_logprobs_BT"])[mask > 0].sum() / n_tok)
-        kl = float((np.asarray(losses.kl_penalty(old_logp, ref_logp, "k3")) * mask).sum() / n_tok)
-        t_score = time.perf_counter()
-        adv = np.asarray(losses.advantages(jnp.asarray(r), g, self.settings["advantage"]))
-        loss_mask = mask
-        if self.settings["dynamic_sampling"]:
-            loss_mask = mask * np.asarray(losses.varied_groups(jnp.asarray(r), g))[:, None]
-        dev.update(loss_mask_BT=jnp.asarray(loss_mask), old_logp_BT=old_logp, ref_logp_BT=ref_logp,
-                   advantages_BT=jnp.asarray(np.broadcast_to(adv[:, None], mask.shape).copy()))
-        self.state, m = self.update(state, dev, self.frozen)
-        loss = float(m["loss"])  # waits for the update
-        t_end = time.perf_counter()
+        self.state, m = self.learner.learn(state, ro.batch(prompt_len=spec["prompt_len"], completion_len=n), r)
+        t_end = time.perf_counter()  # learn returns host floats: the update has finished
         self.step_index += 1
-        self.last = {"rollout_s": t_roll - t0, "score_s": t_score - t_roll, "update_s": t_end - t_roll,
-                     "total_s": t_end - t0, "reward_mean": float(r.mean()), "logprob_gap": gap, "kl": kl,
-                     "loss": loss, "entropy": float((np.asarray(entropy) * mask).sum() / n_tok)}
+        self.last = {"rollout_s": t_roll - t0, "score_s": m["score_seconds"], "update_s": t_end - t_roll,
+                     "total_s": t_end - t0, "reward_mean": float(r.mean()), "logprob_gap": m["logprob_gap"],
+                     "kl": m["kl"], "loss": m["loss"], "entropy": m["entropy"]}
         self.info.setdefault("first_step", dict(self.last))
 
 

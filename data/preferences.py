@@ -57,7 +57,7 @@ import numpy as np
 
 from data import pipeline
 from data.sft import (ChatExamples, ChatRecordError, ChatTokenizer, TemplatePrefixError, _ChatExamplesIterator, _has,
-                      _message_list)
+                      _message_list, with_default_schema)
 from data.sources import PREFERENCE_SCHEMAS, DataError, EmptySourceError, SourceSpec, check_paths, get_field
 from data.sources import specs_from_config as _specs_from_config
 from data.tokenizer import with_specials
@@ -301,13 +301,7 @@ def pad_pairs(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 def specs_from_config(sources) -> list[SourceSpec]:
     """SourceSpecs of preference sources from a config mapping {name: {format, path, schema, ...}};
     a source without a schema gets "preference" (detected per record)."""
-    items = sources.items() if hasattr(sources, "items") else sources
-    out = {}
-    for name, v in items:
-        d = dict(v.to_dict() if hasattr(v, "to_dict") else v)
-        if d.get("schema") is None:
-            d["schema"] = "preference"
-        out[name] = d
+    out = with_default_schema(sources, "preference")
     specs = _specs_from_config(out) if out else []
     for s in specs:
         if s.schema not in SCHEMAS:

@@ -503,16 +503,21 @@ def example_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
 def specs_from_config(sources) -> list[SourceSpec]:
     """SourceSpecs of SFT sources from a config mapping {name: {format, path, schema, ...}}; a
     source without a schema gets "auto"."""
+    specs = _specs_from_config(with_default_schema(sources, "auto"))
+    check_specs(specs)
+    return specs
+
+
+def with_default_schema(sources, schema: str) -> dict[str, dict]:
+    """{name: source dict} of a config mapping (or pairs), a source without a schema given `schema`."""
     items = sources.items() if hasattr(sources, "items") else sources
     out = {}
     for name, v in items:
         d = dict(v.to_dict() if hasattr(v, "to_dict") else v)
         if d.get("schema") is None:
-            d["schema"] = "auto"
+            d["schema"] = schema
         out[name] = d
-    specs = _specs_from_config(out)
-    check_specs(specs)
-    return specs
+    return out
 
 
 def check_specs(specs: Sequence[SourceSpec]) -> None:

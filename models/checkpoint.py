@@ -20,6 +20,7 @@ import pathlib
 from typing import Any, Callable, Iterable, TypeVar
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from models.config import ModelConfig
@@ -132,6 +133,12 @@ def save_params(path: str | pathlib.Path, params) -> None:
         ckptr.save(path, params, force=True)
 
 
+def is_reward_model_run(run: dict[str, Any]) -> bool:
+    """Whether a run's config is a `python -m rl.reward` run's: a `reward` section and no `rl` one
+    (the policy loop's config has both: its `reward` names the policy's reward)."""
+    return "reward" in run and "rl" not in run
+
+
 def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rules=None,
          return_step: bool = False):
     """(model, model_config) of a run: its `config.json` model section and the params of its newest
@@ -139,7 +146,7 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     from models.transformer import abstract_params_and_shardings, merge_params
 
     run = read_run_config(workdir)
-    if "reward" in run:  # a scalar head on the decoder, not a language model
+    if is_reward_model_run(run):  # a scalar head on the decoder, not a language model
         raise ValueError(f"{workdir} is a reward model run (python -m rl.reward): load it with "
                          "rl.reward_model.load_reward_model")
     if (run.get("peft") or {}).get("method", "full") != "full":
@@ -148,8 +155,9 @@ def load(workdir: str | pathlib.Path, *, step: int | None = None, mesh=None, rul
     cfg = ModelConfig.from_dict(run["model"]).replace(pipeline_stages=1)
     graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
+    target, policy = _policy_target(run, target, cfg, mesh)
     params, loaded = restore_params(workdir, step=step, target=target)
-    model = merge_params(graphdef, params)
+    model = merge_params(graphdef, policy(params))
     return (model, cfg, loaded) if return_step else (model, cfg)
 
 
@@ -205,6 +213,21 @@ def _load_adapted(workdir, run: dict[str, Any], *, step, return_step: bool):
     graphdef, trained, frozen = nnx.split(model, peft.trainable_filter(run["peft"]["method"]), ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(trained))
+    target, policy = _policy_target(run, target, cfg, None)
     params, loaded = restore_params(workdir, step=step, target=target)
-    model = nnx.merge(graphdef, params, frozen)
+    model = nnx.merge(graphdef, policy(params), frozen)
     return (model, cfg, loaded) if return_step else (model, cfg)
+
+
+def _policy_target(run: dict[str, Any], target, cfg: ModelConfig, mesh):
+    """(restore target, params -> the policy's params). A PPO run (`python -m rl.train` with
+    rl.algorithm='ppo') checkpoints its policy under `decoder` beside its value head's `head` (a
+    float32 [D] kernel and a bias); loaded as a language model, the policy is read and the head
+    left behind. Other runs: the target as it is."""
+    if (run.get("rl") or {}).get("algorithm") != "ppo":
+        return target, lambda params: params
+    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    head = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size,), jnp.float32, sharding=sharding),
+            "bias": jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding)}
+    return {"decoder": target, "head": head}, lambda params: params["decoder"]

@@ -340,11 +340,14 @@ def whiten(x_BT, mask_BT, *, shift_mean: bool = True, eps: float = 1e-8):
     return out * m
 
 
-def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip: float | None = 0.2):
+def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip: float | None = 0.2, *,
+               aggregation: str = "token_mean", max_len: int | None = None):
     """PPO's clipped value loss (arXiv 1707.06347; as TRL's PPOTrainer): per token
-    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2), token-mean aggregation:
-    `(numerator, weight, metrics)` with weight = number of mask tokens. `clip=None`: unclipped
-    0.5 (V - R)^2. V_t is the value head at the position that predicts token t. metrics:
+    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2), token-mean aggregation
+    by default: `(numerator, weight, metrics)` with weight = number of mask tokens; any of
+    `policy_loss`'s aggregations otherwise (the policy's, so the two share one accumulation
+    weight). `clip=None`: unclipped 0.5 (V - R)^2. V_t is the value head at the position that
+    predicts token t. metrics:
     `value_clip_fraction` (tokens where the clipped branch is the larger, so the gradient is
     the clipped one's), `value_mean`, `value_error` (mean (V - R)^2)."""
     m = jnp.asarray(mask_BT, _f32)
@@ -359,11 +362,14 @@ def value_loss(values_BT, old_values_BT, returns_BT, mask_BT, clip: float | None
         clipped = jnp.square(V_old + jnp.clip(V - V_old, -clip, clip) - R)
         loss_BT = 0.5 * jnp.maximum(unclipped, clipped)
         frac_BT = (clipped > unclipped).astype(_f32) * m
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r} not in {AGGREGATIONS}")
     sg = jax.lax.stop_gradient
     n = m.sum()
     metrics = {"value_clip_fraction": (frac_BT.sum(), n), "value_mean": (sg(V * m).sum(), n),
                "value_error": (sg(unclipped * m).sum(), n)}
-    return (loss_BT * m).sum(), n, metrics
+    numerator, weight = _aggregate(loss_BT, m, aggregation, max_len)
+    return numerator, weight, metrics
 
 
 # ----------------------------------------------------------------------------- logits

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from models import peft
-from models.checkpoint import load_base, read_run_config, restore_params
+from models.checkpoint import is_reward_model_run, load_base, read_run_config, restore_params
 from models.config import ModelConfig
 from models.projection import F32, dropout
 from models.transformer import default_positions_and_segments
@@ -55,8 +55,8 @@ class RewardModel(nnx.Module):
     def config(self) -> ModelConfig:
         return self.decoder.config
 
-    def hidden_states(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
-        """The final-norm hidden states [B, T, D] (what `Decoder.output_logits` would project)."""
+    def _stream(self, inputs_BT, positions_BT, segment_ids_BT, dropout_rng):
+        """The decoder's last residual stream [B, T, D] (before the final norm)."""
         dec = self.decoder
         b, t = inputs_BT.shape
         positions_BT, segment_ids_BT = default_positions_and_segments(b, t, positions_BT, segment_ids_BT)
@@ -66,7 +66,18 @@ class RewardModel(nnx.Module):
             x_BTD = dropout(x_BTD, self.config.dropout_rate, embed_rng)
         x_BTD, _ = dec.run_layers(x_BTD, {"positions_BT": positions_BT, "segment_ids_BT": segment_ids_BT},
                                   dropout_rng=dropout_rng)
-        return dec.final_norm(x_BTD)
+        return x_BTD
+
+    def hidden_states(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
+        """The final-norm hidden states [B, T, D] (what `Decoder.output_logits` would project)."""
+        return self.decoder.final_norm(self._stream(inputs_BT, positions_BT, segment_ids_BT, dropout_rng))
+
+    def logits_and_values(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
+        """PPO's actor and critic from one pass of the trunk: the decoder's logits [B, T, V] and the
+        head read at every position [B, T] float32 (the value of the state that predicts the next
+        token). Used with `decoder` as the policy, this model is a policy with a value head."""
+        x_BTD = self._stream(inputs_BT, positions_BT, segment_ids_BT, dropout_rng)
+        return self.decoder.output_logits(x_BTD), self.head(self.decoder.final_norm(x_BTD))
 
     def __call__(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
         """Rewards [B] float32: the head on each row's last real token (the last segment id != 0; the
@@ -170,8 +181,8 @@ def load_reward_model(workdir: str | pathlib.Path, *, step: int | None = None) -
 
     workdir = pathlib.Path(workdir)
     run = read_run_config(workdir)
-    if "reward" not in run:
-        raise ValueError(f"{workdir} is no reward model run (its config.json has no `reward` section); "
+    if not is_reward_model_run(run):
+        raise ValueError(f"{workdir} is no reward model run (its config.json is no `python -m rl.reward` run's); "
                          "train one with `python -m rl.reward`")
     cfg = ModelConfig.from_dict(run["model"]).replace(pipeline_stages=1)
     base, cfg = load_base(run["init"], cfg)

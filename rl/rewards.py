@@ -7,7 +7,8 @@ answers, 1.0 for right and 0.0 for wrong unless said otherwise.
     format    1.0 when the completion matches a regular expression (re.search), else 0.0
 
 `make(kind, task=..., pattern=...)` returns `reward(text, example) -> float`; `correct` is the
-task accuracy the loop logs as `accuracy` (the exact / gsm8k reward without any shaping).
+task accuracy the loop logs as `accuracy` (the exact / gsm8k reward without any shaping). The
+policy loop has one more kind, "model": a trained reward model's score (rl/train.make_reward).
 """
 
 from __future__ import annotations
@@ -57,4 +58,5 @@ def make(kind: str, *, task: str = "", pattern: str = "") -> Callable[[str, dict
         except re.error as e:
             raise ValueError(f"reward format pattern {pattern!r} is not a valid regular expression: {e}") from None
         return lambda text, ex: float(rx.search(text) is not None)
-    raise ValueError(f"reward kind={kind!r} is not valid; expected one of {KINDS}")
+    raise ValueError(f"reward kind={kind!r} is not valid; expected one of {KINDS} (or 'model' in rl.train, with "
+                     "reward.workdir a reward model's run)")

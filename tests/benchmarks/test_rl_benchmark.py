@@ -54,7 +54,8 @@ def test_trl_peer_loads_the_same_model_and_steps(tmp_path):
         assert not peer.info["ref_model"]  # beta 0: TRL loads no reference
         assert peer.first_step() == pytest.approx(loom.probe(), rel=1e-5)
         o = peer.info["optimizer"]
-        assert o["weight_decay"] == [0.0] and o["lr"] == pytest.approx(1e-3) and o["betas"] == [0.9, 0.99]
+        lr = bench.rl_optimizer()["lr"]  # configs/rl.py's grpo_arith learning rate
+        assert o["weight_decay"] == [0.0] and o["lr"] == pytest.approx(lr) and o["betas"] == [0.9, 0.99]
         peer.run()  # the reward function and the generation wrapper assert 2 x 2 completions of 8 tokens
         assert 0 < peer.last["rollout_s"] < peer.last["total_s"]
     finally:

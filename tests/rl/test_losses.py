@@ -434,6 +434,19 @@ def test_value_loss():
     np.testing.assert_array_equal((g == 0) & (mask > 0), (cl > un) & (mask > 0))
     num_u, w_u, _ = L.value_loss(V, V_old, R, mask, None)
     np.testing.assert_allclose(float(num_u) / float(w_u), (0.5 * un * mask).sum() / mask.sum(), rtol=1e-5)
+    # aggregated as the policy term (PPO under another aggregation shares the policy's weight)
+    per = 0.5 * np.maximum(un, cl) * mask
+    n_B = mask.sum(1)
+    rows = (n_B > 0).sum()
+    expect = {"sequence_mean": ((per.sum(1) / np.maximum(n_B, 1)).sum(), rows),
+              "sequence_sum": (per.sum(), rows), "constant": (per.sum() / MAX_LEN, rows)}
+    for aggregation, (want_num, want_w) in expect.items():
+        num_a, w_a, _ = L.value_loss(V, V_old, R, mask, 0.2, aggregation=aggregation, max_len=MAX_LEN)
+        np.testing.assert_allclose(float(num_a), want_num, rtol=1e-5, err_msg=aggregation)
+        assert float(w_a) == want_w == float(L.policy_loss(V, V_old, V, mask, aggregation=aggregation,
+                                                            max_len=MAX_LEN)[1])
+    with pytest.raises(ValueError, match="aggregation 'mean'"):
+        L.value_loss(V, V_old, R, mask, aggregation="mean")
 
 
 # ----------------------------------------------------------------------------- logits

@@ -14,25 +14,11 @@ from data.tokenizer import SentencePieceTokenizer
 from models.checkpoint import load, restore_params
 from models.lora import LoraKernel
 from rl.reward_model import load_reward_model
-from tests.helpers import run_program
 from train.lifecycle import RunLog
 from train.metrics import read_metrics
 
-SHORT = ["--config.train.batch_size=8", "--config.train.log_every=4", "--config.train.eval_every=4",
-         "--config.train.eval_pairs=16", "--config.train.checkpoint_every=4", "--config.train.async_checkpoint=False"]
+from tests.rl.conftest import preference_program as _run
 
-
-def _run(program, preset, workdir, base, *extra, env=None, check=True):
-    config = {"rl.reward": "configs/reward.py", "rl.dpo": "configs/dpo.py"}[program]
-    return run_program(program, f"--config={config}:{preset}", f"--workdir={workdir}",
-                       f"--config.init.workdir={base}", *SHORT, *extra, env=env, check=check)
-
-
-@pytest.fixture(scope="module")
-def rm_run(tiny_run, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("rm")
-    _run("rl.reward", "arith_rm_lora", workdir, tiny_run, "--config.train.steps=8")
-    return workdir
 
 
 def test_reward_run_logs_evaluates_and_loads_as_a_scorer(rm_run):
@@ -125,7 +111,7 @@ def test_dpo_sigterm_and_resume_equal_the_uninterrupted_run(dpo_run, tiny_run, t
     assert last(tmp_path)["eval_reward_margin"] == pytest.approx(last(dpo_run)["eval_reward_margin"], rel=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["arith_dpo_full", "arith_simpo"])
+@pytest.mark.parametrize("preset", ["arith_dpo_full", pytest.param("arith_simpo", marks=pytest.mark.slow)])
 def test_full_fine_tuning_and_simpo_runs(preset, tiny_run, tmp_path):
     """Both skip the update of a step whose loss is NaN (the NaN guard) and go on."""
     _run("rl.dpo", preset, tmp_path, tiny_run, "--config.train.steps=4", "--config.train.eval_examples=0",
@@ -149,6 +135,7 @@ def _ultrafeedback(i):
             "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "No."}]}
 
 
+@pytest.mark.slow  # the formats are tested in tests/data/test_preferences.py; this is the program on them
 def test_chat_preset_reads_ultrafeedback_and_hh_jsonl(tiny_run, tmp_path):
     records = [_ultrafeedback(i) for i in range(30)]
     records += [{"chosen": f"\n\nHuman: hello {i}\n\nAssistant: Hi, how can I help?",
