@@ -68,9 +68,12 @@ _MOE = dict(
     shared_intermediate_size=0,  # hidden width of each shared expert; 0 = expert_intermediate_size
     shared_expert_gate=False,  # shared experts' output x sigmoid(x . w) (Qwen2-MoE)
     first_dense_layers=0,  # the first k layers keep the dense MLP (of intermediate_size)
+    dense_layers=(),  # more dense-MLP layers anywhere, by index (Qwen-MoE's mlp_only_layers)
     router="softmax",  # "softmax" (Mixtral, Qwen, DeepSeek-V2) | "sigmoid" (DeepSeek-V3)
     norm_topk_prob=True,  # renormalise the k chosen scores to sum 1
     routed_scaling_factor=1.0,  # routed output times this (DeepSeek)
+    num_groups=0,  # group-limited routing: experts in this many groups (DeepSeek-V2's n_group); 0 = off
+    topk_groups=0,  # and the k experts chosen within the best this many groups (topk_group)
     capacity_factor=0.0,  # slots per expert per sequence = ceil(cf T k / E), overflow dropped; 0 = dropless
     aux_loss_weight=0.0,  # Switch load-balancing loss (1 when balanced) times this
     z_loss_weight=0.0,  # router z-loss mean(logsumexp(router logits)^2) times this

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.projection import F32, Einsum, Embedding, Kernel, contracted, map_kernels, map_plain_kernels
-from models.transformer import Block, Decoder, KVCache, cache_inputs, layer_groups, soft_cap
+from models.transformer import Block, Decoder, KVCache, cache_inputs, layer_stacks, soft_cap
 
 # Column-panel width, and the rows (tokens in a call) up to which `panel_matmul` streams the
 # panels; above, the matrix is re-formed and multiplied whole (at 32 rows the plain matmul was
@@ -168,15 +168,15 @@ def lay_out(model: Decoder, panel: int = PANEL) -> DecodeLayout:
     # it gets copies of the modules, since nnx.jit writes new arrays back into its inputs
     head = None if model.lm_head is None else _copy(model.lm_head)
     table_VD = model.embed[...] if model.lm_head is None and type(model.embed) is Embedding else None
-    blocks = []
-    for i, (name, start, end) in enumerate(layer_groups(cfg)):  # the head is laid out with the first stack
+    by_layer = {}
+    for i, (name, layers) in enumerate(layer_stacks(cfg).items()):  # the head is laid out with the first stack
         stack_blocks, stack_head = _lay_out(_copy(getattr(model, name)), head if i == 0 else None,
-                                            table_VD if i == 0 else None, panel=panel, num_layers=end - start,
+                                            table_VD if i == 0 else None, panel=panel, num_layers=len(layers),
                                             dtype=cfg.compute_dtype)
-        blocks.extend(stack_blocks)
+        by_layer.update(zip(layers, stack_blocks))  # row r of the stack is global layer layers[r]
         if i == 0:
             head = stack_head
-    return DecodeLayout(model, nnx.List(blocks), head)
+    return DecodeLayout(model, nnx.List([by_layer[i] for i in range(cfg.num_layers)]), head)
 
 
 def _copy(module):

@@ -41,9 +41,15 @@ class MoeConfig:
     shared_intermediate_size: int = 0  # hidden width of each shared expert; 0 = expert_intermediate_size
     shared_expert_gate: bool = False  # shared output x sigmoid(x . w) with a learned w [D] (Qwen2-MoE)
     first_dense_layers: int = 0  # the first k layers keep the dense MLP (DeepSeek's first_k_dense_replace)
+    # more dense-MLP layers anywhere, by index (Qwen-MoE's mlp_only_layers / decoder_sparse_step), besides the prefix
+    dense_layers: tuple[int, ...] = ()
     router: str = "softmax"  # gate scores: "softmax" over experts (Mixtral, Qwen) | "sigmoid" per expert (DeepSeek-V3)
     norm_topk_prob: bool = True  # divide the k chosen scores by their sum (Mixtral always; Qwen by config)
     routed_scaling_factor: float = 1.0  # routed output times this (DeepSeek-V2/V3)
+    # group-limited routing (DeepSeek-V2's group_limited_greedy): the experts form num_groups equal groups, the
+    # topk_groups groups with the highest best score are kept and the k experts are chosen among theirs; 0 = off
+    num_groups: int = 0
+    topk_groups: int = 0
     capacity_factor: float = 0.0  # slots per expert per sequence = ceil(cf x T x k / E), overflow dropped; 0 = dropless
     aux_loss_weight: float = 0.0  # Switch load-balancing loss E sum_i f_i P_i (1 when balanced) times this
     z_loss_weight: float = 0.0  # router z-loss mean(logsumexp(router logits) ** 2) times this (ST-MoE)
@@ -56,10 +62,12 @@ class MoeConfig:
     block_size: int = 0  # "padded": rows per block; 0 = automatic (about a quarter of an expert's mean rows)
 
     def __post_init__(self):
+        # JSON / ml_collections give lists; the config must stay hashable (it sits in the model's graphdef)
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         if self.num_experts < 0:
             raise ValueError(f"model.moe.num_experts={self.num_experts} must be >= 0 (0 = dense model)")
         for name in ("expert_intermediate_size", "shared_intermediate_size", "num_shared_experts",
-                     "first_dense_layers", "block_size"):
+                     "first_dense_layers", "block_size", "num_groups", "topk_groups"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.moe.{name}={getattr(self, name)} must be >= 0")
         for name in ("capacity_factor", "aux_loss_weight", "z_loss_weight", "bias_update_rate"):
@@ -70,6 +78,8 @@ class MoeConfig:
         if self.grouped_matmul not in GROUPED_MATMULS:
             raise ValueError(f"model.moe.grouped_matmul={self.grouped_matmul!r} is not valid; expected one of "
                              f"{GROUPED_MATMULS}")
+        if min(self.dense_layers, default=0) < 0 or len(set(self.dense_layers)) != len(self.dense_layers):
+            raise ValueError(f"model.moe.dense_layers={self.dense_layers} must be distinct layer indices >= 0")
         if not self.num_experts:
             return
         if not 1 <= self.experts_per_token <= self.num_experts:
@@ -79,6 +89,20 @@ class MoeConfig:
             raise ValueError(f"model.moe.routed_scaling_factor={self.routed_scaling_factor} must be positive")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("model.moe.shared_expert_gate=True needs model.moe.num_shared_experts >= 1")
+        if self.num_groups or self.topk_groups:
+            g, t = self.num_groups, self.topk_groups
+            if g < 1 or self.num_experts % g or not 1 <= t <= g:
+                raise ValueError(f"model.moe.num_groups={g} must divide model.moe.num_experts={self.num_experts} "
+                                 f"and model.moe.topk_groups={t} be in [1, num_groups] (both 0 = no group limit)")
+            if self.experts_per_token > t * (self.num_experts // g):
+                raise ValueError(f"model.moe.experts_per_token={self.experts_per_token} exceeds the "
+                                 f"{t * (self.num_experts // g)} experts of model.moe.topk_groups={t} groups of "
+                                 f"{self.num_experts // g}")
+
+    @property
+    def group_limited(self) -> bool:
+        """Whether routing keeps only some groups of experts (num_groups > 1, topk_groups < num_groups)."""
+        return self.num_groups > 1 and self.topk_groups < self.num_groups
 
     @property
     def enabled(self) -> bool:
@@ -251,6 +275,14 @@ class ModelConfig:
                 raise ValueError(f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "
                                  f"of model.num_layers={self.num_layers}; valid: 0..{self.num_layers - 1} (or "
                                  f"model.moe.num_experts=0 for a dense model)")
+            outside = [i for i in self.moe.dense_layers if i >= self.num_layers]
+            if outside:
+                raise ValueError(f"model.moe.dense_layers={self.moe.dense_layers}: layers {outside} are not layers of "
+                                 f"model.num_layers={self.num_layers} (valid indices 0..{self.num_layers - 1})")
+            if not self.num_moe_layers:
+                raise ValueError(f"model.moe.dense_layers={self.moe.dense_layers} with model.moe.first_dense_layers="
+                                 f"{self.moe.first_dense_layers} leaves no MoE layer of model.num_layers="
+                                 f"{self.num_layers} (or model.moe.num_experts=0 for a dense model)")
             if self.mlp_bias:
                 raise ValueError("model.mlp_bias=True is not supported with MoE layers (model.moe.num_experts="
                                  f"{self.moe.num_experts}): experts have no biases")
@@ -305,11 +337,11 @@ class ModelConfig:
         return "mla" if self.mla.enabled else "mha"
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer` has an MoE feed-forward block (the rest keep the dense MLP)."""
-        return self.moe.enabled and layer >= self.moe.first_dense_layers
+        return self.moe.enabled and layer >= self.moe.first_dense_layers and layer not in self.moe.dense_layers
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.moe.first_dense_layers if self.moe.enabled else 0
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def expert_intermediate_size(self) -> int:

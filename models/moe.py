@@ -8,7 +8,9 @@ token goes to k chosen by a learned router, plus optional shared experts every t
 Routing (`route`), per token, in float32: router logits l = x W_r [E]; scores p = softmax(l)
 (Mixtral, Qwen-MoE, DeepSeek-V2) or sigmoid(l) (DeepSeek-V3); the k experts with the highest
 p + b are chosen, where b is a per-expert bias used only for this choice (DeepSeek-V3's
-auxiliary-loss-free balancing, `bias_balancing`; 0 otherwise); the gates are their scores
+auxiliary-loss-free balancing, `bias_balancing`; 0 otherwise), among the experts of the
+`topk_groups` best of `num_groups` groups when routing is group-limited (`limit_to_groups`,
+DeepSeek-V2's group_limited_greedy: a group scores its best expert); the gates are their scores
 p_i, divided by their sum when `norm_topk_prob` (Mixtral always renormalises), times
 `routed_scaling_factor` s (DeepSeek-V2/V3).
 
@@ -140,6 +142,18 @@ def within_capacity(expert_BTK, num_experts: int, slots: int):
     return jnp.swapaxes((rank_BM < slots).reshape(b, k, t), 1, 2)
 
 
+def limit_to_groups(select_BTE, num_groups: int, topk_groups: int):
+    """`select_BTE` with the experts outside each token's `topk_groups` best groups set to -inf:
+    the E experts form `num_groups` consecutive equal groups, a group's score is its best
+    expert's (DeepSeek-V2's group_limited_greedy), and the best groups are kept."""
+    *lead, e = select_BTE.shape
+    grouped = select_BTE.reshape(*lead, num_groups, e // num_groups)
+    _, best_BTG = jax.lax.top_k(grouped.max(-1), topk_groups)
+    keep_BTG = jnp.zeros(grouped.shape[:-1], bool)
+    keep_BTG = jnp.put_along_axis(keep_BTG, best_BTG, True, axis=-1, inplace=False)
+    return jnp.where(keep_BTG[..., None], grouped, -jnp.inf).reshape(select_BTE.shape)
+
+
 def route(logits_BTE, bias_E, m: MoeConfig):
     """(expert_BTK int32, gate_BTK float32, probs_BTE float32, keep_BTK bool).
 
@@ -150,6 +164,8 @@ def route(logits_BTE, bias_E, m: MoeConfig):
     statistics; `dispatch` never computes them)."""
     scores_BTE = router_scores(logits_BTE, m.router)
     select_BTE = scores_BTE if bias_E is None else scores_BTE + jax.lax.stop_gradient(bias_E.astype(F32))
+    if m.group_limited:
+        select_BTE = limit_to_groups(select_BTE, m.num_groups, m.topk_groups)
     _, expert_BTK = jax.lax.top_k(select_BTE, m.experts_per_token)
     gate_BTK = jnp.take_along_axis(scores_BTE, expert_BTK, axis=-1)
     if m.norm_topk_prob:

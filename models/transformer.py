@@ -14,8 +14,9 @@ Two choices are made here, since their parameters differ: the attention the conf
 (`attention_layer`: grouped-query `Attention`, or multi-head latent attention from
 models/mla.py), and mixture-of-experts layers (models/moe.py): a block built with `is_moe=True`
 has an `MoeMlp` where others have an `Mlp`; layers of one kind are stacked together
-(`layer_groups`: the dense prefix in `dense_layers`, the MoE layers in `layers`) and each stack
-is one scan, so every kind compiles one body. MoE auxiliary losses come back through
+(`layer_stacks`: the dense-MLP layers in `dense_layers`, the MoE layers in `layers`) and each
+run of consecutive layers of one kind (`layer_groups`) is one scan over its rows of its stack
+(a dense prefix and the MoE layers: two scans). MoE auxiliary losses come back through
 `apply_with_aux`, not the model call. The model always runs its stacked layers; the CPU decode
 layout (unrolled layers, re-laid weights) lives in inference/decode_layout.py and runs these
 same modules.
@@ -448,20 +449,39 @@ def soft_cap(x, cap):
 # The decoder
 
 
-def layer_groups(cfg: ModelConfig) -> tuple[tuple[str, int, int], ...]:
-    """The decoder's stacks of layers in order, as (attribute, first layer, end): `layers` holds
-    every layer of a dense model; with MoE, `dense_layers` the first `moe.first_dense_layers`
-    (dense MLP, absent when 0) and `layers` the MoE ones. Global layer i is row i - first of
-    its stack (the KV cache and per-layer windows use global indices)."""
-    first = cfg.moe.first_dense_layers if cfg.moe.enabled else 0
-    groups = (("dense_layers", 0, first),) if first else ()
-    return groups + (("layers", first, cfg.num_layers),)
+def layer_stacks(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The decoder's stacks of layers: attribute -> the global indices of its layers, in order
+    (row r of the stack is layer indices[r]). `layers` holds every layer of a dense model; with
+    MoE, `layers` the MoE layers and `dense_layers` the dense-MLP ones (absent when none)."""
+    dense = tuple(i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i))
+    if not cfg.moe.enabled:
+        return {"layers": dense}
+    out = {"dense_layers": dense} if dense else {}
+    return {**out, "layers": tuple(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i))}
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[tuple[str, int, int, int], ...]:
+    """The runs of consecutive layers of one kind, in order, as (attribute, first layer, end,
+    first row): global layers first..end-1 are rows first_row..first_row + end - first - 1 of the
+    stack `attribute` (`layer_stacks`). A dense model is one run of `layers`; an MoE model with a
+    dense prefix two; dense layers between MoE ones (Qwen-MoE's mlp_only_layers) more. The KV
+    cache and per-layer windows use global indices."""
+    runs: list[tuple[str, int, int, int]] = []
+    rows = {"layers": 0, "dense_layers": 0}
+    for i in range(cfg.num_layers):
+        name = "layers" if cfg.is_moe_layer(i) or not cfg.moe.enabled else "dense_layers"
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], i + 1, runs[-1][3])
+        else:
+            runs.append((name, i, i + 1, rows[name]))
+        rows[name] += 1
+    return tuple(runs)
 
 
 class Decoder(nnx.Module):
     """Embedding, L stacked blocks, final norm, output head (its own, or the tied embedding).
 
-    A model with MoE layers stacks them apart from its dense prefix (`layer_groups`)."""
+    A model with MoE layers stacks them apart from its dense-MLP layers (`layer_stacks`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -473,8 +493,8 @@ class Decoder(nnx.Module):
             self.pos_embed = nnx.Param(_normal(rngs, (cfg.max_seq_len, cfg.hidden_size), cfg.init_std / 2, pdt),
                                        axes=(None, "embed"))
         self.dense_layers = nnx.data(None)
-        for name, start, end in layer_groups(cfg):
-            setattr(self, name, _stacked_blocks(cfg, rngs, end - start, is_moe=cfg.is_moe_layer(start)))
+        for name, layers in layer_stacks(cfg).items():
+            setattr(self, name, _stacked_blocks(cfg, rngs, len(layers), is_moe=cfg.is_moe_layer(layers[0])))
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, pdt, offset=cfg.norm_weight_offset)
         self.lm_head = nnx.data(None)
         if not cfg.tie_embeddings:
@@ -557,7 +577,7 @@ class Decoder(nnx.Module):
         or None, and stats the MoE layers' routing statistics stacked over those layers
         (`collect=True` and a model with MoE layers; else None).
 
-        A `jax.lax.scan` over each stack of layers (`layer_groups`; the cache buffers, when
+        A `jax.lax.scan` over each run of layers (`layer_groups`; the cache buffers, when
         given, ride in the carry), rematerialised per `remat`; or, with `pipeline_stages > 1`, a
         GPipe pipeline over the mesh's `stage` axis (models/pipeline.py). One window for every
         layer is a static int; different windows per layer (Gemma 2's local/global alternation)
@@ -614,9 +634,11 @@ class Decoder(nnx.Module):
                                                                           cfg.pipeline_microbatches))
             return x_BTD, None, None
 
-        stats = None
-        for name, start, end in layer_groups(cfg):
+        stats = []
+        for name, start, end, row in layer_groups(cfg):
             graphdef, layer_state = nnx.split(getattr(self, name))
+            if end - start != len(layer_stacks(cfg)[name]):  # a run of part of the stack: its rows
+                layer_state = jax.tree.map(lambda a, row=row, n=end - start: a[row:row + n], layer_state)
             layer = layer_fn(graphdef)
 
             def scan_body(carry, layer_xs, layer=layer):
@@ -629,8 +651,11 @@ class Decoder(nnx.Module):
             xs = (layer_state, jnp.arange(start, end), None if windows_L is None else windows_L[start:end])
             (x_BTD, kv), found = jax.lax.scan(scan_body, (x_BTD, kv), xs)
             if found is not None:
-                stats = found  # the MoE stack's, [L_moe, ...]
-        return x_BTD, kv, stats
+                stats.append(found)  # an MoE run's, [layers of the run, ...]
+        if not stats:
+            return x_BTD, kv, None
+        # per MoE layer in order (the rows of the `layers` stack)
+        return x_BTD, kv, stats[0] if len(stats) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, num_layers: int, *, is_moe: bool = False) -> Block:

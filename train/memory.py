@@ -75,7 +75,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from models.config import REMAT_POLICIES, ModelConfig
 from models.sharding import MESH_AXES, logical_to_spec, use_rules
-from models.transformer import abstract_model, layer_groups, logical_axes, split_params
+from models.transformer import abstract_model, layer_stacks, logical_axes, split_params
 from train import mesh as mesh_lib
 from train.loss import lm_loss_fn
 from train.optimizer import make_optimizer
@@ -168,8 +168,8 @@ def _gathered_bytes(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], rules
                 grads += n * jnp.dtype(x.dtype).itemsize
         return weights, grads
 
-    # the largest layer of any stack (an MoE model's dense prefix and MoE layers are stacked apart)
-    layer_w, layer_g = max(gathered(name, True) for name, _, _ in layer_groups(model_cfg))
+    # the largest layer of any stack (an MoE model's dense-MLP and MoE layers are stacked apart)
+    layer_w, layer_g = max(gathered(name, True) for name in layer_stacks(model_cfg))
     head_w, head_g = gathered("embed" if model_cfg.tie_embeddings else "lm_head", False)
     return {"layer_weights": layer_w, "layer_grads": layer_g, "head_weights": head_w, "head_grads": head_g}
 
@@ -183,7 +183,7 @@ def _local_model_config(model_cfg: ModelConfig, mesh_shape, rules, num_layers: i
     sharding the rules give them (Megatron style: the residual stream stays whole). MoE layers
     keep every expert (a device's share of the assignments is, balanced, what one device
     computes for its own tokens) with their hidden widths divided like the MLP's; the dense
-    prefix is dropped (`_layer_kinds` traces each kind of layer apart)."""
+    layers are dropped (`_layer_kinds` traces each kind of layer apart)."""
     def local(name, size):
         return size // shard_count((name,), (size,), mesh_shape, rules)
 
@@ -194,7 +194,8 @@ def _local_model_config(model_cfg: ModelConfig, mesh_shape, rules, num_layers: i
     if model_cfg.moe.enabled:
         m = model_cfg.moe
         extra["moe"] = dataclasses.replace(
-            m, first_dense_layers=0, expert_intermediate_size=local("mlp", model_cfg.expert_intermediate_size),
+            m, first_dense_layers=0, dense_layers=(),
+            expert_intermediate_size=local("mlp", model_cfg.expert_intermediate_size),
             shared_intermediate_size=local("mlp", m.shared_intermediate_size or model_cfg.expert_intermediate_size))
     return model_cfg.replace(num_heads=n, num_kv_heads=k, intermediate_size=local("mlp", model_cfg.intermediate_size),
                              vocab_size=local("vocab", model_cfg.vocab_size), num_layers=num_layers, remat=remat,
@@ -251,12 +252,13 @@ def residual_bytes(model_cfg: ModelConfig, batch: int, seq_len: int, *, sequence
 
 def _layer_kinds(model_cfg: ModelConfig, local_cfg: ModelConfig) -> list[tuple[int, ModelConfig]]:
     """(layers, the local config to trace one kind of layer with) per kind: one entry for a dense
-    model; the dense prefix (without MoE) and the MoE layers for an MoE model."""
+    model; the dense-MLP layers (without MoE) and the MoE layers for an MoE model."""
     if not model_cfg.moe.enabled:
         return [(model_cfg.num_layers, local_cfg)]
     kinds = [(model_cfg.num_moe_layers, local_cfg)]
-    if model_cfg.moe.first_dense_layers:
-        kinds.insert(0, (model_cfg.moe.first_dense_layers, local_cfg.replace(moe=dataclasses.replace(
+    dense = model_cfg.num_layers - model_cfg.num_moe_layers
+    if dense:
+        kinds.insert(0, (dense, local_cfg.replace(moe=dataclasses.replace(
             local_cfg.moe, num_experts=0))))
     return kinds
 

@@ -307,7 +307,7 @@ def test_dense_prefix_and_moe_layers_are_scanned_apart():
     cfg = tiny_model_config(num_layers=3, moe=dict(num_experts=4, first_dense_layers=1, aux_loss_weight=0.1,
                                                    z_loss_weight=0.01))
     model = tr.build(cfg)
-    assert tr.layer_groups(cfg) == (("dense_layers", 0, 1), ("layers", 1, 3))
+    assert tr.layer_groups(cfg) == (("dense_layers", 0, 1, 0), ("layers", 1, 3, 0))
     assert model.dense_layers.mlp.up.kernel[...].shape == (1, 32, 64)
     assert model.layers.mlp.experts.up[...].shape == (2, 4, 32, 64)
     tokens = jnp.asarray(random_tokens(np.random.default_rng(0), (2, 8), cfg.vocab_size))
@@ -319,6 +319,115 @@ def test_dense_prefix_and_moe_layers_are_scanned_apart():
     np.testing.assert_allclose(float(aux["moe_expert_load"].sum()), 1.0, rtol=1e-6)
     np.testing.assert_allclose(float(aux["moe_aux_loss"]), 0.1 * float(aux["moe_balance"]), rtol=1e-6)
     np.testing.assert_allclose(float(aux["aux_loss"]), float(aux["moe_aux_loss"] + aux["moe_z_loss"]), rtol=1e-6)
+
+
+def test_group_limited_routing_equals_numpy():
+    """DeepSeek-V2's group_limited_greedy: keep the topk_groups groups whose best score is
+    highest, then the top k experts among theirs; gates are the unmasked softmax scores."""
+    m = MoeConfig(num_experts=8, experts_per_token=3, num_groups=4, topk_groups=2, norm_topk_prob=False,
+                  routed_scaling_factor=2.5)
+    logits = np.random.default_rng(0).normal(size=(2, 16, 8)).astype(np.float32)
+    expert, gate, _, _ = moe.route(jnp.asarray(logits), None, m)
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    scores = z / z.sum(-1, keepdims=True)
+    for b in range(2):
+        for t in range(16):
+            best_groups = np.argsort(-scores[b, t].reshape(4, 2).max(-1), kind="stable")[:2]
+            allowed = np.zeros(8, bool)
+            for g in best_groups:
+                allowed[2 * g:2 * g + 2] = True
+            chosen = np.argsort(-np.where(allowed, scores[b, t], -1.0), kind="stable")[:3]
+            assert sorted(np.asarray(expert[b, t]).tolist()) == sorted(chosen.tolist())
+            np.testing.assert_allclose(np.sort(np.asarray(gate[b, t])), np.sort(2.5 * scores[b, t, chosen]),
+                                       rtol=1e-6)
+    # without the limit the choice differs somewhere (the test is not vacuous)
+    free, _, _, _ = moe.route(jnp.asarray(logits), None, MoeConfig(num_experts=8, experts_per_token=3))
+    assert (np.sort(np.asarray(free), -1) != np.sort(np.asarray(expert), -1)).any()
+
+
+def test_group_limited_config_errors():
+    with pytest.raises(ValueError, match=r"num_groups=3 must divide model.moe.num_experts=8"):
+        MoeConfig(num_experts=8, num_groups=3, topk_groups=1)
+    with pytest.raises(ValueError, match=r"experts_per_token=3 exceeds the 2 experts of model.moe.topk_groups=1"):
+        MoeConfig(num_experts=8, experts_per_token=3, num_groups=4, topk_groups=1)
+
+
+def test_dense_layers_anywhere_config():
+    cfg = tiny_model_config(num_layers=4, moe=dict(num_experts=4, dense_layers=[3, 1]))  # a list, as JSON gives
+    assert cfg.moe.dense_layers == (3, 1) and hash(cfg)
+    assert [cfg.is_moe_layer(i) for i in range(4)] == [True, False, True, False] and cfg.num_moe_layers == 2
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert tr.layer_stacks(cfg) == {"dense_layers": (1, 3), "layers": (0, 2)}
+    assert tr.layer_groups(cfg) == (("layers", 0, 1, 0), ("dense_layers", 1, 2, 0), ("layers", 2, 3, 1),
+                                     ("dense_layers", 3, 4, 1))
+    with pytest.raises(ValueError, match=r"dense_layers=\(1, 1\) must be distinct layer indices >= 0"):
+        MoeConfig(num_experts=4, dense_layers=(1, 1))
+    with pytest.raises(ValueError, match=r"dense_layers=\(1, 4\): layers \[4\] are not layers of model.num_layers=4"):
+        tiny_model_config(num_layers=4, moe=dict(num_experts=4, dense_layers=(1, 4)))
+    with pytest.raises(ValueError, match=r"leaves no MoE layer"):
+        tiny_model_config(num_layers=2, moe=dict(num_experts=4, first_dense_layers=1, dense_layers=(1,)))
+
+
+def _layer_by_layer(model, cfg, tokens):
+    """Logits from each global layer's block run alone, taken from its row of its stack."""
+    b, t = tokens.shape
+    pos, seg = tr.default_positions_and_segments(b, t, None, None)
+    x = model.embed_inputs(tokens, pos)
+    stacks = tr.layer_stacks(cfg)
+    for i in range(cfg.num_layers):
+        name = next(n for n, ls in stacks.items() if i in ls)
+        graphdef, state = nnx.split(getattr(model, name))
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, r=stacks[name].index(i): a[r], state))
+        x, _ = block(x, positions_BT=pos, segment_ids_BT=seg, window=None)
+    return model.output_logits(x)
+
+
+def test_interleaved_dense_layers_equal_layer_by_layer():
+    """Dense layers at 1 and 3 of 4: two stacks, four runs (scans) over their rows; the logits
+    equal each layer's block run in turn, and the statistics come per MoE layer in order."""
+    cfg = tiny_model_config(num_layers=4, moe=dict(num_experts=4, dense_layers=(1, 3), bias_balancing=True))
+    model = tr.build(cfg, seed=1)
+    assert model.dense_layers.mlp.up.kernel[...].shape == (2, 32, 64)
+    assert model.layers.mlp.experts.up[...].shape == (2, 4, 32, 64)
+    tokens = jnp.asarray(random_tokens(np.random.default_rng(0), (2, 8), cfg.vocab_size))
+    jaxpr = jax.make_jaxpr(lambda t: model.forward_with_aux(t))(tokens)
+    assert sum(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns) == 4
+    logits, aux = model.forward_with_aux(tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(_layer_by_layer(model, cfg, tokens)), atol=1e-5)
+    assert aux["moe_layer_load"].shape == (2, 4)
+    # the statistics of MoE layer 2 (row 1) come second: zero its router (uniform scores)
+    graphdef, params = tr.split_params(model)
+    params["layers"]["mlp"]["router"]["kernel"] = params["layers"]["mlp"]["router"]["kernel"].at[1].set(0.0)
+    _, aux2 = tr.merge_params(graphdef, params).forward_with_aux(tokens)
+    load = np.asarray(aux2["moe_layer_load"])  # tied scores: top_k takes the lowest indices
+    np.testing.assert_array_equal(load[1], [0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_array_equal(load[0], np.asarray(aux["moe_layer_load"])[0])
+
+
+def test_dense_layers_as_a_prefix_equal_first_dense_layers():
+    a = tiny_model_config(num_layers=3, moe=dict(num_experts=4, first_dense_layers=1))
+    b = tiny_model_config(num_layers=3, moe=dict(num_experts=4, dense_layers=(0,)))
+    assert tr.layer_groups(a) == tr.layer_groups(b)
+    model_a = tr.build(a, seed=2)
+    graphdef_b, _ = tr.split_params(tr.abstract_model(b))
+    model_b = tr.merge_params(graphdef_b, tr.split_params(model_a)[1])
+    tokens = jnp.asarray(random_tokens(np.random.default_rng(1), (2, 8), a.vocab_size))
+    np.testing.assert_array_equal(np.asarray(model_a(tokens)), np.asarray(model_b(tokens)))
+
+
+def test_decoding_interleaved_dense_layers_equals_the_forward():
+    """KV-cache decoding (plain and the CPU decode layout) with dense layers between MoE ones."""
+    from inference import generate
+
+    cfg = tiny_model_config(num_layers=4, moe=dict(num_experts=4, dense_layers=(1, 2), num_shared_experts=1))
+    model = tr.build(cfg, seed=4)
+    prompt = [5, 17, 33, 2, 9]
+    seq = list(prompt)
+    for _ in range(6):
+        logits = model(jnp.asarray([seq], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    for layout in (False, True):
+        assert generate(model, [prompt], max_new_tokens=6, decode_layout=layout)[0] == seq[len(prompt):]
 
 
 def test_decoding_an_moe_model_equals_its_forward():
