@@ -7,9 +7,10 @@
 
 `load` reads `config.json` and the safetensors weights (one file or shards with an index) of a
 supported architecture (`ARCHITECTURES`: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2,
-GPT-2, DeepSeek-V2 with dense MLP layers). Each parameter is created with
+GPT-2, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2). Each parameter is created with
 `jax.make_array_from_callback`: every device's shard is read from the memory-mapped files (the
-rows that shard needs, one layer at a time for stacked layer parameters) and converted to the
+rows that shard needs, one layer at a time for stacked layer parameters, one expert at a time
+for experts stored per expert) and converted to the
 requested dtype on the host, so no process ever holds the whole model. `save` streams one tensor
 at a time from the devices to the files.
 
@@ -78,28 +79,46 @@ def _resolver(reader: SafetensorsReader):
     return resolve
 
 
-def _layer_names(src: Source, stacked: bool, num_layers: int) -> list[str]:
-    return [src.name.format(i=i) for i in range(num_layers)] if stacked else [src.name]
+def _stack_layers(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Stacked parameters' first path key -> the global layer of each row (models.transformer.layer_stacks)."""
+    from models.transformer import layer_stacks
+
+    return layer_stacks(cfg)
 
 
-def _check_tensors(reader, sources, cfg: ModelConfig, arch: str, where: str) -> dict[tuple[str, ...], list[str]]:
-    """Every expected tensor present with the expected shape; nothing unexplained left over."""
+def _rows(path: tuple[str, ...], stacks) -> list[int | None]:
+    """The layer of each row of a parameter stacked over layers, or [None] for one that is not."""
+    return list(stacks[path[0]]) if path[0] in stacks else [None]
+
+
+def _check_tensors(reader, sources, cfg: ModelConfig, arch: str, where: str):
+    """Every expected tensor present with the expected shape; nothing unexplained left over.
+
+    Returns our path -> per row (layer) the (Source, tensor names) it is read from: the first of
+    the source's forms (`Source.forms`) whose tensors are all there."""
     resolve = _resolver(reader)
-    names: dict[tuple[str, ...], list[str]] = {}
+    stacks = _stack_layers(cfg)
+    names: dict[tuple[str, ...], list[tuple[Source, list[str]]]] = {}
     used = set()
     for path, src in sources.items():
-        actual = []
-        for name in _layer_names(src, path[0] == "layers", cfg.num_layers):
-            found = resolve(name)
-            if found is None:
-                raise ValueError(f"{where}: tensor {name!r} (expected shape {src.shape}) is missing for {arch} "
-                                 f"({_shape_summary(cfg)})")
-            if reader.shape(found) != src.shape:
-                raise ValueError(f"{where}: tensor {found!r} has shape {reader.shape(found)}; expected {src.shape} "
-                                 f"for {arch} ({_shape_summary(cfg)} from config.json)")
-            actual.append(found)
-            used.add(found)
-        names[path] = actual
+        rows = []
+        for layer in _rows(path, stacks):
+            for form in src.forms():
+                found = [resolve(name) for name in form.names(layer)]
+                if None not in found:
+                    break
+            else:
+                missing = src.names(layer)[[resolve(n) for n in src.names(layer)].index(None)]
+                others = "".join(f" (or {f.names(layer)[0]!r})" for f in src.forms()[1:])
+                raise ValueError(f"{where}: tensor {missing!r}{others} (expected shape {src.shape}) is missing for "
+                                 f"{arch} ({_shape_summary(cfg)})")
+            for name in found:
+                if reader.shape(name) != form.shape:
+                    raise ValueError(f"{where}: tensor {name!r} has shape {reader.shape(name)}; expected {form.shape} "
+                                     f"for {arch} ({_shape_summary(cfg)} from config.json)")
+            rows.append((form, found))
+            used.update(found)
+        names[path] = rows
     unexpected = [k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)
                   and not (cfg.tie_embeddings and k.endswith("lm_head.weight"))]
     if unexpected:
@@ -109,9 +128,14 @@ def _check_tensors(reader, sources, cfg: ModelConfig, arch: str, where: str) -> 
 
 
 def _shape_summary(cfg: ModelConfig) -> str:
-    return (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
-            f"num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, "
-            f"head_dim={cfg.head_dim}")
+    out = (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
+           f"num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, "
+           f"head_dim={cfg.head_dim}")
+    if cfg.moe.enabled:
+        out += (f", num_experts={cfg.moe.num_experts}, expert_intermediate_size={cfg.expert_intermediate_size}, "
+                f"shared width {cfg.shared_intermediate_size}, MoE layers "
+                f"{[i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]}")
+    return out
 
 
 def _read_block(reader: SafetensorsReader, name: str, src: Source, idx: tuple[slice, ...]) -> np.ndarray:
@@ -149,15 +173,22 @@ def _read_block(reader: SafetensorsReader, name: str, src: Source, idx: tuple[sl
     return block.transpose(src.perm)
 
 
-def _read_param(reader, names: list[str], src: Source, stacked: bool, shape, dtype, index) -> np.ndarray:
-    """The shard `index` of one of our parameters (make_array_from_callback's callback)."""
+def _read_param(reader, rows: list[tuple[Source, list[str]]], stacked: bool, shape, dtype, index) -> np.ndarray:
+    """The shard `index` of one of our parameters (make_array_from_callback's callback): per
+    layer (row) from that row's form of the source; per expert from that expert's tensor."""
     index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
     if not stacked:
+        src, names = rows[0]
         return _read_block(reader, names[0], src, index).astype(dtype)
     layers, rest = index[0], index[1:]
     out = np.empty((layers.stop - layers.start,) + tuple(sl.stop - sl.start for sl in rest), dtype)
     for j, layer in enumerate(range(layers.start, layers.stop)):
-        out[j] = _read_block(reader, names[layer], src, rest)
+        src, names = rows[layer]
+        if src.experts:  # one tensor per expert: this shard's experts only
+            for k, e in enumerate(range(rest[0].start, rest[0].stop)):
+                out[j, k] = _read_block(reader, names[e], src, rest[1:])
+        else:
+            out[j] = _read_block(reader, names[0], src, rest)
     return out
 
 
@@ -198,13 +229,13 @@ def load(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, dtyp
         names = _check_tensors(reader, sources, cfg, arch, where)
 
         graphdef, abs_params, shardings = abstract_params_and_shardings(cfg, mesh, rules)
+        stacks = _stack_layers(cfg)
 
         def build(key_path, a, sharding):
             p = tuple(str(getattr(k, "key", k)) for k in key_path)
             if p not in sources:
                 raise AssertionError(f"no Hugging Face source for parameter {'/'.join(p)} of {arch}")
-            cb = functools.partial(_read_param, reader, names[p], sources[p], p[0] == "layers", a.shape,
-                                   np.dtype(a.dtype))
+            cb = functools.partial(_read_param, reader, names[p], p[0] in stacks, a.shape, np.dtype(a.dtype))
             return jax.make_array_from_callback(a.shape, sharding, cb, dtype=a.dtype)
 
         params = jax.tree_util.tree_map_with_path(build, abs_params, shardings)
@@ -249,20 +280,23 @@ def save(model, path: str | os.PathLike, *, architecture: str | None = None, dty
     _, params = split_params(model)
     sources = param_sources(cfg, architecture)
 
-    entries: dict[str, list[tuple[jax.Array, Source, int | None]]] = {}
+    stacks = _stack_layers(cfg)
+    # tensor name -> the (our parameter, its Source, the index of the block: (row,) / (row, expert) / ())
+    entries: dict[str, list[tuple[jax.Array, Source, tuple[int, ...]]]] = {}
     order: dict[str, tuple[int, str]] = {}
     for path_, src in sources.items():
         leaf = _get(params, path_)
-        stacked = path_[0] == "layers"
-        for i, name in enumerate(_layer_names(src, stacked, cfg.num_layers)):
-            entries.setdefault(name, []).append((leaf, src, i if stacked else None))
-            order[name] = (i if stacked else -1, name)
+        for row, layer in enumerate(_rows(path_, stacks)):
+            for e, name in enumerate(src.names(layer)):
+                idx = () if layer is None else (row, e) if src.experts else (row,)
+                entries.setdefault(name, []).append((leaf, src, idx))
+                order[name] = (-1 if layer is None else layer, name)
 
     def produce(name):
         parts = entries[name]
         full = np.empty(parts[0][1].shape, np_dtype)
-        for leaf, src, layer in parts:
-            x = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+        for leaf, src, idx in parts:
+            x = np.asarray(jax.device_get(leaf[idx] if idx else leaf))
             if src.permute is not None:  # back to the checkpoint's order
                 axis, order = src.permute
                 x = np.take(x, np.argsort(order), axis=axis)

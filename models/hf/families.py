@@ -37,11 +37,17 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "GPT2LMHeadModel": "gpt2",
     "DeepseekV2ForCausalLM": "deepseek_v2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _BY_MODEL_TYPE = {v: k for k, v in ARCHITECTURES.items()}
 # The order `infer_architecture` tries: the plainest family that reproduces a config wins.
 EXPORT_ORDER = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "DeepseekV2ForCausalLM")
+                "GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "MixtralForCausalLM",
+                "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM")
+# families with mixture-of-experts layers (DeepSeek-V2 also without: first_k_dense_replace >= layers)
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 _ACT_IN = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -51,6 +57,8 @@ _GPT2_ACT_OUT = {"silu": "silu", "gelu_tanh": "gelu_new", "gelu": "gelu", "relu"
 
 # Fields that are not part of the function a checkpoint computes (precision, training knobs).
 NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "init_std", "dropout_rate")
+# model.moe fields of the same kind: training losses and the grouped matmul's implementation
+NON_ARCHITECTURE_MOE_FIELDS = ("aux_loss_weight", "z_loss_weight", "bias_update_rate", "grouped_matmul", "block_size")
 
 
 def architecture_of(hf: dict[str, Any], where: str = "config.json") -> str:
@@ -163,6 +171,8 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
     layers = hf["num_hidden_layers"]
     if family == "deepseek_v2":
         return _deepseek_v2_config(hf, common, where)
+    if family == "qwen3_moe":
+        head_dim = hf.get("head_dim") or d // n
     bias = bool(hf.get("attention_bias", False))
     kw: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf["intermediate_size"], num_layers=layers,
@@ -177,9 +187,23 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
         kw.update(activation=_activation(act, where, family="gemma"), norm_weight_offset=1.0, embed_scale=d ** 0.5)
     else:
         kw.update(activation=_activation(hf.get("hidden_act", "silu"), where, family=family))
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kw.update(attention_bias=False, attention_out_bias=False, mlp_bias=False,
                   **_windows([int(hf.get("sliding_window") or 0)] * layers))
+        if family == "mixtral":
+            kw.update(moe=_moe_section(hf, family, layers, where))
+    elif family == "qwen2_moe":
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        first = hf.get("max_window_layers", 28)
+        default = ["sliding_attention" if window and (i + 1) % 2 and i < first else "full_attention"
+                   for i in range(layers)]
+        kw.update(mlp_bias=False, attention_bias=bool(hf.get("qkv_bias", True)), attention_out_bias=False,
+                  moe=_moe_section(hf, family, layers, where),
+                  **_windows(_typed_windows(hf, layers, window, default, where)))
+    elif family == "qwen3_moe":
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        kw.update(mlp_bias=False, qk_norm=True, moe=_moe_section(hf, family, layers, where),
+                  **_windows([int(window or 0)] * layers))
     elif family in ("qwen2", "qwen3"):
         window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
         first = hf.get("max_window_layers", 28)
@@ -203,15 +227,48 @@ def from_hf_config(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
     return ModelConfig(**kw)
 
 
+def _aux_loss_weight(hf: dict[str, Any], k: int) -> float:
+    """Our balance-loss weight for transformers' `router_aux_loss_coef` (added to the loss only
+    with `output_router_logits`): its loss sums the load over the k choice slots, k times ours."""
+    if not hf.get("output_router_logits"):
+        return 0.0
+    return float(hf.get("router_aux_loss_coef", 0.001)) * k
+
+
+def _moe_section(hf: dict[str, Any], family: str, layers: int, where: str) -> dict[str, Any]:
+    """`model.moe` for a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (num_experts 0 = dense)."""
+    if family == "mixtral":
+        e = hf.get("num_local_experts", 8)
+        k = hf.get("num_experts_per_tok", 2)
+        return dict(num_experts=e, experts_per_token=k, norm_topk_prob=True, aux_loss_weight=_aux_loss_weight(hf, k))
+    e = hf.get("num_experts", hf.get("num_local_experts")) or 0  # transformers writes Qwen3-MoE's as num_local_experts
+    if not e:
+        return {}
+    k = hf.get("num_experts_per_tok", 4)
+    step = hf.get("decoder_sparse_step", 1) or 1
+    only = set(hf.get("mlp_only_layers") or [])
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    out = dict(num_experts=e, experts_per_token=k, expert_intermediate_size=hf["moe_intermediate_size"],
+               norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense,
+               aux_loss_weight=_aux_loss_weight(hf, k))
+    if family == "qwen2_moe":
+        shared = hf.get("shared_expert_intermediate_size")
+        if not shared:
+            raise ValueError(f"{where}: shared_expert_intermediate_size={shared!r} is not supported (Qwen2-MoE's "
+                             f"gated shared expert needs a width > 0)")
+        out.update(num_shared_experts=1, shared_intermediate_size=int(shared), shared_expert_gate=True)
+    return out
+
+
 def _deepseek_v2_config(hf: dict[str, Any], common: dict[str, Any], where: str) -> ModelConfig:
-    """DeepSeek-V2 with dense MLP layers only: latent attention (`model.mla`), RMSNorm, SwiGLU."""
+    """DeepSeek-V2: latent attention (`model.mla`), RMSNorm, SwiGLU; MoE layers after the first
+    `first_k_dense_replace` (`model.moe`: softmax, top-k greedy or group-limited, times
+    `routed_scaling_factor`, never renormalised, shared experts ungated)."""
     layers = hf["num_hidden_layers"]
     dense = hf.get("first_k_dense_replace", 0)
-    if dense < layers:
-        raise ValueError(f"{where}: first_k_dense_replace={dense} < num_hidden_layers={layers}: layers "
-                         f"{dense}..{layers - 1} are mixture-of-experts layers, which this importer does not "
-                         f"model (supported: DeepSeek-V2 with dense MLP layers, first_k_dense_replace >= "
-                         f"num_hidden_layers)")
+    moe: dict[str, Any] = {}
+    if dense < layers and hf.get("n_routed_experts"):
+        moe = _deepseek_v2_moe(hf, dense, where)
     if not hf.get("kv_lora_rank"):
         raise ValueError(f"{where}: kv_lora_rank={hf.get('kv_lora_rank')!r}: DeepSeek-V2 needs a latent rank > 0")
     rope = hf.get("qk_rope_head_dim", 64)
@@ -233,8 +290,29 @@ def _deepseek_v2_config(hf: dict[str, Any], common: dict[str, Any], where: str) 
         max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation=_activation(hf.get("hidden_act", "silu"), where, family="deepseek_v2"), gated_mlp=True,
         position_embedding="rope", tie_embeddings=hf.get("tie_word_embeddings", False), attention_bias=bias,
-        attention_out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), mla=mla, **_rope_fields(hf, where),
-        **common)
+        attention_out_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)), mla=mla, moe=moe,
+        **_rope_fields(hf, where), **common)
+
+
+def _deepseek_v2_moe(hf: dict[str, Any], dense: int, where: str) -> dict[str, Any]:
+    method = hf.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"{where}: topk_method={method!r} is not supported by DeepseekV2ForCausalLM (supported: "
+                         f"greedy, group_limited_greedy)")
+    k = hf.get("num_experts_per_tok")
+    if not k:
+        raise ValueError(f"{where}: num_experts_per_tok={k!r}: MoE layers need experts per token >= 1")
+    shared = hf.get("n_shared_experts")
+    if not shared:
+        raise ValueError(f"{where}: n_shared_experts={shared!r} is not supported (DeepSeek-V2's MoE layers always "
+                         f"have shared experts, n_shared_experts >= 1)")
+    out = dict(num_experts=int(hf["n_routed_experts"]), experts_per_token=int(k), num_shared_experts=int(shared),
+               expert_intermediate_size=int(hf["moe_intermediate_size"]), first_dense_layers=int(dense),
+               norm_topk_prob=False,  # transformers' DeepseekV2 never reads norm_topk_prob
+               routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0))
+    if method == "group_limited_greedy":
+        out.update(num_groups=int(hf["n_group"]), topk_groups=int(hf["topk_group"]))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +382,29 @@ def to_hf_config(cfg: ModelConfig, architecture: str, base: dict[str, Any] | Non
         out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias, first_k_dense_replace=cfg.num_layers,
                    q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
                    qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim)
+        if cfg.moe.enabled:
+            out.update(_deepseek_v2_moe_fields(cfg))
         out.pop("layer_types", None)
+    elif family == "mixtral":
+        out.update(sliding_window=sliding, intermediate_size=cfg.expert_intermediate_size,
+                   num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.experts_per_token,
+                   **_aux_loss_fields(cfg, out))
+        out.pop("layer_types", None)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        m = cfg.moe
+        dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+        out.update(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                   moe_intermediate_size=cfg.expert_intermediate_size, norm_topk_prob=m.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=dense, use_sliding_window=sliding is not None,
+                   sliding_window=sliding, **_aux_loss_fields(cfg, out))
+        out.pop("num_local_experts", None)
+        if family == "qwen2_moe":
+            first = next((i for i, w in enumerate(windows) if w), cfg.num_layers)
+            out.update(qkv_bias=cfg.attention_bias, max_window_layers=first, layer_types=types,
+                       shared_expert_intermediate_size=cfg.shared_intermediate_size)
+        else:
+            out.update(attention_bias=cfg.attention_bias)
+            out.pop("layer_types", None)
     elif family in ("llama", "gemma"):
         out.update(attention_bias=cfg.attention_bias)
         if family == "llama":
@@ -326,6 +426,27 @@ def to_hf_config(cfg: ModelConfig, architecture: str, base: dict[str, Any] | Non
                    attn_logit_softcapping=cfg.attn_logit_softcap or None,
                    final_logit_softcapping=cfg.logit_softcap or None, sliding_window=sliding or 4096, layer_types=types)
     return out
+
+
+def _aux_loss_fields(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """transformers' `router_aux_loss_coef` / `output_router_logits` for our balance-loss weight
+    (see `_aux_loss_weight`); without one, the base config's coefficient stays, switched off."""
+    w, k = cfg.moe.aux_loss_weight, cfg.moe.experts_per_token
+    if not w:
+        return dict(output_router_logits=False, router_aux_loss_coef=out.get("router_aux_loss_coef", 0.001))
+    return dict(output_router_logits=True, router_aux_loss_coef=w / k)
+
+
+def _deepseek_v2_moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    m, f = cfg.moe, cfg.expert_intermediate_size
+    leading = next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
+    shared = cfg.shared_intermediate_size
+    return dict(first_k_dense_replace=leading, n_routed_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                moe_intermediate_size=f, n_shared_experts=shared // f if shared % f == 0 else shared / f,
+                routed_scaling_factor=m.routed_scaling_factor, norm_topk_prob=False,
+                topk_method="group_limited_greedy" if m.group_limited else "greedy",
+                n_group=m.num_groups if m.group_limited else None,
+                topk_group=m.topk_groups if m.group_limited else None)
 
 
 def _int_if_whole(x: float) -> int | float:
@@ -357,11 +478,35 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
         d["rope_original_max_seq_len"] = cfg.rope_original_max_seq_len or cfg.max_seq_len
     if cfg.position_embedding != "rope":
         d.pop("rope_theta")
+    d.update(_canonical_moe(cfg, d.pop("moe")))
+    if cfg.moe.enabled and cfg.num_moe_layers == cfg.num_layers:  # no dense MLP: its width is unused
+        d["intermediate_size"] = cfg.expert_intermediate_size
     return d
+
+
+def _canonical_moe(cfg: ModelConfig, moe: dict[str, Any]) -> dict[str, Any]:
+    """model.moe as what the layers compute, one key each ("moe.<field>"): which layers are MoE,
+    the resolved expert and total shared widths, groups only when they limit the choice."""
+    if not cfg.moe.enabled:
+        return {"moe.num_experts": 0}
+    for f in NON_ARCHITECTURE_MOE_FIELDS + ("first_dense_layers", "dense_layers", "num_shared_experts",
+                                            "shared_intermediate_size"):
+        moe.pop(f)
+    moe.update(moe_layers=tuple(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)),
+               expert_intermediate_size=cfg.expert_intermediate_size, shared_width=cfg.shared_intermediate_size)
+    if not cfg.moe.group_limited:
+        moe.update(num_groups=0, topk_groups=0)
+    return {f"moe.{k}": v for k, v in moe.items()}
 
 
 def representation_errors(cfg: ModelConfig, architecture: str) -> list[str]:
     """What `architecture` cannot express of `cfg` ([] = it reproduces the model exactly)."""
+    family = ARCHITECTURES.get(architecture)
+    if cfg.moe.enabled and family not in MOE_FAMILIES:
+        return [f"mixture-of-experts layers (model.moe.num_experts={cfg.moe.num_experts}), which {architecture} "
+                f"does not have"]
+    if not cfg.moe.enabled and family in MOE_FAMILIES and family != "deepseek_v2":
+        return [f"no mixture-of-experts layers (model.moe.num_experts=0): {architecture} has them"]
     try:
         back = from_hf_config(to_hf_config(cfg, architecture), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     except (ValueError, KeyError) as e:
@@ -401,6 +546,9 @@ class Source:
     of a fused tensor (GPT-2's q|k|v), None the whole tensor. `permute` = (axis, order) then
     reorders one of our axes, ours = ours.take(order, axis) (DeepSeek's interleaved RoPE rows),
     None keeps it. `name` holds "{i}" for the layer index when the parameter is stacked over layers.
+    `experts` > 0: the parameter (per layer) is [experts, *ours], one tensor per expert, `name`
+    holding "{e}" for its index (Mixtral's `experts.{e}.w1`). `alt`: another form of the same
+    parameter, read when this one's tensors are absent (transformers' fused `experts.gate_up_proj`).
     """
 
     name: str
@@ -409,6 +557,19 @@ class Source:
     perm: tuple[int, ...]
     select: tuple[int, int, int] | None = None
     permute: tuple[int, tuple[int, ...]] | None = None
+    experts: int = 0
+    alt: Source | None = None
+
+    def names(self, layer: int | None) -> list[str]:
+        """The tensor names for one layer (None: not stacked): one per expert, else one."""
+        fmt = {} if layer is None else {"i": layer}
+        if self.experts:
+            return [self.name.format(e=e, **fmt) for e in range(self.experts)]
+        return [self.name.format(**fmt) if fmt else self.name]
+
+    def forms(self) -> list[Source]:
+        """This source and its alternatives, in the order they are tried."""
+        return [self] + (self.alt.forms() if self.alt is not None else [])
 
     @property
     def selected_shape(self) -> tuple[int, ...]:
@@ -543,6 +704,51 @@ def param_sources(cfg: ModelConfig, architecture: str) -> dict[tuple[str, ...], 
             s[("layers", "mlp", "down", "bias")] = _same(m + "down_proj.bias", d)
     if not cfg.tie_embeddings:
         s[("lm_head", "kernel")] = _linear("lm_head.weight", (v,), (d,))
+    if cfg.moe.enabled:  # the block's sources for both stacks; the MoE stack's MLP is the MoE block's
+        block = {k[1:]: src for k, src in s.items() if k[0] == "layers" and k[1] != "mlp"}
+        dense_mlp = {k[1:]: src for k, src in s.items() if k[:2] == ("layers", "mlp")}
+        s = {k: src for k, src in s.items() if k[0] != "layers"}
+        from models.transformer import layer_stacks
+
+        for stack in layer_stacks(cfg):
+            mlp = _moe_sources(cfg, family, "model.layers.{i}.") if stack == "layers" else dense_mlp
+            s.update({(stack,) + k: src for k, src in {**block, **mlp}.items()})
+    return s
+
+
+def _moe_sources(cfg: ModelConfig, family: str, p: str) -> dict[tuple[str, ...], Source]:
+    """An MoE block's parameters (paths below the block): router, experts (per-expert tensors,
+    or transformers' fused in-memory form as the alternative), shared experts and their gate."""
+    d, e, f = cfg.hidden_size, cfg.moe.num_experts, cfg.expert_intermediate_size
+    s: dict[tuple[str, ...], Source] = {}
+    if family == "mixtral":
+        per_expert = p + "block_sparse_moe.experts.{e}."
+        names = {"gate": "w1", "up": "w3", "down": "w2"}
+        s[("mlp", "router", "kernel")] = _linear(p + "block_sparse_moe.gate.weight", (e,), (d,))
+        s[("mlp", "router", "kernel")] = dataclasses.replace(
+            s[("mlp", "router", "kernel")], alt=_linear(p + "mlp.gate.weight", (e,), (d,)))
+    else:
+        per_expert = p + "mlp.experts.{e}."
+        names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        s[("mlp", "router", "kernel")] = _linear(p + "mlp.gate.weight", (e,), (d,))
+    fused = p + "mlp.experts."
+    alts = {  # gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]
+        "gate": Source(fused + "gate_up_proj", (e, 2 * f, d), (e, f, d), (0, 2, 1), select=(1, 0, f)),
+        "up": Source(fused + "gate_up_proj", (e, 2 * f, d), (e, f, d), (0, 2, 1), select=(1, f, f)),
+        "down": Source(fused + "down_proj", (e, d, f), (e, d, f), (0, 2, 1)),
+    }
+    for ours, theirs in names.items():
+        out_dims, in_dims = ((d,), (f,)) if ours == "down" else ((f,), (d,))
+        s[("mlp", "experts", ours)] = dataclasses.replace(
+            _linear(per_expert + theirs + ".weight", out_dims, in_dims), experts=e, alt=alts[ours])
+    if cfg.moe.num_shared_experts:
+        w = cfg.shared_intermediate_size
+        shared = p + ("mlp.shared_expert." if family == "qwen2_moe" else "mlp.shared_experts.")
+        s[("mlp", "shared", "gate", "kernel")] = _linear(shared + "gate_proj.weight", (w,), (d,))
+        s[("mlp", "shared", "up", "kernel")] = _linear(shared + "up_proj.weight", (w,), (d,))
+        s[("mlp", "shared", "down", "kernel")] = _linear(shared + "down_proj.weight", (d,), (w,))
+        if cfg.moe.shared_expert_gate:
+            s[("mlp", "shared_gate", "kernel")] = _linear(p + "mlp.shared_expert_gate.weight", (1,), (d,))
     return s
 
 
