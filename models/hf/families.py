@@ -11,12 +11,37 @@ laid out in a Hugging Face tensor: PyTorch's `Linear` stores [out, in], our eins
 named dims ([D, N, H] for q, [N, H, D] for o), GPT-2's `Conv1D` stores [in, out] and fuses q|k|v
 into one `c_attn` tensor.
 
-DeepSeek-V2 (`DeepseekV2ForCausalLM`, multi-head latent attention: models/mla.py) is supported
-with dense MLP layers only (`first_k_dense_replace` covering every layer; its MoE layers are not
-modelled here). Its RoPE rotates interleaved pairs (x[2i], x[2i+1]) where Loom rotates halves
-(x[i], x[i + H/2]): the rows of the rope dims of q / q_b (per head) and of kv_a's shared k_pe
-are permuted on import (`Source.permute`: ours[i] = theirs[2i], ours[H/2 + i] = theirs[2i + 1])
-and back on export. Queries and keys are permuted alike, so every score is unchanged.
+DeepSeek-V2 (`DeepseekV2ForCausalLM`, multi-head latent attention: models/mla.py): its RoPE
+rotates interleaved pairs (x[2i], x[2i+1]) where Loom rotates halves (x[i], x[i + H/2]): the rows
+of the rope dims of q / q_b (per head) and of kv_a's shared k_pe are permuted on import
+(`Source.permute`: ours[i] = theirs[2i], ours[H/2 + i] = theirs[2i + 1]) and back on export.
+Queries and keys are permuted alike, so every score is unchanged.
+
+Mixture-of-experts families (`model.moe`, models/moe.py; `MOE_FAMILIES`), routing as transformers
+5 runs it:
+  Mixtral      softmax, top-k, always renormalised; no shared experts; every layer MoE; the
+               sliding window as Mistral's. On disk `block_sparse_moe.gate` and
+               `block_sparse_moe.experts.{e}.w1 / w3 / w2` (gate, up, down).
+  Qwen2-MoE    softmax, top-k, renormalised if `norm_topk_prob`; one shared expert of
+               `shared_expert_intermediate_size` times sigmoid(`shared_expert_gate`(x)); dense
+               layers (`intermediate_size`) where `mlp_only_layers` / `decoder_sparse_step` put
+               them (`moe.dense_layers`); q/k/v biases by `qkv_bias`.
+  Qwen3-MoE    as Qwen2-MoE without the shared expert; QK-norm; one window for every layer.
+  DeepSeek-V2  softmax, top-k `greedy` or `group_limited_greedy` (`moe.num_groups` /
+               `topk_groups`), times `routed_scaling_factor`, never renormalised (transformers'
+               DeepseekV2 does not read `norm_topk_prob`); `n_shared_experts` ungated shared
+               experts as one MLP of n x `moe_intermediate_size`; the first
+               `first_k_dense_replace` layers dense.
+Qwen and DeepSeek store experts as `mlp.experts.{e}.{gate,up,down}_proj`. Every family's
+experts are also read from transformers' in-memory form (`mlp.experts.gate_up_proj` [E, 2F, D],
+gate rows first, and `mlp.experts.down_proj` [E, D, F]; Mixtral's router then `mlp.gate`), which
+transformers' own loader accepts too (`Source.alt`); export writes per-expert tensors, as
+`save_pretrained` does. A Loom MoE config exports to the family that reproduces it; what none
+expresses (a sigmoid router, bias balancing, capacity_factor > 0, group-limited routing outside
+DeepSeek-V2, ...) is named by `representation_errors`. The balance-loss weight travels as
+`router_aux_loss_coef` (times k: transformers' loss sums over the k choice slots) with
+`output_router_logits`; it, the z-loss and the dispatch implementation do not change the logits
+and are not compared.
 """
 
 from __future__ import annotations
@@ -724,9 +749,8 @@ def _moe_sources(cfg: ModelConfig, family: str, p: str) -> dict[tuple[str, ...],
     if family == "mixtral":
         per_expert = p + "block_sparse_moe.experts.{e}."
         names = {"gate": "w1", "up": "w3", "down": "w2"}
-        s[("mlp", "router", "kernel")] = _linear(p + "block_sparse_moe.gate.weight", (e,), (d,))
-        s[("mlp", "router", "kernel")] = dataclasses.replace(
-            s[("mlp", "router", "kernel")], alt=_linear(p + "mlp.gate.weight", (e,), (d,)))
+        s[("mlp", "router", "kernel")] = dataclasses.replace(_linear(p + "block_sparse_moe.gate.weight", (e,), (d,)),
+                                                             alt=_linear(p + "mlp.gate.weight", (e,), (d,)))
     else:
         per_expert = p + "mlp.experts.{e}."
         names = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

@@ -129,8 +129,9 @@ def test_unknown_architecture_names_the_valid_ones(gemma2, tmp_path):
     config.update(architectures=["FalconForCausalLM"], model_type="falcon")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"architecture 'FalconForCausalLM' is not supported; supported "
-                                         r"architectures: DeepseekV2ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, GemmaForCausalLM, "
-                                         r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                         r"architectures: DeepseekV2ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
+                                         r"GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+                                         r"Qwen2ForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         hf.load(tmp_path)
 
 

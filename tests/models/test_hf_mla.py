@@ -3,7 +3,7 @@
 cache equals transformers' `generate`, and an exported model loads back in transformers.
 
 Tiny random models are built with transformers (no download) with `first_k_dense_replace`
-covering every layer: DeepSeek-V2's MoE layers are not modelled by this importer.
+covering every layer; DeepSeek-V2 with MoE layers: tests/models/test_hf_moe.py.
 """
 
 import json
@@ -87,11 +87,15 @@ def test_export_loads_back_in_transformers(tmp_path):
         np.testing.assert_array_equal(back.state_dict()[name].numpy(), p.numpy(), err_msg=name)
 
 
-def test_moe_layers_are_refused_with_the_reason(tmp_path):
-    _deepseek(3, first_k_dense_replace=1).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"first_k_dense_replace=1 < num_hidden_layers=2: layers 1\.\.1 are "
-                                         r"mixture-of-experts layers"):
-        hf.load(tmp_path)
+def test_unsupported_moe_routing_is_refused_with_the_reason(tmp_path):
+    """MoE layers load (tests/models/test_hf_moe.py); a routing transformers' DeepseekV2 does not
+    run (DeepSeek-V3's noaux_tc) or MoE layers without shared experts are refused by name."""
+    config = _deepseek(3, first_k_dense_replace=1).config.to_dict()
+    with pytest.raises(ValueError, match=r"topk_method='noaux_tc' is not supported by DeepseekV2ForCausalLM"):
+        hf.from_hf_config({**config, "topk_method": "noaux_tc"})
+    with pytest.raises(ValueError, match=r"n_shared_experts=0 is not supported"):
+        hf.from_hf_config({**config, "n_shared_experts": 0})
+    assert hf.from_hf_config(config).num_moe_layers == 1
 
 
 def test_sharded_loading_permutes_each_shard(tmp_path):
