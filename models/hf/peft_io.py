@@ -94,12 +94,21 @@ def adapter_modules(cfg, architecture: str) -> dict[tuple[str, ...], tuple[str, 
     return out
 
 
-def _module_names(modules, num_layers: int) -> dict[str, tuple[tuple[str, ...], int | None]]:
-    """Concrete transformers module name -> (Loom projection path, layer index or None)."""
+def _stacks(cfg) -> dict[str, tuple[int, ...]]:
+    """Stacked parameters' first path key -> the global layer of each row (an MoE model stacks
+    its dense-MLP and MoE layers apart: models.transformer.layer_stacks)."""
+    from models.transformer import layer_stacks
+
+    return layer_stacks(cfg)
+
+
+def _module_names(modules, cfg) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """Concrete transformers module name -> (Loom projection path, row of its stack or None)."""
     names = {}
+    stacks = _stacks(cfg)
     for path, (name, _, _) in modules.items():
-        if path[0] == "layers":
-            names.update({name.format(i=i): (path, i) for i in range(num_layers)})
+        if path[0] in stacks:
+            names.update({name.format(i=layer): (path, row) for row, layer in enumerate(stacks[path[0]])})
         else:
             names[name] = (path, None)
     return names
@@ -144,11 +153,13 @@ def save_adapter(model, out: str | os.PathLike, *, architecture: str, lora_alpha
     alpha = int(alpha) if float(alpha).is_integer() else alpha
 
     tensors = []
+    stacks = _stacks(cfg)
     for path, kernel in kernels.items():
         name, in_dims, out_dims = modules[path]
         a, b = np.asarray(kernel.a[...]), np.asarray(kernel.b[...])
         np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else a.dtype
-        layers = [(name.format(i=i), a[i], b[i]) for i in range(a.shape[0])] if path[0] == "layers" else [(name, a, b)]
+        stack = stacks.get(path[0])
+        layers = [(name.format(i=stack[i]), a[i], b[i]) for i in range(a.shape[0])] if stack else [(name, a, b)]
         for module, a_i, b_i in layers:
             lora_a = a_i.reshape(math.prod(in_dims), rank).T  # [r, in]
             lora_b = b_i.reshape(rank, math.prod(out_dims)).T  # [out, r]
@@ -281,7 +292,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, architecture: str | N
     cfg = model.config
     architecture = architecture or infer_architecture(cfg)
     modules = adapter_modules(cfg, architecture)
-    names = _module_names(modules, cfg.num_layers)
+    names = _module_names(modules, cfg)
+    stacks = _stacks(cfg)
     rank = int(config["r"])
     where = str(file)
 
@@ -315,7 +327,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, architecture: str | N
             if layer is None:
                 stacked[side] = x
             else:
-                full = stacked.setdefault(side, np.zeros((cfg.num_layers,) + x.shape, np.float32))
+                full = stacked.setdefault(side, np.zeros((len(stacks[path[0]]),) + x.shape, np.float32))
                 full[layer] = x
             found.add((module, side))
     if unknown:

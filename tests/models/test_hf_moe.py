@@ -260,3 +260,28 @@ def test_a_dense_model_is_no_moe_family():
     back = hf.from_hf_config(written)
     assert isinstance(back, ModelConfig) and back.moe.dense_layers == (0, 2)
     assert hf.representation_errors(cfg, "Qwen2MoeForCausalLM") == []
+
+
+def test_peft_adapter_on_interleaved_dense_and_moe_layers(tmp_path):
+    """LoRA on attention (every layer) and the dense / shared-expert MLPs of a Qwen2-MoE model
+    whose layer 1 is dense: the PEFT adapter names each module by its global layer (not its row
+    in the dense or MoE stack); peft on the transformers base gives Loom's logits."""
+    peft = pytest.importorskip("peft")
+    from models.hf import peft_io
+    from models.lora import apply_lora
+    from tests.helpers import randomize_adapters
+
+    f = Family("qwen2_moe", tmp_path)
+    adapted = randomize_adapters(apply_lora(f.model, rank=4, alpha=8), seed=1)
+    ours = np.asarray(adapted(f.tokens))
+    assert _err(ours, f.ref) > 100 * TOL
+    peft_io.save_adapter(adapted, tmp_path / "adapter", architecture="Qwen2MoeForCausalLM")
+    from models.hf.safetensors_io import tensors_in
+
+    keys = tensors_in([tmp_path / "adapter" / "adapter_model.safetensors"])
+    assert "base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight" in keys  # the dense layer
+    assert "base_model.model.model.layers.2.mlp.shared_expert.gate_proj.lora_A.weight" in keys  # MoE row 1
+    base = transformers.AutoModelForCausalLM.from_pretrained(f.dir, attn_implementation="eager").eval()
+    assert _err(hf_logits(peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), f.tokens), ours) <= TOL
+    back = peft_io.load_adapter(f.model, tmp_path / "adapter")
+    assert _err(back(f.tokens), ours) <= 1e-5
