@@ -273,6 +273,8 @@ def _moe_section(hf: dict[str, Any], family: str, layers: int, where: str) -> di
     step = hf.get("decoder_sparse_step", 1) or 1
     only = set(hf.get("mlp_only_layers") or [])
     dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if len(dense) == layers:  # every layer dense: a dense model (its MLPs have the same names)
+        return {}
     out = dict(num_experts=e, experts_per_token=k, expert_intermediate_size=hf["moe_intermediate_size"],
                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense,
                aux_loss_weight=_aux_loss_weight(hf, k))
