@@ -3,19 +3,19 @@
 Presets: tiny (default, minutes on a laptop CPU), small (~28M), 125m (GPT-2 small), 1b (the
 Llama-3.2-1B shape), llama3_8b (the Llama-3-8B shape), moe_tiny (tiny with mixture-of-experts
 layers: 16 fine-grained experts, top-2, one shared expert, dropless; as many active parameters
-per token as tiny), mixtral_8x7b (the Mixtral-8x7B shape: 46.7B parameters, 12.9B active).
+per token as tiny), mixtral_8x7b (the Mixtral-8x7B shape: 46.7B parameters, 12.9B active),
+deepseek_v2_lite (the DeepSeek-V2-Lite shape: latent attention with a 512-dim cache latent, 64
+routed experts of width 1408 with 6 per token plus 2 shared, the first layer dense; 15.7B
+parameters, 2.66B active per token counting the embedding row and the output head, 2.45B
+without the embedding table, DeepSeek's "2.4B activated"). Its context is the 4K it was
+pretrained at; the released checkpoint extends it with YaRN (x40), which `models.hf` imports.
 Override any field from the command line, e.g. `--config.optimizer.lr=3e-4 --config.train.steps=80`.
-
-DeepSeek-V2-Lite's shape needs multi-head latent attention, which this config cannot express
-yet; its MoE side is model.moe.{num_experts=64, experts_per_token=6, num_shared_experts=2,
-expert_intermediate_size=1408, first_dense_layers=1, router="softmax", norm_topk_prob=False,
-routed_scaling_factor=1.0} with intermediate_size=10944 for the dense first layer.
 """
 
 from ml_collections import config_dict
 from ml_collections.config_dict import placeholder
 
-PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b", "moe_tiny", "mixtral_8x7b")
+PRESETS = ("tiny", "small", "125m", "1b", "llama3_8b", "moe_tiny", "mixtral_8x7b", "deepseek_v2_lite")
 
 
 def source(**overrides):
@@ -46,6 +46,10 @@ _SHAPES = {
         shared_intermediate_size=352, first_dense_layers=1, aux_loss_weight=0.01, z_loss_weight=1e-3))),
     "mixtral_8x7b": (32000, 4096, 14336, 32, 32, 8, 128, 32768, _LLAMA, dict(rope_theta=1e6, moe=dict(
         num_experts=8, experts_per_token=2, norm_topk_prob=True, aux_loss_weight=0.02))),
+    "deepseek_v2_lite": (102400, 2048, 10944, 27, 16, 16, 64, 4096, _LLAMA, dict(norm_eps=1e-6, mla=dict(
+        q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128), moe=dict(
+        num_experts=64, experts_per_token=6, num_shared_experts=2, expert_intermediate_size=1408,
+        first_dense_layers=1, norm_topk_prob=False, routed_scaling_factor=1.0, aux_loss_weight=0.001))),
 }
 
 #            steps  batch  lr     seq   tokenizer vocab  dtype       remat
@@ -57,7 +61,18 @@ _TRAINING = {
     "llama3_8b": (100000, 512, 3e-4, 8192, 32768, "bfloat16", "full"),
     "moe_tiny": (300, 16, 3e-3, 256, 4096, "bfloat16", "none"),
     "mixtral_8x7b": (100000, 512, 3e-4, 4096, 32000, "bfloat16", "full"),
+    "deepseek_v2_lite": (100000, 512, 4.2e-4, 4096, 32768, "bfloat16", "full"),
 }
+
+# model.mla: multi-head latent attention (DeepSeek-V2, models/mla.py), on when kv_lora_rank > 0; then
+# head_dim = qk_rope_head_dim and num_kv_heads = num_heads
+_MLA = dict(
+    q_lora_rank=0,  # queries through a low-rank bottleneck of this rank (+ RMSNorm); 0 = one projection
+    kv_lora_rank=0,  # the compressed latent the KV cache holds per token and layer; 0 = off
+    qk_nope_head_dim=0,  # per-head query/key dims without RoPE (keys from the latent)
+    qk_rope_head_dim=0,  # decoupled RoPE dims per query head and of the one shared key
+    v_head_dim=0,  # per-head value dims (from the latent)
+)
 
 # model.moe: every field present (so each can be overridden from the command line); dense by default
 _MOE = dict(
@@ -91,6 +106,7 @@ def get_config(arg=None):
     vocab, d, ffn, layers, heads, kv, hd, ctx, family, extra = _SHAPES[preset]
     extra = dict(extra)
     moe = {**_MOE, **extra.pop("moe", {})}
+    mla = {**_MLA, **extra.pop("mla", {})}
     steps, batch, lr, seq, tok_vocab, dtype, remat = _TRAINING[preset]
 
     c = config_dict.ConfigDict()
@@ -135,13 +151,7 @@ def get_config(arg=None):
         pipeline_microbatches=0,  # micro-batches per pipelined step (bubble (S-1)/(M+S-1)); 0 = 2 x stages
         # multi-head latent attention (DeepSeek-V2, models/mla.py), on when kv_lora_rank > 0; then
         # head_dim = qk_rope_head_dim and num_kv_heads = num_heads
-        mla=config_dict.ConfigDict(dict(
-            q_lora_rank=0,  # queries through a low-rank bottleneck of this rank (+ RMSNorm); 0 = one projection
-            kv_lora_rank=0,  # the compressed latent the KV cache holds per token and layer; 0 = off
-            qk_nope_head_dim=0,  # per-head query/key dims without RoPE (keys from the latent)
-            qk_rope_head_dim=0,  # decoupled RoPE dims per query head and of the one shared key
-            v_head_dim=0,  # per-head value dims (from the latent)
-        )),
+        mla=config_dict.ConfigDict(mla),  # multi-head latent attention (fields in _MLA above); off by default
         moe=config_dict.ConfigDict(moe),  # mixture-of-experts layers (fields in _MOE above); dense by default
         **{**family, **extra},
     ))

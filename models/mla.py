@@ -145,14 +145,16 @@ class MlaAttention(nnx.Module):
             self.q_a = Einsum("BTD,DR->BTR", (d, rq), ("embed", None), std=std,
                               bias_shape=(rq,) if bias else None, bias_axes=(None,), **kw)
             self.q_norm = Norm(rq, "rmsnorm", LATENT_NORM_EPS, cfg.params_dtype)
-            self.q_b = Einsum("BTR,RNH->BTNH", (rq, n, hq), (None, "heads", "head_dim"), std=std, **kw)
+            # the latent (input) dim of q_b / kv_b is sharded like a hidden dim ("embed": over fsdp),
+            # else FSDP would keep a whole copy of them on every device (208 MiB of DeepSeek-V2-Lite's kv_b)
+            self.q_b = Einsum("BTR,RNH->BTNH", (rq, n, hq), ("embed", "heads", "head_dim"), std=std, **kw)
         else:
             self.q = Einsum("BTD,DNH->BTNH", (d, n, hq), ("embed", "heads", "head_dim"), std=std, **kw)
         c = self.rank + self.rope_dim
         self.kv_a = Einsum("BTD,DC->BTC", (d, c), ("embed", None), std=std, bias_shape=(c,) if bias else None,
                            bias_axes=(None,), **kw)
         self.kv_norm = Norm(self.rank, "rmsnorm", LATENT_NORM_EPS, cfg.params_dtype)
-        self.kv_b = Einsum("BTR,RNH->BTNH", (self.rank, n, self.nope_dim + self.v_dim), (None, "heads", "head_dim"),
+        self.kv_b = Einsum("BTR,RNH->BTNH", (self.rank, n, self.nope_dim + self.v_dim), ("embed", "heads", "head_dim"),
                            std=std, **kw)
         self.o = Einsum("BTNH,NHD->BTD", (n, self.v_dim, d), ("heads", "head_dim", "embed"),
                         std=std / math.sqrt(2 * cfg.num_layers),

@@ -11,6 +11,7 @@ Each program's `run` reads top to bottom with these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from data import pipeline, preferences
 from data.sft import ChatTokenizer, chat_template_for
 from data.sources import check_paths, split_heldout
 from models.checkpoint import committed_steps
+from models.moe import balance_router_biases
 from models.sharding import logical_to_spec, named_shardings
 from train import lifecycle, loop
 from train import mesh as mesh_lib
@@ -187,7 +189,10 @@ def loop_parts(config, s: Start, workdir, runlog, state, frozen, loss_fn: Callab
     shardings = jax.tree.map(lambda x: x.sharding, state)
     use_dropout = (s.model_cfg.dropout_rate > 0
                    or (config.peft.method in ("lora", "qlora") and config.peft.lora.dropout > 0))
-    train_step = jax.jit(make_train_step(loss_fn, s.tx, microbatches=tc.microbatches, use_dropout=use_dropout),
+    post_update = (functools.partial(balance_router_biases, s.model_cfg)
+                   if s.model_cfg.moe.enabled and s.model_cfg.moe.bias_balancing else None)
+    train_step = jax.jit(make_train_step(loss_fn, s.tx, microbatches=tc.microbatches, use_dropout=use_dropout,
+                                         post_update=post_update),
                          in_shardings=(shardings, pair_sh, jax.tree.map(lambda x: x.sharding, frozen)),
                          out_shardings=(shardings, None), donate_argnums=(0,))
     evaluate_pairs = make_eval(loss_fn, pair_sh, eval_batches, frozen)
@@ -223,7 +228,8 @@ def make_eval(loss_fn: Callable, shardings: dict, eval_batches: list, frozen) ->
             m.pop("z_loss", None)
             total += w
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * w
+                if np.ndim(v) == 0:  # scalars (MoE's per-expert load vectors are training metrics only)
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
         return {f"eval_{k}": v / max(total, 1.0) for k, v in sums.items()}
 
     return evaluate

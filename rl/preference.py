@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.logprobs import token_nll
-from models.transformer import apply
+from models.transformer import apply, apply_with_aux
 
 LOSSES = ("dpo", "ipo", "simpo")
 
@@ -106,7 +106,8 @@ def dpo_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1, label_smoothi
     update scale·A·B is then exactly 0, so the reference is the base itself, sharing its arrays), or
     none (SimPO). Its log-probs are computed once per batch, under stop_gradient and without dropout.
     Metrics add the policy's summed log-probs (`logp_chosen`, `logp_rejected`) and `logp_accuracy`,
-    the share of pairs whose chosen response the policy itself finds likelier.
+    the share of pairs whose chosen response the policy itself finds likelier. An MoE policy's
+    auxiliary losses are added to the loss and its routing metrics (`moe_*`) reported.
     """
     if loss not in LOSSES:
         raise ValueError(f"dpo.loss={loss!r} is not valid; expected one of {LOSSES}")
@@ -116,8 +117,10 @@ def dpo_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1, label_smoothi
     def loss_fn(params, batch, rng, frozen):
         rows = pair_rows(batch)
         rest = frozen["rest"]
-        logp, n = sequence_logprobs(apply(graphdef, (params, rest), rows, dropout_rng=rng), rows["targets_BT"],
-                                    rows["loss_mask_BT"])
+        logits, aux = apply_with_aux(graphdef, (params, rest), rows, dropout_rng=rng)
+        aux = dict(aux)
+        model_aux = aux.pop("aux_loss", jnp.zeros((), jnp.float32))
+        logp, n = sequence_logprobs(logits, rows["targets_BT"], rows["loss_mask_BT"])
         (logp_c, logp_r), (n_c, n_r) = _halves(logp), _halves(n)
         valid = (n_c > 0) & (n_r > 0)
         if loss == "simpo":
@@ -131,8 +134,9 @@ def dpo_loss_fn(graphdef, *, loss: str = "dpo", beta: float = 0.1, label_smoothi
             losses = (dpo_losses(logp_c, logp_r, ref_c, ref_r, beta=beta, label_smoothing=label_smoothing)
                       if loss == "dpo" else ipo_losses(logp_c, logp_r, ref_c, ref_r, beta=beta))
             reward_c, reward_r = beta * (logp_c - ref_c), beta * (logp_r - ref_r)
-        return pair_metrics(losses, reward_c, reward_r, valid, logp_chosen=logp_c, logp_rejected=logp_r,
-                            logp_accuracy=(logp_c > logp_r).astype(jnp.float32))
+        mean_loss, metrics = pair_metrics(losses, reward_c, reward_r, valid, logp_chosen=logp_c, logp_rejected=logp_r,
+                                          logp_accuracy=(logp_c > logp_r).astype(jnp.float32))
+        return mean_loss + model_aux, {**metrics, **aux}
 
     return loss_fn
 

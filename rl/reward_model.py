@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import peft
+from models import moe, peft
 from models.checkpoint import is_reward_model_run, load_base, read_run_config, restore_params
 from models.config import ModelConfig
 from models.projection import F32, dropout
@@ -55,8 +55,9 @@ class RewardModel(nnx.Module):
     def config(self) -> ModelConfig:
         return self.decoder.config
 
-    def _stream(self, inputs_BT, positions_BT, segment_ids_BT, dropout_rng):
-        """The decoder's last residual stream [B, T, D] (before the final norm)."""
+    def _stream(self, inputs_BT, positions_BT, segment_ids_BT, dropout_rng, *, with_aux: bool = False):
+        """The decoder's last residual stream [B, T, D] (before the final norm); with `with_aux`,
+        (stream, the trunk's auxiliary outputs: MoE's `aux_loss` and routing metrics, or {})."""
         dec = self.decoder
         b, t = inputs_BT.shape
         positions_BT, segment_ids_BT = default_positions_and_segments(b, t, positions_BT, segment_ids_BT)
@@ -64,20 +65,27 @@ class RewardModel(nnx.Module):
         if dropout_rng is not None:
             dropout_rng, embed_rng = jax.random.split(dropout_rng)
             x_BTD = dropout(x_BTD, self.config.dropout_rate, embed_rng)
-        x_BTD, _ = dec.run_layers(x_BTD, {"positions_BT": positions_BT, "segment_ids_BT": segment_ids_BT},
-                                  dropout_rng=dropout_rng)
-        return x_BTD
+        x_BTD, _, stats = dec.run_layers(x_BTD, {"positions_BT": positions_BT, "segment_ids_BT": segment_ids_BT},
+                                         dropout_rng=dropout_rng, collect=with_aux)
+        if not with_aux:
+            return x_BTD
+        return x_BTD, ({} if stats is None else moe.summarize(self.config.moe, stats))
 
     def hidden_states(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
         """The final-norm hidden states [B, T, D] (what `Decoder.output_logits` would project)."""
         return self.decoder.final_norm(self._stream(inputs_BT, positions_BT, segment_ids_BT, dropout_rng))
 
-    def logits_and_values(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
+    def logits_and_values(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None,
+                          with_aux: bool = False):
         """PPO's actor and critic from one pass of the trunk: the decoder's logits [B, T, V] and the
         head read at every position [B, T] float32 (the value of the state that predicts the next
-        token). Used with `decoder` as the policy, this model is a policy with a value head."""
-        x_BTD = self._stream(inputs_BT, positions_BT, segment_ids_BT, dropout_rng)
-        return self.decoder.output_logits(x_BTD), self.head(self.decoder.final_norm(x_BTD))
+        token), and with `with_aux` the trunk's auxiliary outputs third (an MoE policy's losses).
+        Used with `decoder` as the policy, this model is a policy with a value head."""
+        x_BTD = self._stream(inputs_BT, positions_BT, segment_ids_BT, dropout_rng, with_aux=with_aux)
+        if with_aux:
+            x_BTD, aux = x_BTD
+        out = self.decoder.output_logits(x_BTD), self.head(self.decoder.final_norm(x_BTD))
+        return (*out, aux) if with_aux else out
 
     def __call__(self, inputs_BT, *, positions_BT=None, segment_ids_BT=None, dropout_rng=None):
         """Rewards [B] float32: the head on each row's last real token (the last segment id != 0; the

@@ -28,6 +28,7 @@ and at the end; `reward.png` plots the reward and accuracy curves.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -48,8 +49,9 @@ from data.sources import synthetic_seed
 from models import peft
 from models.checkpoint import committed_steps, load_base
 from models.config import flops_per_token
+from models.moe import balance_router_biases
 from models.sharding import logical_to_spec, named_shardings, use_rules
-from models.transformer import apply
+from models.transformer import apply, apply_with_aux
 from rl import losses, reward_model, rewards
 from rl.rollout import sample_groups
 from train import distributed, lifecycle, loop
@@ -169,13 +171,18 @@ def resolve(config, num_devices: int):
     return model_cfg, mesh, resolved, settings, task
 
 
-def forward(graphdef, params, batch):
+def forward(graphdef, params, batch, *, with_aux: bool = False):
     """(logits [B, T, V], values [B, T] or None) of a batch: a policy with a value head (PPO's
-    `reward_model.RewardModel` around the decoder) gives both from one pass, a decoder logits only."""
+    `reward_model.RewardModel` around the decoder) gives both from one pass, a decoder logits only.
+    `with_aux` adds a third: the model's auxiliary outputs (MoE's `aux_loss` and routing metrics,
+    `Decoder.forward_with_aux`; {} for a dense model)."""
     model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
     if isinstance(model, reward_model.RewardModel):
         return model.logits_and_values(batch["inputs_BT"], positions_BT=batch.get("positions_BT"),
-                                       segment_ids_BT=batch.get("segment_ids_BT"))
+                                       segment_ids_BT=batch.get("segment_ids_BT"), with_aux=with_aux)
+    if with_aux:
+        logits, aux = apply_with_aux(graphdef, params, batch)
+        return logits, None, aux
     return apply(graphdef, params, batch), None
 
 
@@ -189,10 +196,14 @@ def make_loss_fn(graphdef, settings, *, temperature: float, max_len: int, beta: 
     """loss_fn(params, batch, rng, frozen) for train/state.make_train_step: the variant's
     (numerator / weight) with `weight` stated, so micro-batches equal one batch. With a value head
     (PPO) the clipped value loss of the batch's `old_values_BT` / `returns_BT` is added times
-    `value_coef`, aggregated as the policy term so both share the weight."""
+    `value_coef`, aggregated as the policy term so both share the weight. An MoE policy's auxiliary
+    losses (load balancing, router z-loss) are added as in pretraining, and its routing metrics
+    (`moe_*`) reported (models/moe.py)."""
 
     def loss_fn(params, batch, rng, frozen=None):
-        logits, values = forward(graphdef, params if frozen is None else (params, frozen), batch)
+        logits, values, aux = forward(graphdef, params if frozen is None else (params, frozen), batch, with_aux=True)
+        aux = dict(aux)
+        model_aux = aux.pop("aux_loss", jnp.zeros((), jnp.float32))
         mask = batch["loss_mask_BT"]
         logp = losses.token_logprobs(logits, batch["targets_BT"], temperature)
         kl = losses.kl_penalty(logp, batch["ref_logp_BT"], kl_estimator)
@@ -216,7 +227,7 @@ def make_loss_fn(graphdef, settings, *, temperature: float, max_len: int, beta: 
         fin = losses.finalize(m)
         loss = num / jnp.maximum(w, 1e-9)
         out.update({k: fin[k] for k in ("clip_fraction", "ratio_mean", "value_clip_fraction", "value_error") if k in fin})
-        return loss, {"loss": loss, "weight": w, **out}
+        return loss + model_aux, {"loss": loss, "weight": w, **out, **aux}
 
     return loss_fn
 
@@ -288,7 +299,7 @@ class Learner:
     is scored whatever beta is (the `kl` metric is logged at beta 0 too)."""
 
     def __init__(self, graphdef, frozen, tx, settings, rl, *, temperature: float, ref_params=None, mesh=None,
-                 rules=None):
+                 rules=None, post_update=None):
         self.frozen, self.settings, self.rl, self.mesh, self.rules = frozen, settings, rl, mesh, rules
         self.ref_params = ref_params  # None: LoRA, the reference is the policy with every B zero
         self.ppo = rl.algorithm == "ppo"
@@ -296,7 +307,8 @@ class Learner:
         loss_fn = make_loss_fn(graphdef, settings, temperature=temperature, max_len=rl.max_new_tokens,
                                beta=float(rl.kl.beta), kl_estimator=rl.kl.estimator, kl_in_loss=rl.kl.mode == "loss",
                                value_coef=float(rl.ppo.value_coef), value_clip=rl.ppo.value_clip or None)
-        self.update = jax.jit(make_train_step(loss_fn, tx, microbatches=rl.microbatches), donate_argnums=(0,))
+        self.update = jax.jit(make_train_step(loss_fn, tx, microbatches=rl.microbatches, post_update=post_update),
+                              donate_argnums=(0,))
         self.score = make_scorer(graphdef, temperature, with_values=self.ppo)
 
     def _place(self, arrays: dict) -> dict:
@@ -335,12 +347,30 @@ class Learner:
         for _ in range(rl.epochs):
             state, m = self.update(state, dev, frozen)
             ms.append(m)
-        m = {k: float(v) for k, v in jax.device_get(jax.tree.map(lambda *xs: sum(xs) / len(xs), *ms)).items()}
+        m = {k: float(v) if np.ndim(v) == 0 else np.asarray(v)  # MoE's per-expert loads stay vectors
+             for k, v in jax.device_get(jax.tree.map(lambda *xs: sum(xs) / len(xs), *ms)).items()}
         m.update(stats)
         m.update({"advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
                   "advantage_min": float(adv.min()), "advantage_max": float(adv.max()),
                   "trained_rows": float((loss_mask.sum(-1) > 0).sum()), "score_seconds": t_score})
         return state, m
+
+
+def router_bias_update(model_cfg, *, ppo: bool = False):
+    """The train step's `post_update` for an MoE policy with bias balancing (DeepSeek-V3's router
+    biases moved after each update from the step's load, `models.moe.balance_router_biases`), on
+    the decoder inside PPO's value-head wrapper; None otherwise. A bias not trained (LoRA) stays."""
+    if not (model_cfg.moe.enabled and model_cfg.moe.bias_balancing):
+        return None
+    if not ppo:
+        return functools.partial(balance_router_biases, model_cfg)
+
+    def update(old, new, metrics):
+        if "decoder" not in new:
+            return new
+        return {**new, "decoder": balance_router_biases(model_cfg, old["decoder"], new["decoder"], metrics)}
+
+    return update
 
 
 def place_rows(arrays: dict, mesh, rules) -> dict:
@@ -481,7 +511,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
         temperature = float(rl.temperature)
         learner = Learner(graphdef, frozen, tx, settings, rl, temperature=temperature,
-                          ref_params=ref_params if method == "full" else None, mesh=mesh, rules=rules)
+                          ref_params=ref_params if method == "full" else None, mesh=mesh, rules=rules,
+                          post_update=router_bias_update(model_cfg, ppo=rl.algorithm == "ppo"))
 
         def current_model(state):
             return policy_of(nnx.merge(graphdef, state.params, frozen))

@@ -285,13 +285,59 @@ def test_parameter_counts_total_and_active(moe_kw, gated):
     assert active_param_count(cfg) == param_count(cfg) - unused
 
 
-def test_mixtral_shape_counts():
-    """Mixtral-8x7B: 46.7B parameters, 12.9B active per token (Mistral AI's figures)."""
+def _preset(name):
     from configs import pretrain
 
-    cfg = ModelConfig.from_dict(pretrain.get_config("mixtral_8x7b").model.to_dict())
+    return ModelConfig.from_dict(pretrain.get_config(name).model.to_dict())
+
+
+def test_mixtral_shape_counts():
+    """Mixtral-8x7B: 46.7B parameters, 12.9B active per token (Mistral AI's figures)."""
+    cfg = _preset("mixtral_8x7b")
     assert param_count(cfg) == 46_702_792_704
     assert active_param_count(cfg) == 12_879_925_248
+
+
+def test_deepseek_v2_lite_shape_counts():
+    """DeepSeek-V2-Lite: 15.7B parameters; 2.66B active per token counting the embedding row and
+    the head, 2.45B without the embedding table (DeepSeek's "2.4B activated")."""
+    cfg = _preset("deepseek_v2_lite")
+    assert cfg.attention == "mla" and cfg.mla.kv_lora_rank == 512 and cfg.num_moe_layers == 26
+    assert param_count(cfg) == 15_706_484_224
+    assert active_param_count(cfg) == 2_661_150_208
+    assert active_param_count(cfg) - cfg.vocab_size * cfg.hidden_size == 2_451_435_008
+
+
+@pytest.mark.parametrize("preset", ["mixtral_8x7b", "deepseek_v2_lite"])
+def test_preset_counts_equal_transformers(preset):
+    """The presets' total and active counts equal those of the same shapes built by transformers
+    (on the meta device: no memory), the active count removing the unused experts' weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = _preset(preset)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, num_experts_per_tok=cfg.moe.experts_per_token,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    if preset == "mixtral_8x7b":
+        hf_cfg, cls = transformers.MixtralConfig(num_local_experts=cfg.moe.num_experts, **common), \
+            transformers.MixtralForCausalLM
+    else:
+        m = cfg.mla
+        hf_cfg = transformers.DeepseekV2Config(
+            n_routed_experts=cfg.moe.num_experts, n_shared_experts=cfg.moe.num_shared_experts,
+            moe_intermediate_size=cfg.moe.expert_intermediate_size, first_k_dense_replace=cfg.moe.first_dense_layers,
+            q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+            qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, **common)
+        cls = transformers.DeepseekV2ForCausalLM
+    with torch.device("meta"):
+        hf_model = cls(hf_cfg)
+    total = sum(p.numel() for p in hf_model.parameters())
+    experts = sum(p.numel() for n, p in hf_model.named_parameters() if ".experts." in n)  # routed only
+    per_expert = experts // (cfg.num_moe_layers * cfg.moe.num_experts)
+    assert param_count(cfg) == total
+    assert active_param_count(cfg) == total - cfg.num_moe_layers * (
+        cfg.moe.num_experts - cfg.moe.experts_per_token) * per_expert
 
 
 def test_moe_config_round_trips_through_a_dict():

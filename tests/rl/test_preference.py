@@ -257,3 +257,27 @@ def test_dpo_step_on_a_mesh_equals_one_device(strategy):
                                   {k: jax.device_put(v, sh[k]) for k, v in batch.items()})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+
+
+def test_moe_policy_dpo_loss_adds_its_auxiliary_losses():
+    """DPO on an MoE policy: the loss is the preference loss plus the policy's aux_loss (load
+    balancing and router z-loss, on the pair rows as pretraining adds them); routing metrics are
+    reported; the reference pass adds nothing."""
+    moe = dict(num_experts=4, experts_per_token=2, aux_loss_weight=0.2, z_loss_weight=0.02)
+    model = transformer.build(tiny_model_config(moe=moe), seed=3)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    ref = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(8), x.shape), params)
+    batch = _pairs(np.random.default_rng(11), 6, 97)
+    loss, m = preference.dpo_loss_fn(graphdef, beta=0.2)(params, batch, None, {"rest": rest, "ref": ref})
+    _, aux = transformer.apply_with_aux(graphdef, (params, rest), preference.pair_rows(batch))
+    assert float(aux["aux_loss"]) > 0.2 and m["moe_expert_load"].shape == (4,)
+    np.testing.assert_allclose(float(loss), float(m["loss"]) + float(aux["aux_loss"]), rtol=1e-6)
+    # m["loss"] is the DPO loss itself: the mean of -log sigmoid(margin / ...) over the pairs
+    rows = preference.pair_rows(batch)
+    lp, _ = preference.sequence_logprobs(transformer.apply(graphdef, (params, rest), rows), rows["targets_BT"],
+                                         rows["loss_mask_BT"])
+    lr, _ = preference.sequence_logprobs(transformer.apply(graphdef, (ref, rest), rows), rows["targets_BT"],
+                                         rows["loss_mask_BT"])
+    z = 0.2 * ((lp[:6] - lr[:6]) - (lp[6:] - lr[6:]))
+    np.testing.assert_allclose(float(m["loss"]), float(jnp.mean(jax.nn.softplus(-z))), rtol=1e-5)

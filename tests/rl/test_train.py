@@ -291,3 +291,59 @@ def test_ppo_program_with_a_reward_model(rm_run, tiny_run, tmp_path):
         c = get_config("ppo_arith")
         c.reward.kind = "model"
         resolve(c, 1)
+
+
+def test_moe_policy_loss_adds_its_auxiliary_losses_and_balances_router_biases():
+    """An MoE policy: the GRPO loss is the dense loss plus the model's aux_loss (balance and router
+    z-loss, as pretraining adds them), routing metrics are reported, and with bias balancing each
+    update moves the router biases by +-rate from the step's load (in PPO's wrapper too)."""
+    from rl.train import router_bias_update
+
+    rl = _rl_config("grpo")
+    settings = loss_settings(rl)
+    moe = dict(num_experts=4, experts_per_token=2, aux_loss_weight=0.3, z_loss_weight=0.05, bias_balancing=True,
+               bias_update_rate=0.01)
+    cfg = tiny_model_config(num_layers=2, vocab_size=61, moe=moe)
+    graphdef, params = nnx.split(T.build(cfg, seed=4))
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(9)
+    B, T_ = 8, 6
+    inputs = random_tokens(rng, (B, T_), 61)
+    mask = np.zeros((B, T_), np.float32)
+    mask[:, 3:] = 1.0
+    batch = {"inputs_BT": inputs, "targets_BT": np.roll(inputs, -1, 1), "loss_mask_BT": mask,
+             "positions_BT": np.tile(np.arange(T_, dtype=np.int32), (B, 1)),
+             "segment_ids_BT": np.ones((B, T_), np.int32), "advantages_BT": np.repeat(rng.normal(0, 1, (B, 1)), T_, 1),
+             "ref_logp_BT": rng.normal(-4, 0.1, (B, T_)).astype(np.float32)}
+    loss_fn = make_loss_fn(graphdef, settings, temperature=1.0, max_len=3, beta=0.0, kl_estimator="k3",
+                           kl_in_loss=True)
+    loss, m = loss_fn(params, batch, None)
+    _, aux = T.apply_with_aux(graphdef, params, batch)
+    np.testing.assert_allclose(float(loss), float(m["loss"]) + float(aux["aux_loss"]), rtol=1e-6)
+    assert float(aux["aux_loss"]) > 0.3 and m["moe_expert_load"].shape == (4,)
+    # the policy term alone is the dense computation's: a model without aux weights gives the same "loss"
+    plain = make_loss_fn(nnx.split(T.build(cfg.replace(moe=cfg.moe.__class__(**{**moe, "aux_loss_weight": 0.0,
+                                                                                   "z_loss_weight": 0.0})),
+                                           seed=4))[0], settings, temperature=1.0, max_len=3, beta=0.0,
+                         kl_estimator="k3", kl_in_loss=True)
+    loss0, _ = plain(params, batch, None)
+    np.testing.assert_allclose(float(loss0), float(m["loss"]), rtol=1e-6)
+
+    tx = optax.sgd(0.0)  # only the balancing moves anything
+    load = np.asarray(m["moe_layer_load"])  # [L, E]
+    want = np.sign(load.mean(-1, keepdims=True) - load) * 0.01
+    new, _ = _steps_with(params, batch, loss_fn, tx, router_bias_update(cfg))
+    np.testing.assert_allclose(new["layers"]["mlp"]["router"]["bias"] - params["layers"]["mlp"]["router"]["bias"],
+                               want, atol=1e-7)
+    wrapped = {"decoder": params, "head": {"kernel": np.ones((cfg.hidden_size, 1), np.float32)}}
+    moved = router_bias_update(cfg, ppo=True)(wrapped, jax.tree.map(lambda x: x, wrapped), m)
+    np.testing.assert_allclose(moved["decoder"]["layers"]["mlp"]["router"]["bias"]
+                               - params["layers"]["mlp"]["router"]["bias"], want, atol=1e-7)
+    assert router_bias_update(tiny_model_config()) is None
+
+
+def _steps_with(params, batch, loss_fn, tx, post_update):
+    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(0)))
+    state, m = jax.jit(make_train_step(loss_fn, tx, microbatches=1, post_update=post_update))(state, batch)
+    return jax.device_get(state.params), m

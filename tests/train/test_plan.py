@@ -113,6 +113,17 @@ def test_cli_llama3_8b_on_64_devices():
     assert all(re.search(rf"^\s+{r}\b", text, re.M) for r in ("none", "full", "save_dots"))
 
 
+def test_cli_deepseek_v2_lite_expert_parallel():
+    """The planner on an MLA + MoE shape: exact counts, the MoE note, experts split over 64 devices."""
+    out = run_program("train.plan", "--config=configs/pretrain.py:deepseek_v2_lite", "--config.mesh.strategy=fsdp_ep",
+                      "--devices=64", "--hbm_gib=95")
+    text = out.stdout
+    assert "15,706,484,224" in text and "2,661,150,208" in text and "6 of 64 experts in 26 of 27 layers" in text
+    assert "expert=64 (64 devices)" in text and "8 sequences x 4096 tokens per device" in text
+    assert re.search(r"parameters\s+0\.9\d\b", text)  # 15.7e9 x 4 bytes / 64 = 0.91 GiB: every large weight split
+    assert re.search(r"verdict\s+fits in 95 GiB", text), text
+
+
 def test_cli_bad_mesh_is_one_line():
     bad = run_program("train.plan", "--config=configs/pretrain.py:tiny", "--mesh=fsdp=8,tensr=4", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
