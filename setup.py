@@ -38,6 +38,6 @@ setup(
     ],
     extras_require={
         # Reference implementations for tests only: never imported by the library.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21"],
     },
 )

@@ -39,8 +39,9 @@ def test_greedy_equals_full_recompute_for_ragged_batch(model):
         np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheme,decode_layout", [("learned", None), ("sinusoidal", None), ("alibi", None),
-                                                  ("alibi", False), ("none", None)])
+@pytest.mark.parametrize("scheme,decode_layout", [pytest.param("learned", None, marks=pytest.mark.slow),
+                                                  ("sinusoidal", None), ("alibi", None), ("alibi", False),
+                                                  pytest.param("none", None, marks=pytest.mark.slow)])
 def test_greedy_equals_full_recompute_for_each_position_scheme(scheme, decode_layout):
     """RoPE is the fixture above; the other schemes (models/positions.py) through the KV cache, on
     the CPU decode layout (None: it applies here) and on the stacked layers (False)."""

@@ -261,6 +261,7 @@ def test_a_dense_model_is_no_moe_family():
     assert not hf.from_hf_config({**written, "mlp_only_layers": [0, 1, 2]}).moe.enabled  # no MoE layer left
 
 
+@pytest.mark.slow
 def test_peft_adapter_on_interleaved_dense_and_moe_layers(tmp_path):
     """LoRA on attention (every layer) and the dense / shared-expert MLPs of a Qwen2-MoE model
     whose layer 1 is dense: the PEFT adapter names each module by its global layer (not its row

@@ -318,7 +318,7 @@ def test_decode_layout_keeps_kv_b_whole_and_reaches_through_lora(mla_model):
     assert max(abs(x - y) for ra, rb in zip(a[1], base[1]) for x, y in zip(ra, rb)) > 1e-3  # the adapters act
 
 
-@pytest.mark.parametrize("shape", [{"fsdp": 4, "tensor": 2}, {"data": 2, "tensor": 4}])
+@pytest.mark.parametrize("shape", [{"fsdp": 4, "tensor": 2}, pytest.param({"data": 2, "tensor": 4}, marks=pytest.mark.slow)])
 def test_sharded_forward_and_decode_equal_one_device(shape):
     """8 fake devices: parameters sharded by the logical-axis rules; forward logits and a cached
     decode step equal one device's (float32, 1e-5)."""

@@ -461,6 +461,7 @@ def test_dense_layers_as_a_prefix_equal_first_dense_layers():
     np.testing.assert_array_equal(np.asarray(model_a(tokens)), np.asarray(model_b(tokens)))
 
 
+@pytest.mark.slow
 def test_decoding_interleaved_dense_layers_equals_the_forward():
     """KV-cache decoding (plain and the CPU decode layout) with dense layers between MoE ones."""
     from inference import generate

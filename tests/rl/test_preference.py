@@ -223,7 +223,7 @@ def test_reward_is_read_at_the_last_real_token_left_or_right_padded():
     np.testing.assert_allclose(scorer.score(left, segment_ids=seg_l), alone, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["dp", "fsdp_tp"])
+@pytest.mark.parametrize("strategy", ["dp", pytest.param("fsdp_tp", marks=pytest.mark.slow)])
 def test_dpo_step_on_a_mesh_equals_one_device(strategy):
     """The programs' step (rl/pairwise.py shardings: pairs over the batch axes, parameters by their
     logical axes) on 8 fake devices, with 2 micro-batches = one device, one batch."""

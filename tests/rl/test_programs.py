@@ -97,6 +97,7 @@ def test_a_lora_run_is_a_base_with_its_adapters_merged(dpo_run, tiny_run):
     assert float(jnp.abs(adapted(toks) - plain(toks)).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_dpo_sigterm_and_resume_equal_the_uninterrupted_run(dpo_run, tiny_run, tmp_path):
     args = ("--config.train.steps=10", "--config.train.eval_examples=4", "--config.train.eval_every=5",
             "--config.train.log_every=5", "--config.train.checkpoint_every=5")

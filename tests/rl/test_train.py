@@ -265,6 +265,7 @@ def test_kill_and_resume_equal_the_uninterrupted_run(rl_run, tiny_run, tmp_path)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), got, want)
 
 
+@pytest.mark.slow
 def test_ppo_program_with_a_reward_model(rm_run, tiny_run, tmp_path):
     """ppo_arith with a trained reward model as its reward: value metrics logged, and the run loads
     as a language model (its policy; the value head stays behind)."""

@@ -131,6 +131,7 @@ def test_a_different_model_in_the_workdir_is_refused_and_the_workdir_kept(straig
     assert lifecycle.RunLog(straight).read()[-1]["event"] == "refused"
 
 
+@pytest.mark.slow
 def test_changes_that_keep_the_parameters_and_data_resume(tmp_path, straight):
     workdir = tmp_path / "longer"
     shutil.copytree(straight, workdir)
@@ -140,6 +141,7 @@ def test_changes_that_keep_the_parameters_and_data_resume(tmp_path, straight):
     assert [s for s, _ in _losses(workdir)][-2:] == [10, 12]
 
 
+@pytest.mark.slow
 def test_history_without_checkpoints_is_kept_and_appended_to(tmp_path, straight):
     workdir = tmp_path / "history"
     shutil.copytree(straight, workdir)
@@ -152,6 +154,7 @@ def test_history_without_checkpoints_is_kept_and_appended_to(tmp_path, straight)
     np.testing.assert_allclose([x for _, x in _losses(workdir)], [x for _, x in _losses(straight)[:2]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_keeps_the_last_good_parameters(tmp_path, straight):
     workdir = tmp_path / "stop"
     proc = run_program("train.pretrain", *MICRO, f"--workdir={workdir}", "--config.train.nan_policy=stop",

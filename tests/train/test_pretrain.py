@@ -123,6 +123,7 @@ def test_rerunning_a_complete_run_does_nothing(tiny_run):
     assert (tiny_run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_program("train.pretrain", *MICRO, f"--workdir={straight}")
@@ -146,6 +147,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_run_matches_one_device(tmp_path):
     """`mesh.strategy=pp_fsdp` on 4 fake devices (stage=2 x fsdp=2, GPipe with 2 micro-batches):
     the same losses as the unpipelined run on 1 device, samples decoded unpipelined at the end,
@@ -196,7 +198,8 @@ def test_moe_tiny_trains_and_logs_its_auxiliary_losses(tmp_path):
     the loss falls; `loss` stays the LM loss and the MoE terms have keys of their own, with the
     per-expert load as a list in metrics.jsonl and a histogram in TensorBoard; samples decode."""
     run_program("train.pretrain", "--config=configs/pretrain.py:moe_tiny", f"--workdir={tmp_path}",
-                "--config.train.steps=20", "--config.train.log_every=5", "--config.train.eval_every=20",
+                "--config.train.steps=20", "--config.train.batch_size=8", "--config.data.seq_len=128",
+                "--config.train.log_every=5", "--config.train.eval_every=20",
                 "--config.train.eval_batches=2", "--config.train.checkpoint_every=0", "--config.train.num_samples=1",
                 "--config.train.sample_tokens=8")
     cfg = json.loads((tmp_path / "config.json").read_text())

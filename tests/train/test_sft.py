@@ -105,7 +105,7 @@ def test_sigterm_and_resume_equal_the_uninterrupted_run(lora_run, tiny_run, tmp_
     np.testing.assert_allclose([got_l[4], got_l[12]], [want_l[4], want_l[12]], rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["full", "qlora", "prefix"])
+@pytest.mark.parametrize("method", ["full", "qlora", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_full_qlora_and_prefix_runs(method, tiny_run, tmp_path):
     _sft(f"arith_{method}", tmp_path, tiny_run, "--config.train.steps=4", "--config.train.eval_every=4",
          "--config.peft.qlora.block_size=32")

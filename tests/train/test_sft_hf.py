@@ -54,6 +54,7 @@ def test_lora_from_a_hugging_face_base_exports_merged(llama_dir, tmp_path):
     assert tok.chat_template == LLAMA3
 
 
+@pytest.mark.slow
 def test_lora_from_an_imported_workdir(llama_dir, tmp_path):
     """`python -m models.hf import` output as init.workdir: its tokenizer/ comes along."""
     run_program("models.hf", "import", f"--hf_dir={llama_dir}", f"--out={tmp_path / 'base'}")
