@@ -27,7 +27,7 @@ multiplies its contiguous rows, a grouped matmul: `jax.lax.ragged_dot`, or (`pad
 rows of each expert padded to whole blocks of b rows and one batched einsum over the blocks,
 each block against its expert's weights (MegaBlocks' block-sparse idea, arXiv 2211.15841, on
 dense hardware). On XLA:CPU ragged_dot lowers to a dense masked matmul, about E times the
-work, so "auto" picks "padded" on CPU (benchmarks/moe.py: about 8x faster there) and ragged_dot
+work, so "auto" picks "padded" on CPU (benchmarks/moe.py: the block about 7x faster there) and ragged_dot
 on GPU / TPU, where it is a native grouped GEMM. Dropped assignments take no row (their output
 is 0), but the static shapes are the dropless worst case, so on the padded path capacity saves
 no work; it bounds what each expert receives.
