@@ -35,9 +35,12 @@ setup(
         "jinja2>=3.1",
         "sacrebleu>=2.3",
         "rouge-score>=0.1.2",
+        "fastapi>=0.110",  # inference.serve: the OpenAI-compatible HTTP API
+        "uvicorn>=0.29",
+        "gguf>=0.10",  # inference.export: GGUF files for llama.cpp / Ollama
     ],
     extras_require={
         # Reference implementations for tests only: never imported by the library.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21", "openai>=1.40"],
     },
 )
