@@ -6,9 +6,9 @@
 Weights go through the Hugging Face export (`models.hf.tensor_plan`: the same tensors and
 layouts `models.hf.save` writes), renamed as llama.cpp's `convert_hf_to_gguf.py` names them
 (`gguf.TensorNameMap`: token_embd, blk.N.attn_q ..., output_norm, output) and streamed to the
-file one tensor at a time. Architectures (`GGUF_ARCHITECTURES`): the Hugging Face family that
-`models.hf.infer_architecture` picks for the model, when llama.cpp has an architecture that
-computes exactly what Loom computes:
+file one tensor at a time. Architectures (`GGUF_ARCHITECTURES`): a Hugging Face family that
+expresses the model exactly (`models.hf.representation_errors` is the judge) and that llama.cpp
+computes exactly as Loom does:
   llama   LlamaForCausalLM: RMSNorm, gated SiLU MLP, RoPE (none / linear / llama3 scaling), GQA,
           tied or untied head, no biases. llama.cpp's llama rotates adjacent pairs (x[2i],
           x[2i+1]) where Loom and Hugging Face rotate halves (x[i], x[i + H/2]): the rows of
