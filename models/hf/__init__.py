@@ -12,7 +12,8 @@ GPT-2, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2). Each parameter is created wi
 rows that shard needs, one layer at a time for stacked layer parameters, one expert at a time
 for experts stored per expert) and converted to the
 requested dtype on the host, so no process ever holds the whole model. `save` streams one tensor
-at a time from the devices to the files.
+at a time from the devices to the files; `hf_tensors` (on `tensor_plan`) yields the same
+tensors as numpy arrays without writing them (inference/gguf_io.py converts them to GGUF).
 
 The command line (`python -m models.hf import|export`, see `__main__.py`) converts between a
 Hugging Face directory and a Loom workdir; tokenizer files travel beside the weights (read them
@@ -46,8 +47,8 @@ COMPANION_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 COMPANION_DIRS = ("additional_chat_templates",)
 
 __all__ = ["ARCHITECTURES", "COMPANION_FILES", "architecture_of", "copy_companion_files", "from_hf_config",
-           "infer_architecture", "load", "read_hf_config", "representation_errors", "save",
-           "save_sentencepiece_tokenizer", "to_hf_config"]
+           "hf_tensors", "infer_architecture", "load", "read_hf_config", "representation_errors",
+           "resolve_architecture", "save", "save_sentencepiece_tokenizer", "tensor_plan", "to_hf_config"]
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -252,29 +253,30 @@ def _get(tree, path):
     return tree
 
 
-def save(model, path: str | os.PathLike, *, architecture: str | None = None, dtype=None,
-         hf_config: dict[str, Any] | None = None, companion_dir: str | os.PathLike | None = None,
-         max_shard_bytes: int = 5 * 2**30) -> str:
-    """Writes `model` as a Hugging Face directory (`config.json` + safetensors) and returns its architecture.
-
-    Args:
-      architecture: e.g. "LlamaForCausalLM"; None takes `hf_config`'s, else the plainest supported
-        architecture that expresses the model exactly (ValueError if none does).
-      dtype: storage dtype of the written weights; None keeps the model's `param_dtype`.
-      hf_config: the config.json the model was imported from: fields we do not model (token ids,
-        ...) are kept from it.
-      companion_dir: tokenizer / generation-config files (COMPANION_FILES) are copied from here.
-      max_shard_bytes: larger models are split into shards with a `model.safetensors.index.json`.
-    """
-    from models.transformer import split_params
-
-    cfg: ModelConfig = model.config
+def resolve_architecture(cfg: ModelConfig, architecture: str | None = None,
+                         hf_config: dict[str, Any] | None = None) -> str:
+    """The architecture a model is written as: `architecture`, else `hf_config`'s (when it still
+    expresses the model), else the plainest one that does (`infer_architecture`). Raises
+    ValueError when the result cannot express `cfg` exactly."""
     if architecture is None and hf_config is not None:
         architecture = architecture_of(hf_config)
         if representation_errors(cfg, architecture):  # the model changed family (e.g. a new option)
             architecture = None
     architecture = architecture or infer_architecture(cfg)
     check_representable(cfg, architecture)
+    return architecture
+
+
+def tensor_plan(model, architecture: str, *, dtype=None) -> list[tuple[str, tuple[int, ...], np.dtype, Any]]:
+    """The Hugging Face tensors of `model` as `architecture`, in checkpoint order, without reading
+    them: (name, shape, numpy dtype, produce) where `produce()` returns that tensor as a numpy
+    array (read from the devices when called, one tensor at a time).
+
+    `dtype`: the tensors' dtype; None keeps the model's `param_dtype`. The caller checks that the
+    architecture expresses the model (`resolve_architecture` / `check_representable`)."""
+    from models.transformer import split_params
+
+    cfg: ModelConfig = model.config
     dtype = _dtype_name(dtype) or cfg.param_dtype
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     _, params = split_params(model)
@@ -309,11 +311,39 @@ def save(model, path: str | os.PathLike, *, architecture: str | None = None, dty
             full[tuple(idx)] = block
         return full
 
+    return [(name, entries[name][0][1].shape, np_dtype, functools.partial(produce, name))
+            for name in sorted(entries, key=order.get)]
+
+
+def hf_tensors(model, architecture: str | None = None, *, dtype=None):
+    """Yields (Hugging Face tensor name, numpy array) for every tensor `save` would write, one at
+    a time (nothing written to disk): e.g. to convert them to another format. `architecture` as
+    in `save` (None: the plainest that expresses the model)."""
+    architecture = resolve_architecture(model.config, architecture)
+    for name, _, _, produce in tensor_plan(model, architecture, dtype=dtype):
+        yield name, produce()
+
+
+def save(model, path: str | os.PathLike, *, architecture: str | None = None, dtype=None,
+         hf_config: dict[str, Any] | None = None, companion_dir: str | os.PathLike | None = None,
+         max_shard_bytes: int = 5 * 2**30) -> str:
+    """Writes `model` as a Hugging Face directory (`config.json` + safetensors) and returns its architecture.
+
+    Args:
+      architecture: e.g. "LlamaForCausalLM"; None takes `hf_config`'s, else the plainest supported
+        architecture that expresses the model exactly (ValueError if none does).
+      dtype: storage dtype of the written weights; None keeps the model's `param_dtype`.
+      hf_config: the config.json the model was imported from: fields we do not model (token ids,
+        ...) are kept from it.
+      companion_dir: tokenizer / generation-config files (COMPANION_FILES) are copied from here.
+      max_shard_bytes: larger models are split into shards with a `model.safetensors.index.json`.
+    """
+    cfg: ModelConfig = model.config
+    architecture = resolve_architecture(cfg, architecture, hf_config)
+    dtype = _dtype_name(dtype) or cfg.param_dtype
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = [(name, entries[name][0][1].shape, np_dtype, functools.partial(produce, name))
-               for name in sorted(entries, key=order.get)]
-    write_safetensors(path, tensors, max_shard_bytes=max_shard_bytes)
+    write_safetensors(path, tensor_plan(model, architecture, dtype=dtype), max_shard_bytes=max_shard_bytes)
     config = to_hf_config(cfg.replace(param_dtype=dtype), architecture, base=hf_config)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if companion_dir is not None:
