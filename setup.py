@@ -37,10 +37,11 @@ setup(
         "rouge-score>=0.1.2",
         "fastapi>=0.110",  # inference.serve: the OpenAI-compatible HTTP API
         "uvicorn>=0.29",
-        "gguf>=0.10",  # inference.export: GGUF files for llama.cpp / Ollama
+        "gguf>=0.19",  # inference.export: GGUF files for llama.cpp / Ollama
     ],
     extras_require={
         # Reference implementations for tests only: never imported by the library.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21", "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21", "openai>=1.40",
+                 "llama-cpp-python>=0.3"],
     },
 )

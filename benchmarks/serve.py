@@ -86,7 +86,7 @@ def prepare(work: pathlib.Path, preset: str) -> tuple[pathlib.Path, pathlib.Path
                         "--type=f32"], cwd=records.REPO, check=True)
     from data.sources import read_all
 
-    texts = [t for t in read_all(specs) if len(t) > 400][:400]
+    texts = [r["text"] for r in read_all(specs[0]) if len(r["text"]) > 400][:400]
     prompts = []
     for t in texts:
         ids = tok.encode(t)[:40]

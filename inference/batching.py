@@ -5,12 +5,19 @@
     engine.submit(Request(prompt_ids, SamplingParams(max_tokens=64), on_output))
     engine.stop()                       # finishes the running requests first (drain)
 
-The KV cache has `max_slots` rows of `max_len` positions each. A request is prefilled alone into
-a free row (its prompt padded to a bucketed length, so a handful of programs serve every prompt)
-and then joins the decode step, which advances every occupied row by one token; each row keeps
-its own fill level (`KVCache.index` of shape [B], models/transformer.py), so requests join and
-leave between any two steps. The step runs on the smallest power-of-two block of rows that holds
-every occupied row (free rows are handed out lowest first), so one request does not pay for 32.
+The KV cache has `max_slots` rows of W columns, used as a ring: every decode step writes each
+row's new key and value at one shared column (an in-place `dynamic_update_slice`; a column per
+row would be a scatter, which XLA:CPU runs 3x slower and not in place) and moves on by one,
+wrapping around. Attention finds a row's tokens by their positions and segment ids, not their
+columns, so a row's tokens may sit anywhere: a request is prefilled alone (its prompt padded to
+a bucketed length, so a handful of programs serve every prompt), its row laid into the ring so
+its prompt ends just before the shared column, and it joins the next step. Requests join and
+leave between any two steps. Since every row's tokens are the most recent columns, the ring
+needs only as many columns as the longest running request has tokens: W is the smallest width
+(64, 128, ... `max_len`) that holds it, grown (and shrunk when the long requests are gone) by
+re-laying the ring, so a step's attention reads what is there, not `max_len` columns. A step
+runs on the smallest block of rows (1, 4, 16, ... `max_slots`) that holds every occupied row
+(free rows are handed out lowest first), so one request does not pay for 32.
 
 Each request samples with its own settings (temperature, top-k, top-p, min-p, OpenAI's presence
 and frequency penalties) and its own PRNG key: token j of a request with key k is drawn with
@@ -197,7 +204,11 @@ class Detokenizer:
 class _Slot:
     request: Request
     detok: Detokenizer
-    length: int  # positions written in the cache row (prompt + generated so far)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the request so far: prompt and output (the newest is written by the next step)."""
+        return len(self.request.prompt_ids) + len(self.request.ids)
 
 
 class Engine:
@@ -233,8 +244,10 @@ class Engine:
         self.ready = threading.Event()
         self.stats = collections.Counter()
         b, s = self.max_slots, self.max_len
-        self._cache = init_cache(cfg, b, s)
-        self._cache = dataclasses.replace(self._cache, index=jnp.zeros((b,), jnp.int32))
+        self.widths = sorted({min(w, s) for w in (64 << i for i in range(max(s.bit_length() - 6, 1)))} | {s})
+        self.row_blocks = sorted({min(r, b) for r in (4 ** i for i in range(max(b.bit_length(), 1)))} | {b})
+        self._cache = init_cache(cfg, b, self.widths[0])
+        self._column = 0  # the ring's shared write column: the next decode step writes here
         self._counts = jnp.zeros((b, cfg.vocab_size), jnp.int32)
         self._empty_row = _row_of(init_cache(cfg, 1, s), jnp.asarray(0, jnp.int32))  # prefill's "nothing reused"
         self._tokens = np.zeros(b, np.int32)  # each row's newest token (the next step's input)
@@ -360,27 +373,45 @@ class Engine:
         tokens = np.zeros((1, p_len), np.int32)
         tokens[0, :len(rest)] = rest
         settings = {k: v[None] for k, v in self._row_settings(i).items()}
-        self._cache, self._counts, out = _prefill(
-            self.graphdef, self.params, self._cache, self._counts, jnp.asarray(i, jnp.int32), jnp.asarray(tokens),
-            jnp.asarray(start, jnp.int32), jnp.asarray(len(rest), jnp.int32), reused,
-            jnp.asarray(self._keys[i:i + 1]), settings, max_len=self.max_len)
+        self._counts, out, row = _prefill(
+            self.graphdef, self.params, self._counts, jnp.asarray(i, jnp.int32), jnp.asarray(tokens),
+            jnp.asarray(start, jnp.int32), jnp.asarray(len(rest), jnp.int32), reused, jnp.asarray(self._keys[i:i + 1]),
+            settings, max_len=self.max_len)
+        self._fit_ring(n + 1)  # the prompt and the token the next step writes
+        self._cache = _insert(self._cache, jnp.asarray(i, jnp.int32), row, jnp.asarray(n, jnp.int32),
+                              jnp.asarray(self._column, jnp.int32))
         self.stats["prefill_tokens"] += len(rest)
         self.stats["prefix_reused_tokens"] += start
-        self._remember_prefix(i, ids)
-        self._slots[i] = _Slot(request, Detokenizer(self.tokenizer, request.params.stop), n)
+        self._remember_prefix(ids, row)
+        self._slots[i] = _Slot(request, Detokenizer(self.tokenizer, request.params.stop))
         self._deliver({i: 0}, out)
+
+    def _fit_ring(self, needed: int = 0) -> None:
+        """Re-lays the ring to the smallest width that holds every running row's tokens (and
+        `needed` columns) when it is narrower, or when it is 4x wider than that (long requests gone)."""
+        needed = max([needed] + [s.length for s in self._slots if s is not None])
+        width = self._cache.segment_ids.shape[1]
+        fit = next(w for w in self.widths if w >= needed)
+        if fit > width or fit * 4 <= width:
+            self._cache, column = _relayout(self._cache, jnp.asarray(self._column, jnp.int32), width=fit)
+            self._column = int(column)
+            self.stats["relayouts"] += 1
 
     def _step(self) -> None:
         occupied = [i for i, s in enumerate(self._slots) if s is not None]
-        rows = min(1 << max(occupied).bit_length(), self.max_slots)  # a power of two covering them
+        rows = next(r for r in self.row_blocks if r > max(occupied))
+        self._fit_ring()
         active = np.zeros(rows, bool)
         active[occupied] = True
-        steps = np.zeros(rows, np.int32)
+        steps, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for i in occupied:
             steps[i] = len(self._slots[i].request.ids)
+            positions[i] = self._slots[i].length - 1  # the newest token's position
         self._cache, self._counts, out = _decode(
-            self.graphdef, self.params, self._cache, self._counts, jnp.asarray(self._tokens[:rows]), jnp.asarray(active),
+            self.graphdef, self.params, self._cache, self._counts, jnp.asarray(self._tokens[:rows]),
+            jnp.asarray(positions), jnp.asarray(active), jnp.asarray(self._column, jnp.int32),
             jnp.asarray(self._keys[:rows]), jnp.asarray(steps), self._row_settings(slice(0, rows)), rows=rows)
+        self._column = (self._column + 1) % self._cache.segment_ids.shape[1]
         self.stats["steps"] += 1
         self.stats["step_rows"] += len(occupied)
         self._deliver({i: i for i in occupied}, out)
@@ -394,7 +425,6 @@ class Engine:
             t = int(tok[r])
             self._tokens[i] = t
             req.ids.append(t)
-            slot.length += 1
             info = TokenInfo(t, float(lp[r]), [(int(a), float(b)) for a, b in
                                                zip(top_ids[r, :p.logprobs or 0], top_lps[r, :p.logprobs or 0])])
             finish = None
@@ -451,11 +481,12 @@ class Engine:
         self._prefixes.move_to_end(found[0])
         return best, found[1]
 
-    def _remember_prefix(self, i: int, ids: list[int]) -> None:
+    def _remember_prefix(self, ids: list[int], row) -> None:
+        """Keeps `row` (the prompt's cache row before its rotation: position j in column j)."""
         if not self.prefix_cache_size or len(ids) < self.prefix_block:
             return
         key = tuple(ids)
-        self._prefixes[key] = _row_of(self._cache, jnp.asarray(i, jnp.int32))
+        self._prefixes[key] = row
         self._prefixes.move_to_end(key)
         while len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
@@ -465,24 +496,28 @@ class Engine:
         dummy = Request([1], SamplingParams(max_tokens=1, temperature=0.0), lambda o: None, seed=0)
         self._set_row(0, dummy)
         settings = {k: v[None] for k, v in self._row_settings(0).items()}
+        row = None
         for p_len in self.prompt_buckets():
-            self._cache, self._counts, _ = _prefill(
-                self.graphdef, self.params, self._cache, self._counts, jnp.asarray(0, jnp.int32),
-                jnp.zeros((1, p_len), jnp.int32), jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32),
-                self._empty_row, jnp.asarray(self._keys[:1]), settings, max_len=self.max_len)
-        rows = 1
-        while True:
-            out = _decode(self.graphdef, self.params, self._cache, self._counts, jnp.zeros(rows, jnp.int32),
-                          jnp.zeros(rows, bool), jnp.asarray(self._keys[:rows]), jnp.zeros(rows, jnp.int32),
-                          self._row_settings(slice(0, rows)), rows=rows)
-            self._cache, self._counts = out[0], out[1]
-            jax.block_until_ready(out[2])
-            if rows >= self.max_slots:
-                break
-            rows = min(rows * 2, self.max_slots)
-        # leave every row empty
-        self._cache = dataclasses.replace(self._cache, index=jnp.zeros_like(self._cache.index),
-                                          segment_ids=jnp.zeros_like(self._cache.segment_ids))
+            self._counts, _, row = _prefill(
+                self.graphdef, self.params, self._counts, jnp.asarray(0, jnp.int32), jnp.zeros((1, p_len), jnp.int32),
+                jnp.asarray(0, jnp.int32), jnp.asarray(1, jnp.int32), self._empty_row, jnp.asarray(self._keys[:1]),
+                settings, max_len=self.max_len)
+        for width in self.widths:
+            for other in self.widths:  # every re-layout from this width
+                if other != width:
+                    _relayout(init_cache(self.config, self.max_slots, width), jnp.asarray(0, jnp.int32), width=other)
+            self._cache = init_cache(self.config, self.max_slots, width)
+            self._cache = _insert(self._cache, jnp.asarray(0, jnp.int32), row, jnp.asarray(1, jnp.int32),
+                                  jnp.asarray(0, jnp.int32))
+            for rows in self.row_blocks:
+                out = _decode(self.graphdef, self.params, self._cache, self._counts, jnp.zeros(rows, jnp.int32),
+                              jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool), jnp.asarray(0, jnp.int32),
+                              jnp.asarray(self._keys[:rows]), jnp.zeros(rows, jnp.int32),
+                              self._row_settings(slice(0, rows)), rows=rows)
+                self._cache, self._counts = out[0], out[1]
+                jax.block_until_ready(out[2])
+        self._cache = init_cache(self.config, self.max_slots, self.widths[0])  # every row empty
+        self._column = 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -500,12 +535,46 @@ def _row_of(cache: KVCache, i):
     return take(cache.k, 1), take(cache.v, 1), take(cache.segment_ids, 0), take(cache.positions, 0)
 
 
-def _put_row(cache: KVCache, i, row: KVCache, length) -> KVCache:
-    """The cache with row i replaced by `row` (a one-row cache) filled to `length`."""
-    put = lambda a, r, axis: jax.lax.dynamic_update_index_in_dim(a, r.astype(a.dtype), i, axis)  # noqa: E731
-    return KVCache(k=put(cache.k, row.k, 1), v=put(cache.v, row.v, 1),
-                   segment_ids=put(cache.segment_ids, row.segment_ids, 0),
-                   positions=put(cache.positions, row.positions, 0), index=cache.index.at[i].set(length))
+def _columns(x, idx, cache_like: KVCache, which: str):
+    """`x` (a cache buffer) at columns `idx` along its column axis."""
+    axis = {"k": cache_like.k.ndim - 2, "v": cache_like.v.ndim - 2, "segment_ids": 1, "positions": 1}[which]
+    return jnp.take(x, idx, axis=axis)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(cache: KVCache, slot, row, n, column) -> KVCache:
+    """Cache row `slot` := the prefilled `row` (k, v, segment ids, positions; token j in column j,
+    n tokens) laid into the ring: token j in column (column - n + j) mod W."""
+    width = cache.segment_ids.shape[1]
+    idx = (jnp.arange(width) - column + n) % width  # the row's column for each ring column
+    rk, rv, rseg, rpos = row
+    pick = lambda x, which: _columns(x, idx, cache, which)  # noqa: E731
+    seg = jnp.where(idx < n, pick(rseg, "segment_ids"), 0)  # a long fresh row's columns >= n are not the prompt's
+    put = lambda a, r, axis: jax.lax.dynamic_update_index_in_dim(a, r.astype(a.dtype), slot, axis)  # noqa: E731
+    return KVCache(k=put(cache.k, pick(rk, "k"), 1), v=put(cache.v, pick(rv, "v"), 1),
+                   segment_ids=put(cache.segment_ids, seg, 0), positions=put(cache.positions, pick(rpos, "positions"), 0),
+                   index=cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _relayout(cache: KVCache, column, *, width: int):
+    """The ring at another width: the min(old, new) columns before `column` (every row's most
+    recent tokens) become columns 0.. of the new ring. Returns (cache, the new write column)."""
+    old = cache.segment_ids.shape[1]
+    m = min(old, width)
+    idx = (column - m + jnp.arange(m)) % old
+    grow = width - m
+
+    def moved(x, which):
+        x = _columns(x, idx, cache, which)
+        axis = {"k": cache.k.ndim - 2, "v": cache.v.ndim - 2, "segment_ids": 1, "positions": 1}[which]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, grow)
+        return jnp.pad(x, pad)
+
+    new = KVCache(k=moved(cache.k, "k"), v=moved(cache.v, "v"), segment_ids=moved(cache.segment_ids, "segment_ids"),
+                  positions=moved(cache.positions, "positions"), index=cache.index)
+    return new, jnp.asarray(m % width, jnp.int32)
 
 
 def _choose(logits_BV, counts_BV, keys_B, steps_B, s):
@@ -522,9 +591,11 @@ def _choose(logits_BV, counts_BV, keys_B, steps_B, s):
     return tok, chosen, top_ids, top_lps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"), donate_argnums=(2, 3))
-def _prefill(graphdef, params, cache, counts, slot, tokens_1P, start, length, reused, keys_1, settings, *, max_len):
-    """Prefills a prompt into cache row `slot` and draws its first token.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"), donate_argnums=(2,))
+def _prefill(graphdef, params, counts, slot, tokens_1P, start, length, reused, keys_1, settings, *, max_len):
+    """Prefills a prompt into a fresh row and draws its first token: (counts, the token's (id,
+    log-prob, top ids, top log-probs), the row as (k, v, segment ids, positions), token j in
+    column j: what `_insert` lays into the ring and the prefix cache keeps).
 
     tokens_1P holds the prompt's tokens from `start` on (`length` of them, then padding); the
     first `start` positions come from the `reused` row (a cached prefix, `Engine._lookup_prefix`;
@@ -537,31 +608,32 @@ def _prefill(graphdef, params, cache, counts, slot, tokens_1P, start, length, re
     seg = (jnp.arange(p)[None] < length).astype(jnp.int32)
     positions = start + jnp.arange(p, dtype=jnp.int32)[None]
     logits, row = model(tokens_1P, positions_BT=positions, segment_ids_BT=seg, cache=row)
-    cache = _put_row(cache, slot, row, start + length)
     counts = jax.lax.dynamic_update_index_in_dim(counts, jnp.zeros_like(counts[0]), slot, 0)
     last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, 0, keepdims=True)  # [1, V]
     out = _choose(last, counts[slot][None], keys_1, jnp.zeros(1, jnp.int32), settings)
     counts = counts.at[slot, out[0][0]].add(1)
-    return cache, counts, out
+    return counts, out, (row.k, row.v, row.segment_ids, row.positions)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnums=(2, 3))
-def _decode(graphdef, params, cache, counts, tokens_B, active_B, keys_B, steps_B, settings, *, rows):
-    """One decode step for the first `rows` cache rows: each active row reads its newest token and
-    draws the next; inactive rows write nothing that counts (segment id 0) and keep their index."""
+def _decode(graphdef, params, cache, counts, tokens_B, positions_B, active_B, column, keys_B, steps_B, settings, *,
+            rows):
+    """One decode step for the first `rows` cache rows: each active row reads its newest token
+    (at its position) and draws the next; every row writes at the shared `column`, inactive rows
+    with segment id 0 (nothing attends to it)."""
     model = nnx.merge(graphdef, params)
     whole = rows == cache.segment_ids.shape[0]  # every row: no slicing, the buffers update in place
     part = cache if whole else KVCache(k=cache.k[:, :rows], v=cache.v[:, :rows], segment_ids=cache.segment_ids[:rows],
-                                       positions=cache.positions[:rows], index=cache.index[:rows])
-    logits, new = model(tokens_B[:, None], segment_ids_BT=active_B[:, None].astype(jnp.int32), cache=part)
-    new = dataclasses.replace(new, index=jnp.where(active_B, new.index, part.index))
+                                       positions=cache.positions[:rows], index=cache.index)
+    part = dataclasses.replace(part, index=column)
+    logits, new = model(tokens_B[:, None], positions_BT=positions_B[:, None],
+                        segment_ids_BT=active_B[:, None].astype(jnp.int32), cache=part)
     if whole:
         cache = new
     else:
         cache = KVCache(k=cache.k.at[:, :rows].set(new.k), v=cache.v.at[:, :rows].set(new.v),
                         segment_ids=cache.segment_ids.at[:rows].set(new.segment_ids),
-                        positions=cache.positions.at[:rows].set(new.positions),
-                        index=cache.index.at[:rows].set(new.index))
+                        positions=cache.positions.at[:rows].set(new.positions), index=new.index)
     c = counts[:rows]
     out = _choose(logits[:, -1], c, keys_B, steps_B, settings)
     counts = counts.at[:rows].set(c.at[jnp.arange(rows), out[0]].add(active_B.astype(jnp.int32)))

@@ -59,7 +59,7 @@ from models.attention import dot_product_attention
 from models.config import ModelConfig
 from models.projection import F32, Einsum
 from models.sharding import constrain
-from models.transformer import Norm, projection_keys, rope, rope_attention_factor, rope_inverse_frequencies, write_at
+from models.transformer import Norm, projection_keys, rope, rope_attention_factor, rope_inverse_frequencies
 from pallas_kernels.reference import attention_mask, masked_softmax, split_pair
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm, whatever rms_norm_eps is
@@ -192,12 +192,12 @@ class MlaAttention(nnx.Module):
             new_cache = None
         else:
             c_buf, pe_buf, layer = kv_cache
-            at, batch_axis = (0, cache_index, 0), 0
+            at = (0, cache_index, 0)
             new_c, new_pe = c_BTR, k_pe_BTH
             if layer is not None:
-                new_c, new_pe, at, batch_axis = new_c[None], new_pe[None], (layer, *at), 1
-            c_buf = write_at(c_buf, new_c.astype(c_buf.dtype), at, batch_axis)
-            pe_buf = write_at(pe_buf, new_pe.astype(pe_buf.dtype), at, batch_axis)
+                new_c, new_pe, at = new_c[None], new_pe[None], (layer, *at)
+            c_buf = jax.lax.dynamic_update_slice(c_buf, new_c.astype(c_buf.dtype), at)
+            pe_buf = jax.lax.dynamic_update_slice(pe_buf, new_pe.astype(pe_buf.dtype), at)
             c_BSR, k_pe_BSH = (c_buf, pe_buf) if layer is None else (c_buf[layer], pe_buf[layer])
             dt = q_BTNH.dtype
             kv_kw = dict(segment_ids=(segment_ids_BT, kv_segment_ids_BS), positions=(positions_BT, kv_positions_BS),

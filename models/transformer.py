@@ -220,9 +220,7 @@ class KVCache:
     v: jax.Array  # [L, B, K, S, H]; latent attention: k_pe [L, B, S, qk_rope_head_dim]
     segment_ids: jax.Array  # [B, S] int32
     positions: jax.Array  # [B, S] int32
-    # the next slot to write: [] int32 (every row at once), or [B] int32 (each row its own, as a
-    # continuous-batching server holds requests of different lengths; inference/batching.py)
-    index: jax.Array
+    index: jax.Array  # [] int32: the next slot to write
 
     @property
     def max_len(self) -> int:
@@ -250,32 +248,15 @@ def cache_inputs(cache, inputs_BT, positions_BT=None, segment_ids_BT=None) -> di
     b, t = inputs_BT.shape
     positions_BT, segment_ids_BT = default_positions_and_segments(b, t, positions_BT, segment_ids_BT,
                                                                   start=cache.index)
+    at = (0, cache.index)
     return dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache_index=cache.index,
-                kv_positions_BS=write_at(cache.positions, positions_BT, (0, cache.index)),
-                kv_segment_ids_BS=write_at(cache.segment_ids, segment_ids_BT, (0, cache.index)))
-
-
-def write_at(buf, new, at: tuple, batch_axis: int = 0):
-    """`jax.lax.dynamic_update_slice(buf, new, at)`, where one entry of `at` may be a [B] vector
-    of starts, one per row along `batch_axis` (a cache whose rows are filled to different lengths:
-    `KVCache.index` of shape [B]); that axis's own entry of `at` must be 0."""
-    vector = [i for i, a in enumerate(at) if jnp.ndim(a) == 1]
-    if not vector:
-        return jax.lax.dynamic_update_slice(buf, new, at)
-    rest = tuple(a for i, a in enumerate(at) if i != batch_axis)
-
-    def row(buf_row, new_row, start):
-        return jax.lax.dynamic_update_slice(buf_row, new_row, tuple(start if jnp.ndim(a) == 1 else a for a in rest))
-
-    return jax.vmap(row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buf, new, at[vector[0]])
+                kv_positions_BS=jax.lax.dynamic_update_slice(cache.positions, positions_BT, at),
+                kv_segment_ids_BS=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids_BT, at))
 
 
 def default_positions_and_segments(b: int, t: int, positions_BT=None, segment_ids_BT=None, *, start=0):
-    """Positions start..start+T-1 (`start` a scalar, or one per row) and one segment (id 1) per
-    row, where not given."""
+    """Positions start..start+T-1 and one segment (id 1) per row, where not given."""
     if positions_BT is None:
-        start = jnp.asarray(start, jnp.int32)
-        start = start[:, None] if start.ndim == 1 else start
         positions_BT = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((b, t), jnp.int32)
@@ -354,11 +335,11 @@ class Attention(nnx.Module):
         else:
             k_buf, v_buf, layer = kv_cache
             new_k, new_v = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            at, batch_axis = (0, 0, cache_index, 0), 0
+            at = (0, 0, cache_index, 0)
             if layer is not None:
-                new_k, new_v, at, batch_axis = new_k[None], new_v[None], (layer, *at), 1
-            k_buf = write_at(k_buf, new_k.astype(k_buf.dtype), at, batch_axis)
-            v_buf = write_at(v_buf, new_v.astype(v_buf.dtype), at, batch_axis)
+                new_k, new_v, at = new_k[None], new_v[None], (layer, *at)
+            k_buf = jax.lax.dynamic_update_slice(k_buf, new_k.astype(k_buf.dtype), at)
+            v_buf = jax.lax.dynamic_update_slice(v_buf, new_v.astype(v_buf.dtype), at)
             k_BKSH, v_BKSH = (k_buf, v_buf) if layer is None else (k_buf[layer], v_buf[layer])
             out = cached_attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt),
                                    segment_ids=(segment_ids_BT, kv_segment_ids_BS),

@@ -1,11 +1,10 @@
 """The continuous-batching engine (inference/batching.py) against `inference.generate` and
-per-row recomputation: rows at different fill levels, requests joining mid-flight, seeds, the
-prefix cache, cancellation, and incremental detokenization."""
+full recomputation: requests of different lengths queued, joining and leaving mid-flight (their
+rows rotated around the ring), seeds, penalties, the prefix cache, cancellation, and incremental
+detokenization."""
 
-import dataclasses
 import threading
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -56,41 +55,6 @@ def _run(engine, prompts, params, **kw):
     return sinks
 
 
-def test_cache_rows_at_their_own_index_equal_each_row_alone(model):
-    """A [B] cache index (models/transformer.py write_at): rows prefilled to different lengths then
-    decoded together give each row's logits alone."""
-    cfg = model.config
-    r = np.random.default_rng(0)
-    lens, s = [5, 11, 2], 24
-    toks = [random_tokens(r, (n + 3,), cfg.vocab_size) for n in lens]
-    ref = []
-    for t in toks:
-        c = T.init_cache(cfg, 1, s)
-        lg, c = model(jnp.asarray(t[None, :-3]), cache=c)
-        rows = [lg[0, -1]]
-        for j in range(3):
-            lg, c = model(jnp.asarray(t[None, len(t) - 3 + j:len(t) - 2 + j]), cache=c)
-            rows.append(lg[0, -1])
-        ref.append(np.stack(rows))
-    c = T.init_cache(cfg, 3, s)
-    c = dataclasses.replace(c, index=jnp.zeros(3, jnp.int32))
-    p = max(lens)
-    inp, seg = np.zeros((3, p), np.int32), np.zeros((3, p), np.int32)
-    for i, t in enumerate(toks):
-        inp[i, :lens[i]], seg[i, :lens[i]] = t[:lens[i]], 1
-    lg, c = model(jnp.asarray(inp), positions_BT=jnp.tile(jnp.arange(p), (3, 1)), segment_ids_BT=jnp.asarray(seg),
-                  cache=c)
-    c = dataclasses.replace(c, index=jnp.asarray(lens, jnp.int32))
-    got = [[np.asarray(lg[i, lens[i] - 1])] for i in range(3)]
-    for j in range(3):
-        lg, c = model(jnp.asarray([[t[lens[i] + j]] for i, t in enumerate(toks)]), cache=c)
-        for i in range(3):
-            got[i].append(np.asarray(lg[i, -1]))
-    np.testing.assert_array_equal(np.asarray(c.index), np.asarray(lens) + 3)
-    for i in range(3):
-        np.testing.assert_allclose(np.stack(got[i]), ref[i], atol=2e-5)
-
-
 @pytest.fixture(scope="module")
 def engine(model):
     e = Engine(model, _Chars(), max_slots=4, max_len=64, prefix_cache_size=4, prefix_block=8)
@@ -105,11 +69,14 @@ def test_greedy_equals_generate_with_requests_queued_and_joining(engine, model):
     r = np.random.default_rng(1)
     prompts = [random_tokens(r, (n,), 97).tolist() for n in (3, 17, 9, 1, 30, 6)]
     budgets = [12, 5, 20, 9, 7, 14]
-    sinks = _run(engine, prompts, [SamplingParams(max_tokens=b, temperature=0.0) for b in budgets])
-    for p, b, s in zip(prompts, budgets, sinks):
-        assert s.ids == generate(model, [p], max_new_tokens=b)[0]
-        assert s.finish == "length" and s.outputs[-1].completion_tokens == b
-        assert s.outputs[-1].prompt_tokens == len(p)
+    refs = [generate(model, [p], max_new_tokens=b)[0] for p, b in zip(prompts, budgets)]
+    for _ in range(4):  # 4 x ~21 steps: the shared write column wraps around the 64-column ring
+        sinks = _run(engine, prompts, [SamplingParams(max_tokens=b, temperature=0.0) for b in budgets])
+        for p, b, s, ref in zip(prompts, budgets, sinks, refs):
+            assert s.ids == ref
+            assert s.finish == "length" and s.outputs[-1].completion_tokens == b
+            assert s.outputs[-1].prompt_tokens == len(p)
+    assert engine.stats["steps"] > 64
 
 
 def test_seeded_samples_do_not_depend_on_batch_mates_or_slot(engine, model):
@@ -206,3 +173,26 @@ def test_detokenizer_holds_back_partial_characters_and_stop_strings(tiny_run):
     d = Detokenizer(tok, stop=["done!"])  # a prefix that does not complete is released later
     parts = [d.add(i) for i in ids] + [d.flush()]
     assert "".join(parts) == text and not d.stopped
+
+
+def test_ring_grows_and_shrinks_with_the_longest_request(model):
+    """A request that outgrows 64 and then 128 columns re-lays the ring wider while others run;
+    once it is gone the ring narrows again. Every output is `generate`'s."""
+    r = np.random.default_rng(6)
+    e = Engine(model, _Chars(), max_slots=4, max_len=256)
+    assert e.widths == [64, 128, 256] and e.row_blocks == [1, 4]
+    e.start()
+    try:
+        long = random_tokens(r, (40,), 97).tolist()
+        shorts = [random_tokens(r, (n,), 97).tolist() for n in (5, 11, 3)]
+        sinks = _run(e, [long] + shorts, [SamplingParams(max_tokens=120, temperature=0.0)] +
+                     [SamplingParams(max_tokens=30, temperature=0.0)] * 3)
+        grown = e.stats["relayouts"]
+        after = _run(e, shorts, [SamplingParams(max_tokens=20, temperature=0.0)] * 3)
+    finally:
+        e.stop()
+    assert grown >= 2 and e.stats["relayouts"] > grown  # 64 -> 128 -> 256, then narrower
+    for p, n, s in zip([long] + shorts, (120, 30, 30, 30), sinks):
+        assert s.ids == generate(model, [p], max_new_tokens=n)[0]
+    for p, s in zip(shorts, after):
+        assert s.ids == generate(model, [p], max_new_tokens=20)[0]
