@@ -23,7 +23,7 @@ from benchmarks.records import RECORDS, REPO, describe_machine, markdown_table  
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 NOTES = REPO / "benchmarks" / "notes"
 # sections in this order (by record-name prefix); others follow alphabetically
-ORDER = ("train_step", "sft", "rl", "decode", "dedup", "data_pipeline", "memory", "parallelism", "moe", "attention",
+ORDER = ("train_step", "sft", "rl", "decode", "serve", "dedup", "data_pipeline", "memory", "parallelism", "moe", "attention",
          "gpu")
 # Records the benchmarks are meant to produce and the command that produces each: one missing is
 # listed under "Pending" (its figures appear only once a run has written it).
@@ -32,6 +32,7 @@ EXPECTED = {
     "train_step_cpu": "`.venv/bin/python benchmarks/train_step.py`",
     "sft_cpu": "`.venv/bin/python benchmarks/sft.py`",
     "rl_cpu": "`.venv/bin/python benchmarks/rl.py`",
+    "serve_cpu": "`.venv/bin/python benchmarks/serve.py`",
     "data_pipeline": "`.venv/bin/python benchmarks/data_pipeline.py`",
     "memory": "`.venv/bin/python benchmarks/memory.py`",
     "parallelism": "`.venv/bin/python benchmarks/parallelism.py`",

@@ -12,8 +12,9 @@ exported from it with `python -m inference.export --type=f32` for llama.cpp. Eve
 in a process of its own, all three started before the first round:
   loom          `python -m inference.serve --max_slots=64` (continuous batching; prefix cache on)
   loom_serial   `python -m inference.serve --max_slots=1 --prefix_cache=0` (one request at a time)
-  llama.cpp     `python -m llama_cpp.server --n_ctx=512 --n_threads=<cores> --n_batch=512`
-                (llama-cpp-python's server, which serves one request at a time)
+  llama.cpp     `python -m llama_cpp.server --n_ctx=512 --n_threads=<cores> --n_batch=512
+                --interrupt_requests=False` (llama-cpp-python's server, which serves one request at
+                a time; by default a new request interrupts the running one's stream)
 Load: at concurrency c, c clients each send `--per_client` requests back to back (c = 1: 8;
 c = 8: 2; 32 and 128: 1), streamed `/v1/completions` with a ~40-token prompt taken from the
 embedded corpus (a different one per request, the same set for every server), `max_tokens`
@@ -178,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="small")
     ap.add_argument("--levels", default="1,8,32,128", help="concurrent clients, comma-separated")
     ap.add_argument("--sides", default=",".join(SIDES))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (>= 5 for a record), after one untimed")
     ap.add_argument("--new", type=int, default=32, help="max_tokens of every request")
     ap.add_argument("--per_client", type=int, default=0, help="requests per client (0: 8 at c=1, 2 at c=8, else 1)")
     ap.add_argument("--work", default=str(records.REPO / ".cache" / "bench_serve"))
@@ -204,7 +205,8 @@ def main(argv=None):
         "loom_serial": [sys.executable, "-m", "inference.serve", f"--checkpoint={hf_dir}", "--max_slots=1",
                         "--prefix_cache=0", f"--model_id={model}"],
         "llama.cpp": [sys.executable, "-m", "llama_cpp.server", f"--model={gguf}", "--n_ctx=512",
-                      f"--n_threads={threads}", "--n_batch=512", f"--model_alias={model}", "--host=127.0.0.1"],
+                      f"--n_threads={threads}", "--n_batch=512", f"--model_alias={model}", "--host=127.0.0.1",
+                      "--interrupt_requests=False"],
     }
     health = {"loom": "/health", "loom_serial": "/health", "llama.cpp": "/v1/models"}
     servers = {}

@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from inference.engine import bucket
 from inference.sampling import check_sampling, sample_rows
 from models.transformer import KVCache, init_cache, split_params
 
@@ -258,16 +257,14 @@ class Engine:
 
     # ---- the public side (any thread) ----------------------------------------------------------
 
+    def prompt_bucket(self, n: int) -> int:
+        """The padded length of an n-token prompt: a power of two >= 16, or `max_len` (powers of
+        two all the way, so a long context compiles a few prefill programs, not one per 256)."""
+        return min(max(16, 1 << (max(n, 1) - 1).bit_length()), self.max_len)
+
     def prompt_buckets(self) -> list[int]:
         """The padded prompt lengths prefill compiles for."""
-        out, n = [], 1
-        while True:
-            p = min(bucket(n), self.max_len)
-            if not out or p != out[-1]:
-                out.append(p)
-            if p >= self.max_len:
-                return out
-            n = p + 1
+        return sorted({self.prompt_bucket(1 << i) for i in range(self.max_len.bit_length() + 1)})
 
     def start(self, warmup: bool = True) -> None:
         """Compiles (every prompt bucket and every decode block size) and starts the loop thread;
@@ -365,7 +362,7 @@ class Engine:
         start, reused = self._lookup_prefix(ids)
         while True:  # a compiled prompt bucket that fits after the reused prefix
             rest = ids[start:]
-            p_len = min(bucket(len(rest)), self.max_len)
+            p_len = self.prompt_bucket(len(rest))
             if start + p_len <= self.max_len:
                 break
             start = max(0, start - self.prefix_block) // self.prefix_block * self.prefix_block

@@ -342,9 +342,10 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, chat_template: str |
                                f"{engine.config.vocab_size})" + (f"; got {bad[0]}" if bad else ""), param="prompt",
                                code="invalid_value")
             texts = [tokenizer.decode(p) for p in prompts]
-        params = [params_of(body, stops, body.max_tokens, eos, body.logprobs) for _ in prompts]
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default, also for null
+        params = [params_of(body, stops, max_tokens, eos, body.logprobs) for _ in prompts]
         for p, sp in zip(prompts, params):
-            check_fits(len(p), body.max_tokens, sp, "max_tokens")
+            check_fits(len(p), max_tokens, sp, "max_tokens")
         requests, outputs = await run(prompts, params, body.n, body.seed)
         rid, model = f"cmpl-{uuid.uuid4().hex}", model_id
 

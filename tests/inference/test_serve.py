@@ -26,17 +26,19 @@ MODEL_ID = "tiny_run"
 SLOTS = 32
 
 
-def _wait_healthy(base: str, timeout: float = 300.0, proc=None) -> None:
-    t = time.time()
+def _wait_healthy(base: str, timeout: float = 300.0, proc=None) -> list[int]:
+    """Polls /health until it answers 200; returns the status codes it answered on the way."""
+    t, seen = time.time(), []
     while time.time() - t < timeout:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
+            seen.append(httpx.get(f"{base}/health", timeout=2).status_code)
+            if seen[-1] == 200:
+                return seen
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.1)
     raise TimeoutError(f"{base}/health did not answer 200 in {timeout}s")
 
 
@@ -225,6 +227,17 @@ def test_bad_requests_get_openai_errors_and_disturb_nothing(server, client, path
     assert ok.usage.completion_tokens >= 1
 
 
+def test_defaults_apply_to_absent_and_null_fields(server):
+    base, _ = server
+    for body in ({"model": MODEL_ID, "prompt": "x", "temperature": 0}, {"model": MODEL_ID, "prompt": "x",
+                                                                        "max_tokens": None, "temperature": None}):
+        r = _raw_post(base, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        assert 1 <= r.json()["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
+    r = _raw_post(base, "/v1/nothing", {})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
 def test_openai_client_raises_its_own_errors(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt="x")
@@ -282,8 +295,9 @@ def test_two_hundred_concurrent_clients_all_complete_in_shared_steps(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(tiny_run):
-    """A real `python -m inference.serve`: SIGTERM during a streamed request lets it finish (all
-    its tokens, its finish reason, [DONE]), then the process ends and the port closes. uvicorn
+    """A real `python -m inference.serve`: /health answers 503 while the engine compiles, then 200;
+    SIGTERM during a streamed request lets it finish (all its tokens, its finish reason, [DONE]),
+    then the process ends and the port closes. uvicorn
     re-raises the signal after its graceful shutdown, so the exit status is "killed by SIGTERM"
     (-15), what a supervisor expects of a process it stopped; a crash would show a traceback."""
     sock = socket.socket()
@@ -296,7 +310,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_run):
                             text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc=proc)
+        seen = _wait_healthy(base, proc=proc)
+        assert seen[0] == 503 and seen[-1] == 200, seen
         body = {"model": tiny_run.name, "prompt": "The", "max_tokens": 60, "temperature": 0.0, "stream": True,
                 "stream_options": {"include_usage": True}}
         events = []
