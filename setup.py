@@ -40,8 +40,11 @@ setup(
         "gguf>=0.19",  # inference.export: GGUF files for llama.cpp / Ollama
     ],
     extras_require={
-        # Reference implementations for tests only: never imported by the library.
+        # Tests only, never imported by the library: reference implementations (torch, transformers,
+        # peft), the `openai` client and llama.cpp the server and GGUF tests talk to, optuna and papermill.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=4.50", "datasets>=3", "peft>=0.21", "openai>=1.40",
-                 "llama-cpp-python>=0.3"],
+                 "llama-cpp-python>=0.3", "optuna>=3", "papermill>=2.5", "ipykernel>=6"],
+        # experiments/: Optuna searches (`python -m experiments.sweep --search=optuna`), the notebooks
+        "experiments": ["optuna>=3", "papermill>=2.5", "ipykernel>=6"],
     },
 )

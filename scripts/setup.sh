@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with a Python >= 3.12 and installs Loom into it (editable).
 #   scripts/setup.sh          library + programs
-#   scripts/setup.sh test     also the test extras (pytest, torch, transformers, peft)
+#   scripts/setup.sh test     also the test extras (pytest, torch, transformers, peft, openai, llama-cpp-python,
+#                             built from source once: about 6 minutes on 2 cores; optuna)
 # Re-running is cheap: nothing is reinstalled unless setup.py changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

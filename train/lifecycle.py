@@ -11,8 +11,9 @@
                   counts skipped steps and stops the run by `train.nan_policy`: "skip" stops
                   after `train.nan_max_skips` in a row, "stop" at the first (naming the quantity),
                   each with a checkpoint of the last good parameters.
-  RunLog          `<workdir>/runs.jsonl`: one line per start, resume (from which step) and exit
-                  (finished, signal, NaN stop or error with its last line).
+  RunLog          `<workdir>/runs.jsonl`: one line per start, resume (from which step; with the
+                  command line and `provenance()`: git commit and dirtiness, package versions,
+                  device kind) and exit (finished, signal, NaN stop or error with its last line).
   run_program     a training program's main: config and data errors as one line (exit 2 / 1),
                   the exit code of a stopped run, an error's last line in runs.jsonl.
   Faults          test-only fault injection from the environment (SIGKILL, signals, a NaN).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -240,6 +242,41 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
+PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece")
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """Where a run's numbers come from, for its runs.jsonl start / resume line: the code's git
+    commit and whether the tree had uncommitted changes (None outside a git checkout), the
+    package versions, Python, and the devices the run sees."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    devices = jax.devices()
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "versions": versions,
+            "python": platform.python_version(), "device_kind": devices[0].device_kind,
+            "platform": devices[0].platform, "device_count": len(devices), "process_count": jax.process_count()}
+
+
 def write_run_files(workdir: pathlib.Path, resolved: Mapping[str, Any], files: Mapping[str, Any] | None = None, *,
                     enabled: bool = True) -> None:
     """The run's `config.json` (the resolved config) and the files it carries ({relative name:
@@ -269,7 +306,8 @@ def open_metrics(workdir: pathlib.Path, steps: int, start: int, resumed: bool, r
         ckpt.close()
         return None
     writer = MetricsWriter(workdir, total_steps=steps, enabled=enabled, resume_step=start)
-    runlog.event("resume" if resumed else "start", step=start, steps=steps, command=command_line(), **event)
+    runlog.event("resume" if resumed else "start", step=start, steps=steps, command=command_line(), **event,
+                 **provenance())
     return writer
 
 

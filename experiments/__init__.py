@@ -1,0 +1,1 @@
+"""Experiments: config sweeps (`python -m experiments.sweep`) and reproducibility notebooks."""
