@@ -65,3 +65,11 @@ def test_hf_finetune_notebook(tmp_path):
     assert r["import_error"] < 1e-5 and r["peft_error"] < 1e-3 and r["merged_error"] < 1e-3, r
     assert r["logits_moved"] > 1e-3  # the adapters are in what was loaded back
     assert r["train_loss"][-1][1] < r["train_loss"][0][1]
+
+
+@pytest.mark.slow  # the three stages at the notebook's defaults: about 10 minutes on 2 cores
+def test_lifecycle_notebook(tmp_path):
+    """pretrain -> SFT -> GRPO: SFT teaches the task and GRPO raises held-out accuracy above SFT's."""
+    _execute("lifecycle.ipynb", tmp_path, output_dir=str(tmp_path / "runs"))
+    r = json.loads((tmp_path / "runs" / "lifecycle_results.json").read_text())["stages"]
+    assert r["SFT"] > r["pretrained"] and r["GRPO"] > r["SFT"], r
