@@ -7,7 +7,7 @@
 
 The KV cache has `max_slots` rows of W columns, used as a ring: every decode step writes each
 row's new key and value at one shared column (an in-place `dynamic_update_slice`; a column per
-row would be a scatter, which XLA:CPU runs 3x slower and not in place) and moves on by one,
+row would be a scatter, which XLA:CPU does not run in place) and moves on by one,
 wrapping around. Attention finds a row's tokens by their positions and segment ids, not their
 columns, so a row's tokens may sit anywhere: a request is prefilled alone (its prompt padded to
 a bucketed length, so a handful of programs serve every prompt), its row laid into the ring so
